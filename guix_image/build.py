@@ -1,0 +1,240 @@
+"""`build`: turn a BuildConfig into an image archive streamed to a sink.
+
+Everything that can be checked before the first byte is written is checked
+first (store paths, base image, customisation layer), so bad input fails
+with nothing written. Then every layer is streamed once: its tar header
+carries the size computed from the scan, and its digest is computed on the
+way and checked against whatever we knew in advance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Protocol
+
+from .archive import ArchiveImage, read_docker_archive
+from .config import BuildConfig
+from .docker_archive import DockerArchiveWriter
+from .errors import InputError, OperationError
+from .hashing_writer import Digest, HashingWriter
+from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, merge_env
+from .layers import BlobLayer, Layer, StoreLayer
+from .store import Store
+from .tarwriter import HeaderEncoder
+
+MOBY_MAX_LAYERS = 125  # `docker load` refuses deeper images ("max depth exceeded")
+CREATED_BY = "guix-image build"
+
+
+class BuildProgress(Protocol):
+    """What a build reports while it runs; the CLI draws it."""
+
+    def layer_started(self, number: int, total: int, description: str) -> None: ...
+
+    def layer_sized(self, size: int) -> None: ...
+
+    def layer_progress(self, written: int) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+class SilentProgress:
+    def layer_started(self, number: int, total: int, description: str) -> None:
+        pass
+
+    def layer_sized(self, size: int) -> None:
+        pass
+
+    def layer_progress(self, written: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class BuiltLayer:
+    number: int
+    diff_id: str
+    size: int
+    description: str
+
+
+@dataclass
+class BuildResult:
+    image_id: str  # sha256 of the config, "sha256:<hex>"
+    repo_tags: list[str]
+    layers: list[BuiltLayer] = field(default_factory=list)
+    bytes_written: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_layers(
+    config: BuildConfig, *, root: str | None = None
+) -> tuple[list[Layer], ArchiveImage | None]:
+    """Check the inputs and describe every layer, base image layers first."""
+    store = Store(config.store_dir, root)
+    base = _read_base_image(config.from_image)
+    layers: list[Layer] = []
+    if base is not None:
+        for ref in base.layers:
+            layers.append(
+                BlobLayer(
+                    path=base.path,
+                    offset=ref.offset,
+                    size=ref.size,
+                    description=f"from base image {base.path} ({ref.member})",
+                    comment="",
+                    expected_diff_id=ref.diff_id,
+                )
+            )
+    encoder = HeaderEncoder(
+        mtime=config.mtime, uid=config.uid, gid=config.gid, uname=config.uname, gname=config.gname
+    )
+    for i, paths in enumerate(config.store_layers):
+        where = f"config field 'store_layers'[{i}]"
+        for j, path in enumerate(paths):
+            store.check_path(path, f"{where}[{j}]")
+        layers.append(StoreLayer(store, paths, encoder, where))
+    if config.customisation_layer is not None:
+        layers.append(_customisation_layer(config.customisation_layer))
+    return layers, base
+
+
+def build_image(
+    config: BuildConfig,
+    sink: Callable[[memoryview], Any] | int,
+    *,
+    root: str | None = None,
+    progress: BuildProgress | None = None,
+) -> BuildResult:
+    """Stream the image `config` describes, as a Docker archive, to `sink`.
+
+    `sink` is a file descriptor or a function that takes each block of bytes.
+    """
+    report = progress or SilentProgress()
+    layers, base = plan_layers(config, root=root)
+    result = BuildResult(image_id="", repo_tags=[config.repo_tag] if config.repo_tag else [])
+    if len(layers) > MOBY_MAX_LAYERS:
+        result.warnings.append(
+            f"the image has {len(layers)} layers; `docker load` refuses more than {MOBY_MAX_LAYERS}"
+        )
+    with HashingWriter(sink) as writer:
+        archive = DockerArchiveWriter(writer, mtime=config.mtime)
+        digests: list[Digest] = []
+        for number, layer in enumerate(layers, 1):
+            report.layer_started(number, len(layers), layer.description)
+            size = layer.prepare()
+            report.layer_sized(size)
+            digests.append(archive.add_layer(layer, size, report.layer_progress))
+        writer.drain()
+        diff_ids = [SHA256_PREFIX + d.hexdigest() for d in digests]
+        for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
+            if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
+                raise OperationError(
+                    f"layer {number} ({layer.description}) has digest {diff_id}, "
+                    f"but {layer.expected_diff_id} was expected"
+                )
+        image_config = _image_config(config, base, layers, diff_ids)
+        report.message("Adding manifests...")
+        image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
+    result.image_id = SHA256_PREFIX + image_id
+    result.bytes_written = writer.position
+    result.layers = [
+        BuiltLayer(number, diff_id, digest.size, layer.description)
+        for number, (layer, diff_id, digest) in enumerate(
+            zip(layers, diff_ids, digests, strict=True), 1
+        )
+    ]
+    return result
+
+
+def _image_config(
+    config: BuildConfig, base: ArchiveImage | None, layers: list[Layer], diff_ids: list[str]
+) -> ImageConfig:
+    created = config.created_text
+    history: list[dict[str, Any]] = []
+    image_settings = dict(config.config)
+    own_layers = layers
+    if base is not None:
+        history.extend(h for h in base.config.get("history") or [] if isinstance(h, dict))
+        base_env = (base.config.get("config") or {}).get("Env") or []
+        env = merge_env(base_env, image_settings.get("Env") or [])
+        if env:
+            image_settings["Env"] = env
+        own_layers = layers[len(base.layers) :]
+    for layer in own_layers:
+        history.append(HistoryEntry(created, CREATED_BY, layer.comment).to_json())
+    return ImageConfig(
+        architecture=config.architecture,
+        os=config.os,
+        created=created,
+        config=image_settings,
+        diff_ids=diff_ids,
+        history=history,
+    )
+
+
+def _read_base_image(path: str | None) -> ArchiveImage | None:
+    if path is None:
+        return None
+    where = f"config field 'from_image': {path}"
+    stream: BinaryIO
+    try:
+        stream = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise InputError(f"{where}: {error.strerror}") from None
+    with stream:
+        try:
+            images = read_docker_archive(path, stream)
+        except InputError as error:
+            raise InputError(f"config field 'from_image': {error}") from None
+    if len(images) != 1:
+        raise InputError(f"{where}: holds {len(images)} images; a base image archive must hold one")
+    return images[0]
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _customisation_layer(directory: str) -> BlobLayer:
+    """The prebuilt layer: `layer.tar` and its `checksum`, checked before use."""
+    where = f"config field 'customisation_layer': {directory}"
+    checksum_path = os.path.join(directory, "checksum")
+    layer_path = os.path.join(directory, "layer.tar")
+    try:
+        with open(checksum_path, encoding="ascii", errors="replace") as f:
+            checksum = f.read().strip()
+    except OSError as error:
+        raise InputError(f"{where}: cannot read checksum: {error.strerror}") from None
+    if not _SHA256_HEX.match(checksum):
+        raise InputError(f"{where}: checksum file does not hold a sha256 hex digest")
+    # Check the layer before writing anything, so that a wrong checksum is bad
+    # input (exit 2, nothing written) rather than a broken archive. It is
+    # checked again while streaming, in case it changes in between.
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(layer_path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as error:
+        raise InputError(f"{where}: cannot read layer.tar: {error.strerror}") from None
+    if digest.hexdigest() != checksum:
+        raise InputError(
+            f"{where}: layer.tar has sha256 {digest.hexdigest()}, "
+            f"but its checksum file says {checksum}"
+        )
+    return BlobLayer(
+        path=layer_path,
+        offset=0,
+        size=size,
+        description="with customisation...",
+        comment="customisation layer",
+        expected_diff_id=SHA256_PREFIX + checksum,
+    )

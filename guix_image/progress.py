@@ -1,0 +1,85 @@
+"""Progress on stderr: a rich bar on a terminal, plain lines otherwise, or nothing."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+
+class LineProgress:
+    """One line per layer, as the reference script prints them (for logs and pipes)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def layer_started(self, number: int, total: int, description: str) -> None:
+        print(f"Creating layer {number} {description}", file=self.stream, flush=True)
+
+    def layer_sized(self, size: int) -> None:
+        pass
+
+    def layer_progress(self, written: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class BarProgress:
+    """A rich progress bar for the layer being written."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.fields[label]}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}", style="dim"),
+            console=console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task: Any = None
+
+    def layer_started(self, number: int, total: int, description: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+        label = f"layer {number}/{total}"
+        self._task = self._progress.add_task(_shorten(description, 50), total=None, label=label)
+
+    def layer_sized(self, size: int) -> None:
+        self._progress.update(self._task, total=size)
+
+    def layer_progress(self, written: int) -> None:
+        self._progress.update(self._task, completed=written)
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(text, style="dim")
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class QuietProgress(LineProgress):
+    def layer_started(self, number: int, total: int, description: str) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,364 @@
+"""A strict, bounded tar reader for archives that come from anywhere.
+
+It reads headers and hands out member contents as byte ranges of the
+underlying stream; it never extracts anything and never treats a member name
+as a path to open. It understands what real image tools write (POSIX ustar,
+PAX extended headers, GNU long names, base-256 numbers) and refuses, with an
+`ArchiveError` that says where, what could make two readers disagree:
+bad checksums, negative or malformed sizes, oversized or malformed PAX
+records, and members cut short by the end of the stream.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from .errors import InputError
+from .tarwriter import (
+    BLKTYPE,
+    BLOCK,
+    CHRTYPE,
+    CONTTYPE,
+    DIRTYPE,
+    FIFOTYPE,
+    GNU_LONGLINK,
+    GNU_LONGNAME,
+    LNKTYPE,
+    PAX_GLOBAL,
+    PAX_HEADER,
+    REGTYPE,
+    SYMTYPE,
+    padded,
+)
+
+MAX_PAX_SIZE = 1 << 20  # largest PAX header or GNU long name we read
+HEADER_ONLY_TYPES = frozenset({LNKTYPE, SYMTYPE, CHRTYPE, BLKTYPE, DIRTYPE, FIFOTYPE})
+TYPE_NAMES = {
+    REGTYPE: "file",
+    LNKTYPE: "hardlink",
+    SYMTYPE: "symlink",
+    CHRTYPE: "char-device",
+    BLKTYPE: "block-device",
+    DIRTYPE: "dir",
+    FIFOTYPE: "fifo",
+}
+
+
+class ArchiveError(InputError):
+    """The archive is malformed, truncated, hostile or not what it claims."""
+
+
+@dataclass(slots=True)
+class TarMember:
+    name: str  # as stored (PAX path, GNU long name or prefix/name), decoded losslessly
+    type: bytes  # typeflag; '\0' and '7' are reported as '0' (regular file)
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    mtime: float
+    size: int  # bytes of content that follow the header (0 for header-only types)
+    linkname: str
+    offset: int  # where the content starts in the stream
+    header_offset: int
+    pax: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.type, f"type {self.type.decode('latin-1')!r}")
+
+    def isreg(self) -> bool:
+        return self.type == REGTYPE
+
+    def isdir(self) -> bool:
+        return self.type == DIRTYPE
+
+
+def decode_name(raw: bytes) -> str:
+    """Bytes to str without losing anything (undecodable bytes become surrogates)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def normalise_member_name(name: str) -> str:
+    """The path a loader would use for `name`: no leading '/' or './', no '//'."""
+    normal = posixpath.normpath("/" + name).lstrip("/")
+    return "" if normal == "." else normal
+
+
+def is_climbing(name: str) -> bool:
+    """True if `name` leaves the archive root when joined component by component."""
+    depth = 0
+    for part in name.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+class TarReader:
+    """Iterates the members of a tar stream.
+
+    Contents are read with `read` / `iter_content` while the member is
+    current; the iterator skips what was not read (seeking when it can).
+    """
+
+    def __init__(self, stream: BinaryIO, *, name: str = "archive") -> None:
+        self._stream = stream
+        self.name = name
+        self._position = 0
+        self._content_end = 0  # end of the current member's padded content
+        self._remaining = 0  # unread content bytes of the current member
+        self.ended_cleanly = False
+        self._end: int | None = None  # stream length, when it can seek
+        try:
+            if stream.seekable():
+                self._end = stream.seek(0, io.SEEK_END)
+                stream.seek(0)
+        except (AttributeError, ValueError, OSError):
+            self._end = None
+
+    @property
+    def seekable(self) -> bool:
+        return self._end is not None
+
+    def __iter__(self) -> Iterator[TarMember]:
+        while True:
+            member = self._next()
+            if member is None:
+                return
+            yield member
+
+    # -- contents ---------------------------------------------------------
+
+    def read(self, limit: int | None = None) -> bytes:
+        """The rest of the current member's content, at most `limit` bytes."""
+        want = self._remaining if limit is None else min(limit, self._remaining)
+        data = self._read_exact(want, "member content")
+        self._remaining -= len(data)
+        return data
+
+    def iter_content(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        while self._remaining:
+            yield self.read(chunk_size)
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Read up to len(buffer) content bytes into buffer; 0 at the member's end."""
+        want = min(len(buffer), self._remaining)
+        got = 0
+        while got < want:
+            n = self._stream.readinto(buffer[got:want])  # type: ignore[attr-defined]
+            if not n:
+                raise self._truncated("member content")
+            got += n
+        self._position += got
+        self._remaining -= got
+        return got
+
+    # -- headers ----------------------------------------------------------
+
+    def _next(self) -> TarMember | None:
+        self._skip_to(self._content_end)
+        pax: dict[str, str] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        while True:
+            header_offset = self._position
+            block = self._read_block()
+            if block is None:
+                return None
+            typeflag, size = self._parse_common(block, header_offset)
+            if typeflag in (PAX_HEADER, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK):
+                if size > MAX_PAX_SIZE:
+                    raise self._error(
+                        header_offset, f"extended header of {size} bytes is too large"
+                    )
+                payload = self._read_exact(size, "extended header")
+                self._skip_exact(padded(size) - size)
+                if typeflag == PAX_HEADER:
+                    pax.update(self._parse_pax(payload, header_offset))
+                elif typeflag == GNU_LONGNAME:
+                    long_name = payload.rstrip(b"\0")
+                elif typeflag == GNU_LONGLINK:
+                    long_link = payload.rstrip(b"\0")
+                # Global PAX headers are not applied: readers disagree on them.
+                continue
+            size = self._apply_pax_size(pax, size, header_offset)
+            return self._member(block, header_offset, typeflag, size, pax, long_name, long_link)
+
+    def _member(
+        self,
+        block: bytes,
+        header_offset: int,
+        typeflag: bytes,
+        size: int,
+        pax: dict[str, str],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> TarMember:
+        if typeflag in (b"\0", CONTTYPE):
+            typeflag = REGTYPE
+        name = _cstring(block[0:100])
+        if block[257:263] == b"ustar\0":  # POSIX ustar: name may have a prefix
+            prefix = _cstring(block[345:500])
+            if prefix:
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        linkname = long_link if long_link is not None else _cstring(block[157:257])
+        member = TarMember(
+            name=pax.get("path", decode_name(name)),
+            type=typeflag,
+            mode=self._number(block[100:108], header_offset, "mode") & 0o7777,
+            uid=self._number(block[108:116], header_offset, "uid"),
+            gid=self._number(block[116:124], header_offset, "gid"),
+            uname=pax.get("uname", decode_name(_cstring(block[265:297]))),
+            gname=pax.get("gname", decode_name(_cstring(block[297:329]))),
+            mtime=self._number(block[136:148], header_offset, "mtime"),
+            size=size,
+            linkname=pax.get("linkpath", decode_name(linkname)),
+            offset=self._position,
+            header_offset=header_offset,
+            pax=pax,
+        )
+        for key in ("uid", "gid"):
+            if key in pax:
+                setattr(member, key, self._pax_int(pax, key, header_offset))
+        if "mtime" in pax:
+            try:
+                member.mtime = float(pax["mtime"])
+            except ValueError:
+                raise self._error(
+                    header_offset, f"PAX mtime {pax['mtime']!r} is not a number"
+                ) from None
+        if typeflag in HEADER_ONLY_TYPES:
+            member.size = 0
+        if not member.name:
+            raise self._error(header_offset, "member has an empty name")
+        self._remaining = member.size
+        self._content_end = self._position + padded(member.size)
+        return member
+
+    def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
+        stored = self._number(block[148:156], offset, "checksum")
+        unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+        if stored != unsigned:
+            signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
+            if stored != signed:
+                raise self._error(offset, "bad header checksum (not a tar archive, or corrupt)")
+        typeflag = block[156:157]
+        size = self._number(block[124:136], offset, "size")
+        return typeflag, size
+
+    def _apply_pax_size(self, pax: dict[str, str], size: int, offset: int) -> int:
+        if "size" not in pax:
+            return size
+        pax_size = self._pax_int(pax, "size", offset)
+        if size not in (0, pax_size):
+            raise self._error(offset, f"PAX size {pax_size} disagrees with header size {size}")
+        return pax_size
+
+    def _parse_pax(self, payload: bytes, offset: int) -> dict[str, str]:
+        # Values are decoded losslessly whatever hdrcharset says.
+        records: dict[str, str] = {}
+        position = 0
+        while position < len(payload):
+            if payload[position] == 0:  # some writers pad the payload with NULs
+                if payload[position:].strip(b"\0"):
+                    raise self._error(offset, "malformed PAX header (data after padding)")
+                break
+            space = payload.find(b" ", position, position + 20)
+            digits = payload[position:space] if space > 0 else b""
+            if not digits.isdigit():
+                raise self._error(offset, "malformed PAX header (bad record length)")
+            length = int(digits)
+            end = position + length
+            if length <= len(digits) + 1 or end > len(payload) or payload[end - 1 : end] != b"\n":
+                raise self._error(offset, "malformed PAX header (record length does not fit)")
+            key, equals, value = payload[space + 1 : end - 1].partition(b"=")
+            if not equals or not key:
+                raise self._error(offset, "malformed PAX header (record without key=value)")
+            text = key.decode("utf-8", "surrogateescape")
+            records[text] = value.decode("utf-8", "surrogateescape")
+            position = end
+        return records
+
+    def _pax_int(self, pax: dict[str, str], key: str, offset: int) -> int:
+        value = pax[key]
+        if not value.isdigit() or len(value) > 19:
+            raise self._error(offset, f"PAX {key} {value!r} is not a non-negative integer")
+        return int(value)
+
+    def _number(self, field_bytes: bytes, offset: int, what: str) -> int:
+        if field_bytes[0] & 0x80:  # base-256 (GNU): big-endian two's complement
+            if field_bytes[0] == 0xFF:
+                raise self._error(offset, f"negative {what} in header")
+            return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
+        text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+        if not text:
+            return 0
+        try:
+            return int(text, 8)
+        except ValueError:
+            raise self._error(offset, f"bad {what} field {text!r} in header") from None
+
+    # -- low-level reading ------------------------------------------------
+
+    def _read_block(self) -> bytes | None:
+        """The next header block, or None at the end of the archive."""
+        block = self._stream.read(BLOCK)
+        if not block:
+            return None  # EOF at a block boundary: tolerated, as every tool does
+        if len(block) < BLOCK:
+            raise self._truncated("header")
+        self._position += BLOCK
+        if block.count(0) == BLOCK:
+            self.ended_cleanly = True
+            return None
+        return block
+
+    def _read_exact(self, size: int, what: str) -> bytes:
+        data = self._stream.read(size) if size else b""
+        if len(data) < size:
+            raise self._truncated(what)
+        self._position += size
+        return data
+
+    def _skip_exact(self, size: int) -> None:
+        self._skip_to(self._position + size)
+
+    def _skip_to(self, target: int) -> None:
+        distance = target - self._position
+        if distance <= 0:
+            return
+        if self._end is not None:
+            if self._end < target:
+                self._position = self._end
+                raise self._truncated("member content")
+            self._stream.seek(target)
+            self._position = target
+        else:
+            while distance:
+                chunk = self._stream.read(min(distance, 1 << 20))
+                if not chunk:
+                    raise self._truncated("member content")
+                distance -= len(chunk)
+                self._position += len(chunk)
+        self._remaining = 0
+
+    def _truncated(self, what: str) -> ArchiveError:
+        return self._error(self._position, f"truncated archive: the stream ends inside {what}")
+
+    def _error(self, offset: int, message: str) -> ArchiveError:
+        return ArchiveError(f"{self.name}: at byte {offset}: {message}")
+
+
+def _cstring(raw: bytes) -> bytes:
+    return raw.split(b"\0", 1)[0]

@@ -1,0 +1,400 @@
+"""The build core: archive structure, layer contents, base images, reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guix_image.build import build_image
+from guix_image.config import validate_config
+from guix_image.errors import InputError, OperationError
+from guix_image.hashing_writer import FileChanged
+from guix_image.output import atomic_output
+
+from .conftest import CREATED, BuildFn, StoreTree, is_root, layer_members, read_archive
+
+Tree = dict[str, tuple[str, int, bytes]]
+
+
+def populate(store: StoreTree) -> list[Path]:
+    """Store items covering every kind of file and name the issue lists."""
+    app = store.item(
+        "app-1.0",
+        {
+            "bin/app": "#!/bin/sh\necho app\n",
+            "share/empty-file": "",
+            "share/" + "long-" * 30 + "name.txt": "over 100 bytes of path",
+            "share/deep/" + "/".join(f"d{i}" for i in range(40)) + "/leaf": "deep",
+            "share/caf\u00e9-\u65e5\u672c.txt": "utf-8 name",
+        },
+    )
+    (app / "share" / "empty-dir").mkdir()
+    os.chmod(app / "bin" / "app", 0o555)
+    os.chmod(app / "share" / "empty-file", 0o444)
+    (app / os.fsdecode(b"share/raw-\xff\xfe")).write_bytes(b"non-UTF-8 name")
+    very_long = app / "share" / ("x" * 200)
+    very_long.mkdir()
+    (very_long / ("y" * 100)).write_text("over 255 bytes of path")
+    (app / "bin" / "relative").symlink_to("app")
+    (app / "bin" / "absolute").symlink_to(str(app / "bin" / "app"))
+    (app / "bin" / "dangling").symlink_to("/gnu/store/nowhere")
+    os.link(app / "bin" / "app", app / "bin" / "hardlink")
+
+    data = store.path("data.json")
+    data.write_text('{"a": 1}')
+    alias = store.path("alias")
+    alias.symlink_to(app)
+    return [app, data, alias]
+
+
+def disk_tree(paths: list[Path]) -> Tree:
+    """What a layer of `paths` must contain, read from the disk."""
+    tree: Tree = {}
+    for top in paths:
+        for path in [
+            top,
+            *(sorted(top.rglob("*")) if top.is_dir() and not top.is_symlink() else []),
+        ]:
+            st = path.lstat()
+            name = os.fsdecode(os.fsencode(path)).lstrip("/")
+            if stat.S_ISLNK(st.st_mode):
+                tree[name] = ("symlink", 0o777, os.fsencode(os.readlink(path)))
+            elif stat.S_ISDIR(st.st_mode):
+                tree[name] = ("dir", stat.S_IMODE(st.st_mode), b"")
+            else:
+                tree[name] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+    return tree
+
+
+def layer_tree(layer: bytes, skip: int) -> Tree:
+    tree: Tree = {}
+    with tarfile.open(fileobj=io.BytesIO(layer), encoding="utf-8", errors="surrogateescape") as tar:
+        for member in tar.getmembers()[skip:]:
+            if member.issym():
+                tree[member.name] = ("symlink", member.mode, os.fsencode(member.linkname))
+            elif member.isdir():
+                tree[member.name] = ("dir", member.mode, b"")
+            else:
+                assert member.isreg(), member.name
+                tree[member.name] = ("file", member.mode, tar.extractfile(member).read())  # type: ignore[union-attr]
+    return tree
+
+
+def test_layers_hold_exactly_the_store_paths(store: StoreTree, build: BuildFn) -> None:
+    paths = populate(store)
+    output, _ = build(store.config([[paths[0]], paths[1:]]))
+    image = read_archive(output)
+    ancestors = len(str(store.store_dir).strip("/").split("/"))
+    assert layer_tree(image["layers"][0], ancestors) == disk_tree(paths[:1])
+    assert layer_tree(image["layers"][1], ancestors) == disk_tree(paths[1:])
+
+
+def test_every_entry_has_the_configured_owner_and_mtime(store: StoreTree, build: BuildFn) -> None:
+    paths = populate(store)
+    document = store.config(
+        [paths], mtime="2001-02-03T04:05:06Z", uid=1000, gid=100, uname="u", gname="g"
+    )
+    output, _ = build(document)
+    members = layer_members(read_archive(output)["layers"][0])
+    assert members
+    for member in members:
+        assert (member.uid, member.gid, member.uname, member.gname) == (1000, 100, "u", "g")
+        assert member.mtime == 981173106
+        assert not {"mtime", "atime", "ctime"} & set(member.pax_headers)
+
+
+def test_names_are_relative_and_start_with_store_dir_ancestors(
+    store: StoreTree, build: BuildFn
+) -> None:
+    item = store.item("x", {"f": "1"})
+    output, _ = build(store.config([[item]]))
+    members = layer_members(read_archive(output)["layers"][0])
+    parts = str(store.store_dir).strip("/").split("/")
+    assert [m.name for m in members[: len(parts)]] == [
+        "/".join(parts[: i + 1]) for i in range(len(parts))
+    ]
+    assert all(m.mode == 0o555 and m.isdir() for m in members[: len(parts)])
+    assert not any(m.name.startswith("/") for m in members)
+
+
+def test_hard_links_become_regular_files(store: StoreTree, build: BuildFn) -> None:
+    item = store.item("h", {"a": "same content"})
+    os.link(item / "a", item / "b")
+    output, _ = build(store.config([[item]]))
+    members = {
+        m.name.rsplit("/", 1)[-1]: m for m in layer_members(read_archive(output)["layers"][0])
+    }
+    assert members["a"].isreg() and members["b"].isreg()
+    assert members["b"].size == len("same content")
+
+
+def test_archive_structure_and_digests(store: StoreTree, build: BuildFn) -> None:
+    item = store.item("x", {"f": "1"})
+    output, result = build(store.config([[item], [item]], config={"Cmd": ["/x"]}))
+    with tarfile.open(output) as outer:
+        names = outer.getnames()
+        config_name = next(n for n in names if n.endswith(".json") and n != "manifest.json")
+        raw_config = outer.extractfile(config_name).read()  # type: ignore[union-attr]
+    assert names[-1] == "manifest.json"
+    image = read_archive(output)
+    [manifest] = image["manifest"]
+    assert manifest["RepoTags"] == ["test/image:latest"]
+    assert manifest["Config"] == hashlib.sha256(raw_config).hexdigest() + ".json"
+    assert result.image_id == "sha256:" + hashlib.sha256(raw_config).hexdigest()
+    assert all(name.endswith("/layer.tar") for name in manifest["Layers"])
+    config = image["config"]
+    assert config["rootfs"]["diff_ids"] == [
+        "sha256:" + hashlib.sha256(layer).hexdigest() for layer in image["layers"]
+    ]
+    assert [layer.diff_id for layer in result.layers] == config["rootfs"]["diff_ids"]
+    assert len(config["history"]) == 2
+    assert config["created"] == CREATED
+    assert config["config"] == {"Cmd": ["/x"]}
+    assert (config["architecture"], config["os"]) == ("amd64", "linux")
+
+
+def test_same_inputs_give_the_same_bytes(store: StoreTree, build: BuildFn) -> None:
+    paths = populate(store)
+    document = store.config([paths[:1], paths[1:]])
+    first, _ = build(document)
+    second, _ = build(document)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_times_on_disk_and_umask_do_not_matter(store: StoreTree, build: BuildFn) -> None:
+    paths = populate(store)
+    document = store.config([paths])
+    first, _ = build(document)
+    for path in [paths[0], *paths[0].rglob("*")]:
+        if not path.is_symlink():
+            os.utime(path, (123456789, 987654321))  # atime, mtime; ctime changes too
+    old_umask = os.umask(0o077)
+    try:
+        second, _ = build(document)
+    finally:
+        os.umask(old_umask)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def make_tree(root: Path, order: list[str]) -> None:
+    item = root / "gnu/store/abc-order"
+    item.mkdir(parents=True)
+    for name in order:
+        (item / name).write_text(name)
+
+
+def test_directory_listing_order_does_not_matter(
+    store: StoreTree, build: BuildFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    item = store.item("order", {f"file-{i:03d}": str(i) for i in range(200)})
+    (item / "sub").mkdir()
+    document = store.config([[item]])
+    first, _ = build(document)
+    real_listdir = os.listdir
+    # Readdir order depends on the file system and its history; simulate the
+    # opposite of what this one gives.
+    monkeypatch.setattr(os, "listdir", lambda path: real_listdir(path)[::-1])
+    second, _ = build(document)
+    assert first.read_bytes() == second.read_bytes()
+
+
+def build_as(uid: int, document: dict[str, Any], root: Path, output: Path) -> None:
+    """Build in a child process running as `uid` (modules are already imported)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with atomic_output(str(output)) as fd:
+                build_image(validate_config(document), fd, root=str(root))
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to switch users")
+def test_the_user_running_the_build_does_not_matter() -> None:
+    shared = Path(tempfile.mkdtemp(prefix="guix-image-user-test-"))
+    try:
+        shared.chmod(0o777)
+        item = shared / "root/gnu/store/abc-item"
+        (item / "bin").mkdir(parents=True)
+        (item / "bin/tool").write_text("tool")
+        (item / "doc").write_text("doc")
+        for path in (
+            shared / "root",
+            shared / "root/gnu",
+            shared / "root/gnu/store",
+            item,
+            item / "bin",
+        ):
+            path.chmod(0o755)
+        document = {
+            "architecture": "amd64",
+            "created": CREATED,
+            "repo_tag": "user:1",
+            "store_dir": "/gnu/store",
+            "store_layers": [["/gnu/store/abc-item"]],
+        }
+        build_as(0, document, shared / "root", shared / "as-root.tar")
+        build_as(65534, document, shared / "root", shared / "as-nobody.tar")
+        assert (shared / "as-nobody.tar").stat().st_uid == 65534
+        assert (shared / "as-root.tar").read_bytes() == (shared / "as-nobody.tar").read_bytes()
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_base_image_layers_env_and_history_carry_over(store: StoreTree, build: BuildFn) -> None:
+    base_item = store.item("base", {"etc/base": "b"})
+    top_item = store.item("top", {"bin/top": "t"})
+    base, _ = build(
+        store.config(
+            [[base_item]],
+            config={"Env": ["PATH=/base", "KEEP=1"], "Cmd": ["/old"]},
+            repo_tag="base:1",
+        )
+    )
+    image, result = build(
+        store.config([[top_item]], from_image=str(base), config={"Env": ["PATH=/top", "NEW=2"]})
+    )
+    base_archive, new_archive = read_archive(base), read_archive(image)
+    assert new_archive["layers"][0] == base_archive["layers"][0]
+    base_diff_ids = base_archive["config"]["rootfs"]["diff_ids"]
+    assert new_archive["config"]["rootfs"]["diff_ids"][:1] == base_diff_ids
+    assert new_archive["config"]["config"]["Env"] == ["PATH=/top", "KEEP=1", "NEW=2"]
+    assert (
+        "Cmd" not in new_archive["config"]["config"]
+    )  # only Env is inherited, as the reference does
+    history = new_archive["config"]["history"]
+    assert history[0] == base_archive["config"]["history"][0]
+    assert len(history) == 2
+    assert len(result.layers) == 2
+
+
+def test_base_image_that_is_not_an_archive_is_bad_input(
+    store: StoreTree, build: BuildFn, tmp_path: Path
+) -> None:
+    item = store.item("x", {"f": "1"})
+    bogus = tmp_path / "bogus.tar"
+    bogus.write_bytes(b"not a tar archive at all" * 40)
+    with pytest.raises(InputError, match=r"^config field 'from_image': .*bogus.tar"):
+        build(store.config([[item]], from_image=str(bogus)))
+    with pytest.raises(InputError, match=r"'from_image': .*missing.tar: No such file"):
+        build(store.config([[item]], from_image=str(tmp_path / "missing.tar")))
+
+
+def customisation(tmp_path: Path, content: bytes, checksum: str | None = None) -> Path:
+    directory = tmp_path / "customisation"
+    directory.mkdir()
+    (directory / "layer.tar").write_bytes(content)
+    (directory / "checksum").write_text((checksum or hashlib.sha256(content).hexdigest()) + "\n")
+    return directory
+
+
+def small_tar() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/motd")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    return buffer.getvalue()
+
+
+def test_customisation_layer_comes_last(store: StoreTree, build: BuildFn, tmp_path: Path) -> None:
+    item = store.item("x", {"f": "1"})
+    content = small_tar()
+    output, _ = build(
+        store.config([[item]], customisation_layer=str(customisation(tmp_path, content)))
+    )
+    image = read_archive(output)
+    assert image["layers"][-1] == content
+    assert (
+        image["config"]["rootfs"]["diff_ids"][-1] == "sha256:" + hashlib.sha256(content).hexdigest()
+    )
+
+
+def test_customisation_checksum_mismatch_writes_nothing(store: StoreTree, tmp_path: Path) -> None:
+    item = store.item("x", {"f": "1"})
+    directory = customisation(tmp_path, small_tar(), checksum="0" * 64)
+    chunks: list[bytes] = []
+    config = validate_config(store.config([[item]], customisation_layer=str(directory)))
+    with pytest.raises(
+        InputError, match=r"layer.tar has sha256 [0-9a-f]{64}, but its checksum file says 0{64}"
+    ):
+        build_image(config, lambda block: chunks.append(bytes(block)))
+    assert chunks == []
+
+
+def test_missing_store_path_fails_before_writing(store: StoreTree) -> None:
+    item = store.item("x", {"f": "1"})
+    chunks: list[bytes] = []
+    config = validate_config(store.config([[item], [item, store.path("gone")]]))
+    with pytest.raises(
+        InputError, match=r"'store_layers'\[1\]\[1\]: store path .*-gone does not exist"
+    ):
+        build_image(config, lambda block: chunks.append(bytes(block)))
+    assert chunks == []
+
+
+class ChangeFileOnceSized:
+    """A progress reporter that changes a file after the scan, before the copy."""
+
+    def __init__(self, path: Path, content: bytes) -> None:
+        self.path, self.content = path, content
+
+    def layer_started(self, number: int, total: int, description: str) -> None:
+        pass
+
+    def layer_sized(self, size: int) -> None:
+        self.path.write_bytes(self.content)
+
+    def layer_progress(self, written: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"much longer now", "grew"), (b"", "shrank")])
+def test_a_file_changing_during_the_build_fails_and_leaves_nothing(
+    store: StoreTree, tmp_path: Path, content: bytes, message: str
+) -> None:
+    item = store.item("x", {"f": "original"})
+    output = tmp_path / "out.tar"
+    config = validate_config(store.config([[item]]))
+    with pytest.raises(FileChanged, match=rf"/f: file {message} while it was being read"):  # noqa: SIM117
+        with atomic_output(str(output)) as fd:
+            build_image(config, fd, progress=ChangeFileOnceSized(item / "f", content))
+    assert os.listdir(tmp_path) == [store.base.name]
+
+
+def test_unreadable_sink_error_is_an_operation_error(store: StoreTree) -> None:
+    item = store.item("x", {"f": "1"})
+    config = validate_config(store.config([[item]]))
+
+    def broken(block: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OperationError, match=r"cannot write the output: .*No space left on device"):
+        build_image(config, broken)
+
+
+def test_empty_layer_list_and_empty_layer(store: StoreTree, build: BuildFn) -> None:
+    output, _ = build(store.config([[]]))
+    members = layer_members(read_archive(output)["layers"][0])
+    assert all(m.isdir() for m in members)
+    output, _ = build(store.config([]))
+    assert read_archive(output)["config"]["rootfs"]["diff_ids"] == []
