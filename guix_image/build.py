@@ -12,18 +12,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
 
 from .archive import ArchiveImage, read_docker_archive
+from .cache import CachedLayer, LayerCache, cache_key
 from .config import BuildConfig
 from .docker_archive import DockerArchiveWriter
 from .errors import InputError, OperationError
-from .hashing_writer import Digest, HashingWriter
+from .hashing_writer import Digest, HashingWriter, Sink
 from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, merge_env
-from .layers import BlobLayer, Layer, StoreLayer
+from .layers import BlobLayer, Layer, StaleCacheEntry, StoreLayer
 from .store import Store
+from .storedb import StoreDatabase
 from .tarwriter import HeaderEncoder
 
 MOBY_MAX_LAYERS = 125  # `docker load` refuses deeper images ("max depth exceeded")
@@ -107,14 +108,20 @@ def plan_layers(
 
 def build_image(
     config: BuildConfig,
-    sink: Callable[[memoryview], Any] | int,
+    sink: Sink,
     *,
     root: str | None = None,
     progress: BuildProgress | None = None,
+    cache: LayerCache | None = None,
+    favour_hashing: bool = False,
 ) -> BuildResult:
     """Stream the image `config` describes, as a Docker archive, to `sink`.
 
     `sink` is a file descriptor or a function that takes each block of bytes.
+    With a `cache`, layers built before are streamed without waiting for
+    their scan, and their digests are checked against the cached ones.
+    `favour_hashing` lowers the calling thread's priority for good (see
+    HashingWriter); the command line sets it.
     """
     report = progress or SilentProgress()
     layers, base = plan_layers(config, root=root)
@@ -123,25 +130,34 @@ def build_image(
         result.warnings.append(
             f"the image has {len(layers)} layers; `docker load` refuses more than {MOBY_MAX_LAYERS}"
         )
-    with HashingWriter(sink) as writer:
-        archive = DockerArchiveWriter(writer, mtime=config.mtime)
-        digests: list[Digest] = []
-        for number, layer in enumerate(layers, 1):
-            report.layer_started(number, len(layers), layer.description)
-            size = layer.prepare()
-            report.layer_sized(size)
-            digests.append(archive.add_layer(layer, size, report.layer_progress))
-        writer.drain()
-        diff_ids = [SHA256_PREFIX + d.hexdigest() for d in digests]
-        for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
-            if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
-                raise OperationError(
-                    f"layer {number} ({layer.description}) has digest {diff_id}, "
-                    f"but {layer.expected_diff_id} was expected"
-                )
-        image_config = _image_config(config, base, layers, diff_ids)
-        report.message("Adding manifests...")
-        image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
+    store_layers = [layer for layer in layers if isinstance(layer, StoreLayer)]
+    if cache is not None:
+        _consult_cache(store_layers, cache, config.store_dir, root)
+    scan_ahead = _ScanAhead(layers)
+    try:
+        with HashingWriter(sink, idle=scan_ahead.step, favour_hashing=favour_hashing) as writer:
+            archive = DockerArchiveWriter(writer, mtime=config.mtime)
+            digests: list[Digest] = []
+            for number, layer in enumerate(layers, 1):
+                scan_ahead.current = number - 1
+                report.layer_started(number, len(layers), layer.description)
+                size = layer.prepare()
+                report.layer_sized(size)
+                digests.append(archive.add_layer(layer, size, report.layer_progress))
+            writer.drain()
+            diff_ids = [SHA256_PREFIX + d.hexdigest() for d in digests]
+            _check_digests(layers, diff_ids)
+            image_config = _image_config(config, base, layers, diff_ids)
+            report.message("Adding manifests...")
+            image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
+    except StaleCacheEntry as error:
+        if cache is not None:
+            cache.drop(error.key)
+        raise
+    if cache is not None:
+        for layer, diff_id, digest in zip(layers, diff_ids, digests, strict=True):
+            if isinstance(layer, StoreLayer) and layer.cache_key and layer.cached is None:
+                cache.put(layer.cache_key, CachedLayer(digest.size, diff_id))
     result.image_id = SHA256_PREFIX + image_id
     result.bytes_written = writer.position
     result.layers = [
@@ -151,6 +167,61 @@ def build_image(
         )
     ]
     return result
+
+
+class _ScanAhead:
+    """Scans and encodes the next store layers while the writer waits for hashing.
+
+    Most of a layer's scan then costs no time at all; `LOOKAHEAD_MEMBERS`
+    bounds how much of it is held in memory ahead of the layer being written.
+    """
+
+    LOOKAHEAD_MEMBERS = 32_000  # about 24 MiB of encoded headers
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        self.current = 0  # index of the layer being streamed
+
+    def step(self) -> bool:
+        ahead = 0
+        for layer in self.layers[self.current + 1 :]:
+            if not isinstance(layer, StoreLayer):
+                continue
+            if ahead >= self.LOOKAHEAD_MEMBERS:
+                return False
+            if layer.scan_step(256):
+                return True
+            ahead += len(layer.planned)
+        return False
+
+
+def _consult_cache(
+    layers: list[StoreLayer], cache: LayerCache, store_dir: str, root: str | None
+) -> None:
+    database = StoreDatabase.find(store_dir, root)
+    try:
+        for layer in layers:
+            layer.cache_key = cache_key(layer.recipe(database))
+            layer.cached = cache.get(layer.cache_key)
+    finally:
+        if database is not None:
+            database.close()
+
+
+def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
+    for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
+        if isinstance(layer, StoreLayer) and layer.cached and layer.cached.diff_id != diff_id:
+            raise StaleCacheEntry(
+                f"{layer.where}: the store paths changed since this layer was cached "
+                f"(digest {diff_id}, cached {layer.cached.diff_id}); "
+                "the cache entry is dropped, run the build again",
+                layer.cache_key or "",
+            )
+        if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
+            raise OperationError(
+                f"layer {number} ({layer.description}) has digest {diff_id}, "
+                f"but {layer.expected_diff_id} was expected"
+            )
 
 
 def _image_config(

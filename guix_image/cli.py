@@ -115,6 +115,11 @@ def main(debug: bool) -> None:
     help="Read store paths under DIR, as for a chroot store (nix --store DIR).",
 )
 @click.option("--example", is_flag=True, help="Build the built-in example image; needs no CONFIG.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Neither use nor update the layer cache ($XDG_CACHE_HOME/guix-image).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on standard error but errors.")
 def build(
     config_file: Any,
@@ -122,6 +127,7 @@ def build(
     repo_tag: str | None,
     root: str | None,
     example: bool,
+    no_cache: bool,
     quiet: bool,
 ) -> None:
     """Stream a Docker image archive of store paths described by CONFIG.
@@ -158,21 +164,29 @@ def build(
             config = parse_config(config_file.read(), source=source, repo_tag=repo_tag)
         for warning in config.warnings:
             click.echo(f"warning: {warning}", err=True)
-        _run_build(config, output, root, quiet)
+        _run_build(config, output, root, quiet, use_cache=not no_cache and not example)
 
 
-def _run_build(config: Any, output: str | None, root: str | None, quiet: bool) -> None:
+def _run_build(
+    config: Any, output: str | None, root: str | None, quiet: bool, *, use_cache: bool
+) -> None:
     from .build import build_image
+    from .cache import LayerCache, default_directory
     from .output import atomic_output, terminate_on_signals
 
+    def warn(message: str) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    cache = LayerCache(default_directory(), warn) if use_cache else None
     progress = _build_progress(quiet)
+    options = {"root": root, "progress": progress, "cache": cache, "favour_hashing": True}
     try:
         with terminate_on_signals():
             if output in (None, "-"):
-                result = build_image(config, _stdout_sink(), root=root, progress=progress)
+                result = build_image(config, _stdout_sink(), **options)
             else:
                 with atomic_output(output) as fd:
-                    result = build_image(config, fd, root=root, progress=progress)
+                    result = build_image(config, fd, **options)
     finally:
         progress.close()
     for warning in result.warnings:
@@ -190,9 +204,13 @@ def _run_build(config: Any, output: str | None, root: str | None, quiet: bool) -
 def _stdout_sink() -> Any:
     stream = sys.stdout.buffer
     try:
-        return stream.fileno()
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
         return stream.write  # not a real file (tests): write through Python
+    from .output import enlarge_pipe
+
+    enlarge_pipe(fd)
+    return fd
 
 
 def _build_progress(quiet: bool) -> Any:

@@ -1,27 +1,39 @@
 """Layers to build: what each contains, how big its tar is, and how to stream it.
 
-A layer's tar size is known before a byte of it is written (headers plus
-padded contents, from the scan), so the archive can put the layer's header
-first and stream its contents once, hashing on the way.
+A layer's tar size is known before a byte of it is written, so the archive
+can put the layer's header first and stream its contents once, hashing on
+the way. The size comes from a scan of the store paths (headers plus padded
+contents), or, for a layer in the cache, from the cache: then the store is
+walked while it streams, and the result is checked against the prediction.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain, islice
+from typing import Any
 
+from .cache import CachedLayer
 from .errors import InputError, OperationError
 from .hashing_writer import HashingWriter
-from .store import FileEntry, Store
-from .tarwriter import END_OF_ARCHIVE, REGTYPE, HeaderEncoder, padded, padding
+from .store import Store
+from .storedb import StoreDatabase
+from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
 # Called with the number of bytes of the layer written so far.
 ProgressCallback = Callable[[int], None]
 _PROGRESS_EVERY = 256  # entries between progress callbacks
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+class StaleCacheEntry(OperationError):
+    """A cached prediction of a layer turned out wrong: the store changed."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class Layer:
@@ -49,45 +61,89 @@ class StoreLayer(Layer):
         self.where = where
         self.description = f"from paths: {json.dumps(list(self.paths))}"
         self.comment = f"store paths: {json.dumps(list(self.paths))}"
-        self.entries: list[FileEntry] = []
+        # The layer's members as (header bytes, content size, member name),
+        # scanned and encoded ahead of streaming when the writer has time.
+        self.planned: list[tuple[bytes, int, bytes]] = []
+        self._scan: Iterator[tuple[bytes, int, bytes]] | None = None
+        self._scanned = False
+        self.cache_key: str | None = None
+        self.cached: CachedLayer | None = None  # the cache's prediction, if any
+
+    def recipe(self, database: StoreDatabase | None) -> dict[str, Any]:
+        """Everything the layer's bytes depend on, cheaply: the cache key's input."""
+        paths = sorted(set(self.paths))
+        return {
+            "store_dir": self.store.store_dir,
+            "root": os.fsdecode(self.store.root),
+            "paths": paths,
+            "identity": [self.store.identity(path, database) for path in paths],
+            "owner": list(self.encoder.owner),
+            "mtime": self.encoder.mtime,
+        }
+
+    def members(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """Walk the store paths, yielding each member's header, content size and name."""
+        encode = self.encoder.encode
+        for name, typeflag, mode, size, linkname in self.store.iter_layer(self.paths, self.where):
+            yield encode(name, typeflag, mode, size, linkname), size, name
+
+    def scan_step(self, count: int) -> bool:
+        """Scan up to `count` more members ahead of time; False once there is no more."""
+        if self._scanned:
+            return False
+        if self._scan is None:
+            self._scan = self.members()
+        before = len(self.planned)
+        self.planned.extend(islice(self._scan, count))
+        self._scanned = len(self.planned) - before < count
+        return not self._scanned
 
     def prepare(self) -> int:
-        self.entries = self.store.scan_layer(self.paths, self.where)
-        header_size = self.encoder.header_size
-        return sum(
-            header_size(e.name, e.linkname, e.size) + padded(e.size) for e in self.entries
-        ) + len(END_OF_ARCHIVE)
+        if self.cached is not None:
+            return self.cached.size
+        while self.scan_step(4096):
+            pass
+        return sum(len(header) + padded(size) for header, size, _ in self.planned) + len(
+            END_OF_ARCHIVE
+        )
 
     def write_to(self, writer: HashingWriter, progress: ProgressCallback) -> None:
-        encode = self.encoder.encode
-        disk_path = self.store.disk_path
-        start = writer.position
-        for count, (name, typeflag, mode, size, linkname) in enumerate(self.entries, 1):
-            writer.write(encode(name, typeflag, mode, size, linkname))
-            if typeflag == REGTYPE and size:
-                self._copy_file(writer, disk_path(name), size)
-                writer.write_zeros(padding(size))
+        # Whatever was scanned ahead, then the rest of the scan as it streams
+        # (only a cached layer is streamed before its scan is complete).
+        if self._scan is None:
+            self._scan = self.members()
+        members = chain(self.planned, self._scan)
+        budget = None if self.cached is None else self.cached.size - len(END_OF_ARCHIVE)
+        write, write_file = writer.write, writer.write_file
+        root = self.store.root + b"/"
+        written = 0
+        for count, (header, size, name) in enumerate(members, 1):
+            written += len(header) + size + (-size % 512)
+            if budget is not None and written > budget:
+                raise self._stale(f"its tar is now bigger than the {budget} bytes cached")
+            if size:  # only regular files have contents
+                try:
+                    write_file(header, root + name, size)
+                except OSError as error:
+                    raise OperationError(
+                        f"{self.where}: cannot read {os.fsdecode(root + name)}: {error.strerror}"
+                    ) from None
+            else:
+                write(header)
             if count % _PROGRESS_EVERY == 0:
-                progress(writer.position - start)
-        writer.write(END_OF_ARCHIVE)
-        progress(writer.position - start)
-        self.entries = []  # the scan is only needed once; free it
+                progress(written)
+        if budget is not None and written != budget:
+            raise self._stale(f"its tar is now smaller than the {budget} bytes cached")
+        write(END_OF_ARCHIVE)
+        progress(written + len(END_OF_ARCHIVE))
+        self.planned = []  # only needed once; free it
 
-    def _copy_file(self, writer: HashingWriter, path: bytes, size: int) -> None:
-        try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except OSError as error:
-            raise OperationError(
-                f"{self.where}: cannot read {os.fsdecode(path)}: {error.strerror}"
-            ) from None
-        try:
-            writer.copy_from_fd(fd, size, os.fsdecode(path))
-        except OSError as error:
-            raise OperationError(
-                f"{self.where}: cannot read {os.fsdecode(path)}: {error.strerror}"
-            ) from None
-        finally:
-            os.close(fd)
+    def _stale(self, why: str) -> StaleCacheEntry:
+        return StaleCacheEntry(
+            f"{self.where}: the store paths changed since this layer was cached ({why}); "
+            "the cache entry is dropped, run the build again",
+            self.cache_key or "",
+        )
 
 
 @dataclass

@@ -8,8 +8,10 @@ file is removed and the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import stat
 import tempfile
 from collections.abc import Iterator
 from types import FrameType
@@ -48,9 +50,18 @@ def current_umask() -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[int]:
-    """A file descriptor whose contents become `path` only if the block succeeds."""
+    """A file descriptor whose contents become `path` only if the block succeeds.
+
+    An existing device or FIFO (/dev/null, /dev/stdout, a named pipe) cannot
+    be replaced: it is written directly.
+    """
     if os.path.isdir(path):
         raise InputError(f"output {path} is a directory")
+    if os.path.exists(path) and not os.path.isfile(path):
+        with _open_special(path) as fd:
+            enlarge_pipe(fd)
+            yield fd
+        return
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise InputError(f"output {path}: directory {directory} does not exist")
@@ -72,3 +83,24 @@ def atomic_output(path: str) -> Iterator[int]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def _open_special(path: str) -> Iterator[int]:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise InputError(f"cannot open output {path}: {error.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Give a pipe a 1 MiB buffer (Linux): fewer wake-ups for writer and reader."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not Linux, or over the system's limit: the default works too

@@ -29,7 +29,7 @@ class LineProgress:
 
 
 class BarProgress:
-    """A rich progress bar for the layer being written."""
+    """One rich progress bar for the layer being written; it vanishes when done."""
 
     def __init__(self, console: Any) -> None:
         from rich.progress import (
@@ -43,22 +43,25 @@ class BarProgress:
 
         self._progress = Progress(
             TextColumn("[bold]{task.fields[label]}"),
-            BarColumn(),
+            BarColumn(bar_width=30),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.description}", style="dim"),
             console=console,
-            transient=False,
+            transient=True,
         )
         self._progress.start()
-        self._task: Any = None
+        self._task = self._progress.add_task("", total=None, label="starting")
 
     def layer_started(self, number: int, total: int, description: str) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
-        label = f"layer {number}/{total}"
-        self._task = self._progress.add_task(_shorten(description, 50), total=None, label=label)
+        self._progress.update(
+            self._task,
+            label=f"layer {number}/{total}",
+            description=_shorten(description, 40),
+            completed=0,
+            total=None,
+        )
 
     def layer_sized(self, size: int) -> None:
         self._progress.update(self._task, total=size)
@@ -67,7 +70,7 @@ class BarProgress:
         self._progress.update(self._task, completed=written)
 
     def message(self, text: str) -> None:
-        self._progress.console.print(text, style="dim")
+        self._progress.update(self._task, description=text)
 
     def close(self) -> None:
         self._progress.stop()

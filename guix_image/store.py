@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from stat import S_ISDIR, S_ISREG
 from typing import NamedTuple
 
 from .config import is_inside
 from .errors import InputError, OperationError
+from .storedb import StoreDatabase
 from .tarwriter import DIRTYPE, REGTYPE, SYMTYPE
 
 STORE_ROOT_MODE = 0o555  # mode of store_dir and its ancestors in the image
@@ -78,6 +80,22 @@ class Store:
     def _where(self) -> str:
         return f" (under root {os.fsdecode(self.root)})" if self.root else ""
 
+    def identity(self, path: str, database: StoreDatabase | None) -> str:
+        """What identifies a store path's contents without reading them.
+
+        The NAR hash the store database registered, else the path's inode and
+        times: replacing a store path (the only way a store changes) changes them.
+        """
+        nar_hash = database.nar_hash(path) if database is not None else None
+        if nar_hash is not None:
+            return f"nar:{nar_hash}"
+        try:
+            st = os.lstat(self.root + os.fsencode(path))
+        except OSError:
+            return "missing"
+        fields = (st.st_dev, st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return "stat:" + ":".join(map(str, fields))
+
     def store_dir_entries(self) -> list[FileEntry]:
         """Directory entries for every ancestor of store_dir and store_dir itself."""
         entries = []
@@ -89,53 +107,65 @@ class Store:
         return entries
 
     def scan_layer(self, paths: Sequence[str], where: str) -> list[FileEntry]:
-        """All tar entries of a layer made of `paths`, in tree order, sorted bytewise.
+        """All tar entries of a layer made of `paths` (see `iter_layer`)."""
+        return list(self.iter_layer(paths, where))
+
+    def iter_layer(self, paths: Sequence[str], where: str) -> Iterator[FileEntry]:
+        """The tar entries of a layer made of `paths`, in tree order, sorted bytewise.
 
         Duplicate paths and paths inside another listed path are included once.
         """
         entries = self.store_dir_entries()
+        yield from entries
         emitted_dirs = {entry.name for entry in entries}
         last = b"\0"  # in tree order, a path inside another comes right after it
         for path in _sorted_paths(paths):
-            if path == last or path.startswith(last + b"/"):
+            if path.startswith(last + b"/"):
                 continue
             last = path
             name = path.lstrip(b"/")
             for parent in _intermediate_dirs(name, self._prefix):
                 if parent not in emitted_dirs:
                     emitted_dirs.add(parent)
-                    entries.append(self._entry(parent.rstrip(b"/"), where))
-            self._walk(name, entries, where)
-        return entries
+                    yield self._directory_entry(parent.rstrip(b"/"), where)
+            yield from self._walk(name, where)
 
-    def _entry(self, name: bytes, where: str) -> FileEntry:
+    def _directory_entry(self, name: bytes, where: str) -> FileEntry:
         disk = self.root + b"/" + name
         try:
-            st = os.lstat(disk)
+            entry = _make_entry(name, os.lstat(disk), disk, where)
         except OSError as error:
             raise _read_error(disk, error, where) from None
-        entry = _make_entry(name, st, disk, where)
         if entry.typeflag != DIRTYPE:
             raise InputError(f"{where}: {os.fsdecode(disk)} is not a directory")
         return entry
 
-    def _walk(self, top: bytes, out: list[FileEntry], where: str) -> None:
-        root = self.root
+    def _walk(self, top: bytes, where: str) -> Iterator[FileEntry]:
+        root = self.root + b"/"
         lstat, listdir = os.lstat, os.listdir
         stack = [top]
+        pop, extend = stack.pop, stack.extend
         while stack:
-            name = stack.pop()
-            disk = root + b"/" + name
+            name = pop()
+            disk = root + name
             try:
-                entry = _make_entry(name, lstat(disk), disk, where)
-                children = listdir(disk) if entry.typeflag == DIRTYPE else None
+                st = lstat(disk)
+                mode = st.st_mode
+                if S_ISREG(mode):
+                    yield FileEntry(name, REGTYPE, mode & 0o7777, st.st_size, b"")
+                    continue
+                if S_ISDIR(mode):
+                    children = listdir(disk)
+                    yield FileEntry(name + b"/", DIRTYPE, mode & 0o7777, 0, b"")
+                    if children:
+                        children.sort(reverse=True)
+                        prefix = name + b"/"
+                        extend([prefix + child for child in children])
+                    continue
+                entry = _make_entry(name, st, disk, where)  # symlinks, or refused kinds
             except OSError as error:
                 raise _read_error(disk, error, where) from None
-            out.append(entry)
-            if children:
-                children.sort(reverse=True)
-                prefix = name + b"/"
-                stack.extend([prefix + child for child in children])
+            yield entry
 
 
 def _make_entry(name: bytes, st: os.stat_result, disk: bytes, where: str) -> FileEntry:

@@ -150,6 +150,7 @@ def test_archive_structure_and_digests(store: StoreTree, build: BuildFn) -> None
     assert manifest["RepoTags"] == ["test/image:latest"]
     assert manifest["Config"] == hashlib.sha256(raw_config).hexdigest() + ".json"
     assert result.image_id == "sha256:" + hashlib.sha256(raw_config).hexdigest()
+    assert result.bytes_written == output.stat().st_size
     assert all(name.endswith("/layer.tar") for name in manifest["Layers"])
     config = image["config"]
     assert config["rootfs"]["diff_ids"] == [

@@ -175,3 +175,39 @@ def test_sigterm_and_sigint_leave_nothing(store: StoreTree, tmp_path: Path) -> N
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == code, stderr
         assert list(out_dir.iterdir()) == []
+
+
+def run_with_terminal_stderr(command: list[str]) -> tuple[int, str]:
+    """Run `command` with stderr on a pseudo-terminal; return its status and what it drew."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO once the child has closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_lines_otherwise(store: StoreTree, tmp_path: Path) -> None:
+    item = store.item("x", {"f": "1" * 100_000})
+    config = write_config(tmp_path / "c.json", store.config([[item], [item]]))
+    command = [*GUIX_IMAGE, "build", str(config), "-o", str(tmp_path / "o.tar")]
+    status, drawn = run_with_terminal_stderr(command)
+    assert status == 0
+    assert "layer 2/2" in drawn
+    assert "\x1b[" in drawn  # terminal control sequences: a live bar
+    assert "Creating layer" not in drawn
+    assert "Done: sha256:" in drawn
+    piped = subprocess.run(command, capture_output=True, text=True)
+    assert "\x1b[" not in piped.stderr
+    assert piped.stderr.splitlines()[:2] == [
+        f'Creating layer 1 from paths: ["{item}"]',
+        f'Creating layer 2 from paths: ["{item}"]',
+    ]

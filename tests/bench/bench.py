@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""Benchmark guix-image against "the floor" on a store made from this machine's Python.
+
+The store is built once under --work from copies of the interpreter's own
+standard library and site-packages (one store item per package, repeated
+under new names until the size is reached), with a config that layers it
+the way `guix pack --max-layers` does: largest items first, one per layer,
+the rest in the last layer.
+
+Every command runs --runs times, interleaved, and the table reports medians,
+each as a ratio to the floor measured in the same run:
+
+    floor        tar -cf - PATHS | openssl dgst -sha256   (one read, one hash)
+    cold         guix-image build, empty layer cache, to a pipe
+    warm         guix-image build, layer digests cached, to a pipe
+    --reference  any 'COMMAND {config}' given, e.g. the seed script
+
+Peak RSS is the process's maximum resident set size (getrusage). The startup
+rows are absolute: `guix-image --help` and one shell-completion request.
+
+    python3 tests/bench/bench.py                  # the 1.2 GB store
+    python3 tests/bench/bench.py --size small     # about 100 MB, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOP = HERE.parent.parent
+SIZES = {"small": (100 << 20, 3_000), "large": (1200 << 20, 35_000), "huge": (2 << 30, 60_000)}
+MAX_LAYERS = 40
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    rss_kb: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def package_sources() -> list[Path]:
+    """Top-level packages and modules of the interpreter's library: many small files."""
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib", "platlib")}
+    items = []
+    for root in sorted(roots):
+        for child in sorted(root.iterdir()):
+            if child.name in ("site-packages", "__pycache__") or child.is_symlink():
+                continue
+            items.append(child)
+    return items
+
+
+def binary_sources(minimum: int = 1 << 20) -> list[Path]:
+    """Large files under the interpreter's prefix (libpython, extension modules)."""
+    found = []
+    for dirpath, _, filenames in os.walk(sys.base_prefix):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink() and path.stat().st_size >= minimum:
+                found.append(path)
+    return sorted(found)
+
+
+def tree_size(path: Path) -> tuple[int, int]:
+    if path.is_file():
+        return path.stat().st_size, 1
+    total = files = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                total += os.lstat(full).st_size
+            files += 1
+    return total, files
+
+
+def item_path(store: Path, name: str, copy: int) -> Path:
+    digest = hashlib.sha256(f"{name}-{copy}".encode()).hexdigest()[:32]
+    return store / f"{digest}-{name.replace('.', '-')}-{copy}"
+
+
+def make_store(work: Path, size: str) -> Path:
+    """The store and its config, made once per size and reused.
+
+    Like a real closure: package items with many small files (documentation,
+    libraries) until the file count is reached, then items of large binaries
+    until the size is reached.
+    """
+    target_bytes, target_files = SIZES[size]
+    base = work / size
+    config_path = base / "config.json"
+    if config_path.exists():
+        return config_path
+    if base.exists():
+        shutil.rmtree(base)
+    store = base / "gnu" / "store"
+    store.mkdir(parents=True)
+    items: list[tuple[int, str]] = []
+    total = files = copy = 0
+    packages = [(s, *tree_size(s)) for s in package_sources()]
+    packages = [p for p in packages if 0 < p[1] <= target_bytes // 20]
+    while files < target_files:
+        for source, source_bytes, source_files in packages:
+            if files >= target_files:
+                break
+            item = item_path(store, source.name, copy)
+            if source.is_dir():
+                shutil.copytree(source, item, symlinks=True)
+            else:
+                shutil.copy2(source, item)
+            items.append((source_bytes, str(item)))
+            total += source_bytes
+            files += source_files
+        copy += 1
+    binaries = binary_sources()
+    copy = 0
+    while total < target_bytes:
+        item = item_path(store, "binaries", copy)
+        item_bytes = 0
+        for number, source in enumerate(binaries):
+            if total + item_bytes >= target_bytes or item_bytes >= 200 << 20:
+                break
+            (item / "lib").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, item / "lib" / f"{number:03d}-{source.name}")
+            item_bytes += source.stat().st_size
+            files += 1
+        items.append((item_bytes, str(item)))
+        total += item_bytes
+        copy += 1
+    items.sort(key=lambda x: (-x[0], x[1]))
+    layers = [[path] for _, path in items[: MAX_LAYERS - 2]]
+    layers.append([path for _, path in items[MAX_LAYERS - 2 :]])
+    customisation = base / "customisation"
+    customisation.mkdir()
+    layer_tar = io.BytesIO()
+    with tarfile.open(fileobj=layer_tar, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/motd")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"bench\n"))
+    (customisation / "layer.tar").write_bytes(layer_tar.getvalue())
+    (customisation / "checksum").write_text(hashlib.sha256(layer_tar.getvalue()).hexdigest())
+    config = {
+        "architecture": "amd64",
+        "config": {"Env": ["PATH=/bin"]},
+        "created": "1970-01-01T00:00:01Z",
+        "repo_tag": f"bench-{size}:latest",
+        "store_dir": str(store),
+        "from_image": None,
+        "store_layers": layers,
+        "customisation_layer": str(customisation),
+    }
+    config_path.write_text(json.dumps(config, indent=1))
+    (base / "SUMMARY").write_text(f"{total} bytes, {files} files, {len(items)} store items\n")
+    return config_path
+
+
+def run_timed(commands: list[list[str]], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run a pipeline of commands; wall seconds and the first command's peak RSS (KiB)."""
+    start = time.perf_counter()
+    processes: list[subprocess.Popen[bytes]] = []
+    stdin = None
+    for i, command in enumerate(commands):
+        last = i == len(commands) - 1
+        process = subprocess.Popen(
+            command,
+            stdin=stdin,
+            stdout=subprocess.DEVNULL if last else subprocess.PIPE,
+            env=env,
+        )
+        if stdin is not None:
+            stdin.close()
+        stdin = process.stdout
+        processes.append(process)
+    rss = 0
+    for i, process in enumerate(processes):
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            raise SystemExit(f"{commands[i]} failed with status {process.returncode}")
+        if i == 0:
+            rss = usage.ru_maxrss
+    return time.perf_counter() - start, rss
+
+
+def guix_image_command() -> list[str]:
+    script = Path(sysconfig.get_path("scripts")) / "guix-image"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "guix_image"]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    import ssl
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB; {platform.platform()}; "
+        f"Python {platform.python_version()}; {ssl.OPENSSL_VERSION}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=sorted(SIZES), default="large")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "guix-image-bench"
+    )
+    parser.add_argument("--reference", action="append", default=[], metavar="'COMMAND {config}'")
+    parser.add_argument("--record", type=Path, help="write the table to this Markdown file")
+    args = parser.parse_args()
+
+    config = make_store(args.work, args.size)
+    document = json.loads(config.read_text())
+    paths = [p for layer in document["store_layers"] for p in layer]
+    summary = (config.parent / "SUMMARY").read_text().strip()
+    print(f"store: {summary} in {len(document['store_layers'])} + 1 layers", file=sys.stderr)
+
+    guix_image = guix_image_command()
+    cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
+    build = [*guix_image, "build", "-q", str(config)]
+    run_timed([build, ["cat"]], warm_env)  # fills the warm cache, and the page cache
+
+    cases: dict[str, tuple[list[list[str]], dict[str, str] | None]] = {
+        "floor": (
+            [
+                ["tar", "-C", "/", "-cf", "-", *(p.lstrip("/") for p in paths)],
+                ["openssl", "dgst", "-sha256"],
+            ],
+            None,
+        ),
+        "guix-image cold": ([build, ["cat"]], None),
+        "guix-image warm": ([build, ["cat"]], warm_env),
+        "guix-image --no-cache": ([[*build, "--no-cache"], ["cat"]], None),
+    }
+    for reference in args.reference:
+        cases[f"reference: {reference}"] = (
+            [["sh", "-c", reference.format(config=config)], ["cat"]],
+            None,
+        )
+
+    results = {name: Measurement(name) for name in cases}
+    for run in range(args.runs):
+        for name, (commands, env) in cases.items():
+            if name == "guix-image cold":  # an empty cache every time
+                env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"cold-{run}")}
+            seconds, rss = run_timed(commands, env)
+            results[name].seconds.append(seconds)
+            results[name].rss_kb.append(rss)
+        print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+
+    startup = {
+        "guix-image --help": ([[*guix_image, "--help"]], None),
+        "completion request": (
+            [guix_image],
+            {
+                **os.environ,
+                "_GUIX_IMAGE_COMPLETE": "bash_complete",
+                "COMP_WORDS": "guix-image bu",
+                "COMP_CWORD": "1",
+            },
+        ),
+    }
+    startup_results = {name: Measurement(name) for name in startup}
+    for _ in range(max(10, args.runs)):
+        for name, (commands, env) in startup.items():
+            seconds, rss = run_timed(commands, env)
+            startup_results[name].seconds.append(seconds)
+            startup_results[name].rss_kb.append(rss)
+    shutil.rmtree(cache_home, ignore_errors=True)
+
+    floor = results["floor"].median
+    lines = [
+        f"Store: {summary} ({args.size}); {args.runs} runs, medians.",
+        f"Machine: {machine()}.",
+        "",
+        "| command | median s | x floor | peak RSS MiB |",
+        "|---|---|---|---|",
+    ]
+    for measurement in results.values():
+        lines.append(
+            f"| {measurement.name} | {measurement.median:.3f} | {measurement.median / floor:.2f} "
+            f"| {max(measurement.rss_kb) / 1024:.0f} |"
+        )
+    for measurement in startup_results.values():
+        lines.append(
+            f"| {measurement.name} | {measurement.median:.3f} | | {max(measurement.rss_kb) / 1024:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        args.record.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
