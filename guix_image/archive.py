@@ -1,175 +1,321 @@
-"""Reading image archives: find the image's manifest, config and layers.
+"""Reading image archives: where their members are, whatever the form.
 
-This module knows where things are in an archive; it never extracts
-anything. Member names are looked up the way loaders do (leading '/' and
-'./' ignored), duplicates and escaping names are refused, and symlinked
-members (which `docker save` writes for repeated layers) are followed inside
-the archive only, a bounded number of times.
+Three sources hold the same kind of content: a tar file on disk (read by
+seeking: Docker and OCI archives), an OCI layout directory, and a tar
+stream read once from standard input. The format modules (docker_archive,
+oci_layout) find images through the `Source` interface; layers are read
+through it too, so every command works on every form.
+
+Nothing is extracted. Member names are looked up as loaders do (leading
+'/' and './' ignored); duplicates and names that climb out are refused;
+symlinked members (which `docker save` writes for repeated layers) are
+followed inside the archive only, a bounded number of times.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+import os
+import re
+import stat
+from typing import Any, BinaryIO, cast
 
-from .tarreader import (
-    ArchiveError,
-    TarMember,
-    TarReader,
-    is_climbing,
-    normalise_member_name,
-)
+from .errors import InputError
+from .image import ImageRecord, LayerRef, is_sha256_digest
+from .layer_contents import LayerContents, ReadOptions, read_layer
+from .streams import SliceReader
+from .tarreader import ArchiveError, TarMember, TarReader, is_climbing, normalise_member_name
 from .tarwriter import LNKTYPE, REGTYPE, SYMTYPE
 
 MAX_MANIFEST_SIZE = 1 << 20  # as containers/image
 MAX_CONFIG_SIZE = 4 << 20
-MAX_MEMBERS = 1_000_000
+MAX_MEMBERS = 100_000  # in the outer archive: an image archive has a few per layer
 MAX_LINK_HOPS = 16
+MAX_STREAM_METADATA = 64 << 20  # JSON kept in memory while reading a stream
 
 
-@dataclass
-class LayerRef:
-    """Where one layer of an image is, and what the image says about it."""
+class Source:
+    """Members of an archive, by name."""
 
-    index: int  # from 1
-    member: str  # archive member (or blob path) holding the layer
-    offset: int  # of its bytes in the archive file
-    size: int  # bytes as stored
-    diff_id: str | None  # from the config's rootfs.diff_ids
+    name: str
+    kind: str  # "tar", "directory", "stream"
 
+    def exists(self, location: str) -> bool:
+        raise NotImplementedError
 
-@dataclass
-class ArchiveImage:
-    """One image found in an archive."""
+    def read_bytes(self, location: str, limit: int, what: str) -> bytes:
+        raise NotImplementedError
 
-    path: str
-    format: str
-    repo_tags: list[str]
-    config_name: str
-    config_bytes: bytes
-    config: dict[str, Any]
-    layers: list[LayerRef] = field(default_factory=list)
+    def size_of(self, location: str) -> int:
+        raise NotImplementedError
 
+    def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
+        raise NotImplementedError
 
-class TarIndex:
-    """The members of a seekable tar archive, by normalised name."""
+    def open_blob(self, location: str) -> BinaryIO:
+        """A stream of a member's bytes (not for stream sources)."""
+        raise NotImplementedError
 
-    def __init__(self, stream: BinaryIO, name: str) -> None:
-        self.stream = stream
-        self.name = name
-        self.members: dict[str, TarMember] = {}
-        reader = TarReader(stream, name=name)
-        for count, member in enumerate(reader, 1):
-            if count > MAX_MEMBERS:
-                raise ArchiveError(f"{name}: more than {MAX_MEMBERS} members; refusing")
-            key = normalise_member_name(member.name)
-            if is_climbing(member.name):
-                raise ArchiveError(f"{name}: member name {member.name!r} climbs out of the archive")
-            if key in self.members:
-                raise ArchiveError(
-                    f"{name}: duplicate member {member.name!r} "
-                    f"(also {self.members[key].name!r}); loaders disagree on which one counts"
-                )
-            self.members[key] = member
+    def extent(self, location: str) -> tuple[str, int, int] | None:
+        """(file, offset, size) of a member stored verbatim in a file, if it is."""
+        return None
 
-    def find(self, name: str, what: str) -> TarMember:
-        """The regular-file member `name` refers to, following links inside the archive."""
-        key = normalise_member_name(name)
-        if is_climbing(name):
-            raise ArchiveError(f"{self.name}: {what} {name!r} climbs out of the archive")
-        seen = []
-        while True:
-            member = self.members.get(key)
-            if member is None:
-                raise ArchiveError(f"{self.name}: {what} {name!r} is not in the archive")
-            if member.type == REGTYPE:
-                return member
-            if member.type not in (SYMTYPE, LNKTYPE):
-                raise ArchiveError(
-                    f"{self.name}: {what} {name!r} is a {member.type_name}, not a file"
-                )
-            seen.append(key)
-            if len(seen) > MAX_LINK_HOPS or is_climbing(member.linkname):
-                raise ArchiveError(f"{self.name}: {what} {name!r} is a link that loops or escapes")
-            if member.type == SYMTYPE:
-                base = key.rsplit("/", 1)[0] if "/" in key else ""
-                target = (
-                    member.linkname
-                    if member.linkname.startswith("/")
-                    else f"{base}/{member.linkname}"
-                )
-            else:
-                target = member.linkname
-            if is_climbing(target.lstrip("/")):
-                raise ArchiveError(
-                    f"{self.name}: {what} {name!r} is a link that escapes the archive"
-                )
-            key = normalise_member_name(target)
+    def close(self) -> None:
+        pass
 
-    def read(self, member: TarMember, limit: int, what: str) -> bytes:
-        if member.size > limit:
-            raise ArchiveError(
-                f"{self.name}: {what} is {member.size} bytes, over the {limit}-byte limit"
-            )
-        self.stream.seek(member.offset)
-        data = self.stream.read(member.size)
-        if len(data) != member.size:
-            raise ArchiveError(f"{self.name}: truncated archive: {what} is cut short")
-        return data
-
-    def read_json(self, name: str, limit: int, what: str) -> Any:
-        member = self.find(name, what)
-        data = self.read(member, limit, what)
+    def read_json(self, location: str, limit: int, what: str) -> Any:
+        data = self.read_bytes(location, limit, what)
         try:
             return json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ArchiveError(f"{self.name}: {what} is not valid JSON: {error}") from None
 
+    def __enter__(self) -> Source:
+        return self
 
-def read_docker_archive(path: str, stream: BinaryIO) -> list[ArchiveImage]:
-    """Every image described by the archive's manifest.json."""
-    index = TarIndex(stream, path)
-    manifest = index.read_json("manifest.json", MAX_MANIFEST_SIZE, "manifest.json")
-    if not isinstance(manifest, list) or not manifest:
-        raise ArchiveError(f"{path}: manifest.json must be a non-empty list of images")
-    return [_docker_image(index, path, entry, i) for i, entry in enumerate(manifest)]
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _docker_image(index: TarIndex, path: str, entry: Any, position: int) -> ArchiveImage:
-    where = f"manifest.json[{position}]"
-    if not isinstance(entry, dict):
-        raise ArchiveError(f"{path}: {where} is not an object")
-    config_name = entry.get("Config")
-    layer_names = entry.get("Layers")
-    repo_tags = entry.get("RepoTags") or []
-    if not isinstance(config_name, str):
-        raise ArchiveError(f'{path}: {where} has no "Config" member name')
-    if not isinstance(layer_names, list) or not all(isinstance(n, str) for n in layer_names):
-        raise ArchiveError(f"{path}: {where}.Layers is not a list of member names")
-    if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
-        raise ArchiveError(f"{path}: {where}.RepoTags is not a list of strings")
-    config_member = index.find(config_name, "config")
-    config_bytes = index.read(config_member, MAX_CONFIG_SIZE, f"config {config_name}")
-    config = parse_image_config(config_bytes, f"{path}: config {config_name}")
-    diff_ids = config["rootfs"]["diff_ids"]
-    if len(diff_ids) != len(layer_names):
-        raise ArchiveError(
-            f"{path}: {where} lists {len(layer_names)} layers but the config has "
-            f"{len(diff_ids)} diff_ids"
+class TarSource(Source):
+    """A seekable tar file: an index of its members, read by seeking."""
+
+    kind = "tar"
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        try:
+            self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed in close()
+        except OSError as error:
+            raise InputError(f"{path}: {error.strerror}") from None
+        try:
+            self.members = _index(TarReader(self._file, name=path), path)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _member(self, location: str, what: str) -> TarMember:
+        return _resolve(self.members, location, what, self.name)
+
+    def exists(self, location: str) -> bool:
+        return normalise_member_name(location) in self.members
+
+    def size_of(self, location: str) -> int:
+        return self._member(location, location).size
+
+    def read_bytes(self, location: str, limit: int, what: str) -> bytes:
+        member = self._member(location, what)
+        _check_limit(member.size, limit, what, self.name)
+        self._file.seek(member.offset)
+        data = self._file.read(member.size)
+        if len(data) != member.size:
+            raise ArchiveError(f"{self.name}: truncated archive: {what} is cut short")
+        return data
+
+    def open_blob(self, location: str) -> BinaryIO:
+        member = self._member(location, location)
+        # A file handle per blob: layers may be read by several threads at once.
+        return SliceReader(open(self.name, "rb"), member.offset, member.size)  # type: ignore[return-value]
+
+    def extent(self, location: str) -> tuple[str, int, int] | None:
+        member = self._member(location, location)
+        return self.name, member.offset, member.size
+
+    def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
+        blob = self.open_blob(ref.location)
+        try:
+            return read_layer(blob, _layer_name(self.name, ref), options, blob_size=ref.size)
+        finally:
+            blob.close()
+
+
+class DirectorySource(Source):
+    """An OCI image layout directory. Only plain files inside it are read."""
+
+    kind = "directory"
+
+    def __init__(self, path: str) -> None:
+        self.name = path
+        self.root = os.path.realpath(path)
+
+    def _path(self, location: str, what: str) -> str:
+        relative = normalise_member_name(location)
+        if not relative or is_climbing(location.lstrip("/")):
+            raise ArchiveError(f"{self.name}: {what} {location!r} is outside the layout")
+        path = os.path.join(self.root, relative)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise ArchiveError(f"{self.name}: {what} {location!r} is missing") from None
+        if not stat.S_ISREG(mode):
+            raise ArchiveError(f"{self.name}: {what} {location!r} is not a regular file")
+        if os.path.realpath(path) != path:
+            raise ArchiveError(f"{self.name}: {what} {location!r} is reached through a symlink")
+        return path
+
+    def exists(self, location: str) -> bool:
+        relative = normalise_member_name(location)
+        return bool(relative) and os.path.isfile(os.path.join(self.root, relative))
+
+    def size_of(self, location: str) -> int:
+        return os.stat(self._path(location, location)).st_size
+
+    def read_bytes(self, location: str, limit: int, what: str) -> bytes:
+        path = self._path(location, what)
+        _check_limit(os.stat(path).st_size, limit, what, self.name)
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+
+    def open_blob(self, location: str) -> BinaryIO:
+        fd = os.open(self._path(location, location), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return open(fd, "rb")
+
+    def extent(self, location: str) -> tuple[str, int, int] | None:
+        path = self._path(location, location)
+        return path, 0, os.stat(path).st_size
+
+    def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
+        with self.open_blob(ref.location) as blob:
+            return read_layer(blob, _layer_name(self.name, ref), options, blob_size=ref.size)
+
+
+class StreamSource(Source):
+    """A tar stream read once: metadata kept, every other member read as a layer.
+
+    Which members are layers is only known from manifest.json or index.json,
+    which may come last, so every member that is not JSON metadata is read
+    as a layer with `options` while it streams past, and the results kept.
+    """
+
+    kind = "stream"
+
+    def __init__(self, stream: BinaryIO, name: str, options: ReadOptions) -> None:
+        self.name = name
+        self.options = options
+        self.members: dict[str, TarMember] = {}
+        self.metadata: dict[str, bytes] = {}
+        self.layers: dict[str, LayerContents | ArchiveError] = {}
+        kept = 0
+        reader = TarReader(stream, name=name)
+        for member in _members(reader, name, self.members):
+            if member.type != REGTYPE:
+                continue
+            key = normalise_member_name(member.name)
+            if member.size <= MAX_CONFIG_SIZE:
+                data = reader.read()
+                if _looks_like_metadata(key, data):
+                    kept += len(data)
+                    if kept > MAX_STREAM_METADATA:
+                        raise ArchiveError(f"{name}: more than {MAX_STREAM_METADATA} bytes of JSON")
+                    self.metadata[key] = data
+                    continue
+                self.layers[key] = self._read_layer(io.BytesIO(data), key, member.size)
+            else:
+                content = cast(BinaryIO, _MemberStream(reader))
+                self.layers[key] = self._read_layer(content, key, member.size)
+
+    def _read_layer(self, stream: BinaryIO, key: str, size: int) -> LayerContents | ArchiveError:
+        try:
+            return read_layer(stream, f"{self.name}: {key}", self.options, blob_size=size)
+        except ArchiveError as error:  # it may not be a layer at all: report it only if it is
+            return error
+
+    def _key(self, location: str, what: str) -> str:
+        return normalise_member_name(_resolve(self.members, location, what, self.name).name)
+
+    def exists(self, location: str) -> bool:
+        return normalise_member_name(location) in self.members
+
+    def size_of(self, location: str) -> int:
+        return _resolve(self.members, location, location, self.name).size
+
+    def read_bytes(self, location: str, limit: int, what: str) -> bytes:
+        member = _resolve(self.members, location, what, self.name)
+        _check_limit(member.size, limit, what, self.name)
+        key = normalise_member_name(member.name)
+        if key not in self.metadata:
+            raise ArchiveError(f"{self.name}: {what} {location!r} is not JSON")
+        return self.metadata[key]
+
+    def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
+        if not self.options.covers(options):
+            raise RuntimeError("the stream was read with too few options")
+        result = self.layers.get(self._key(ref.location, f"layer {ref.index}"))
+        if result is None:
+            raise ArchiveError(
+                f"{self.name}: layer {ref.index} ({ref.location}) is JSON, not a layer"
+            )
+        if isinstance(result, ArchiveError):
+            raise result
+        return result
+
+
+class _MemberStream(io.RawIOBase):
+    """The current member's content, as a readable stream."""
+
+    def __init__(self, reader: TarReader) -> None:
+        self._reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._reader.readinto(memoryview(buffer).cast("B"))
+
+
+def open_source(path: str, stream_options: ReadOptions, stdin: BinaryIO | None = None) -> Source:
+    """A source for `path`: a tar file, an OCI layout directory, or "-" (read once)."""
+    if path == "-":
+        return StreamSource(stdin or _stdin(), "<stdin>", stream_options)
+    if os.path.isdir(path):
+        return DirectorySource(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file or directory")
+    return TarSource(path)
+
+
+def read_images(source: Source) -> list[ImageRecord]:
+    """Every image the archive describes."""
+    from . import docker_archive, oci_layout
+
+    if source.exists("index.json"):
+        images = oci_layout.read_layout(source)
+        if source.exists("manifest.json"):  # `docker save` since Docker 25 writes both
+            docker_archive.add_repo_tags(source, images)
+        return images
+    if source.exists("manifest.json"):
+        return docker_archive.read_manifest(source)
+    kind = "directory" if source.kind == "directory" else "archive"
+    raise ArchiveError(f"{source.name}: not an image {kind}: it has no manifest.json or index.json")
+
+
+def select_image(images: list[ImageRecord], choice: str | None, where: str) -> ImageRecord:
+    """The image `choice` names (a tag, or a number from 1), or the only one."""
+    if choice is None:
+        if len(images) == 1:
+            return images[0]
+        raise InputError(
+            f"{where} holds {len(images)} images; choose one with --image: " + _listing(images)
         )
-    layers = []
-    for number, (name, diff_id) in enumerate(zip(layer_names, diff_ids, strict=True), 1):
-        member = index.find(name, f"layer {number}")
-        layers.append(LayerRef(number, member.name, member.offset, member.size, diff_id))
-    return ArchiveImage(
-        path=path,
-        format="docker-archive",
-        repo_tags=list(repo_tags),
-        config_name=config_name,
-        config_bytes=config_bytes,
-        config=config,
-        layers=layers,
+    if choice.isdigit():
+        number = int(choice)
+        if 1 <= number <= len(images):
+            return images[number - 1]
+        raise InputError(f"{where}: there is no image {number}; choose from " + _listing(images))
+    for image in images:
+        if choice in image.repo_tags or any(t.split(":")[0] == choice for t in image.repo_tags):
+            return image
+    raise InputError(f"{where}: no image is tagged {choice!r}; choose from " + _listing(images))
+
+
+def _listing(images: list[ImageRecord]) -> str:
+    return "; ".join(
+        f"{i} ({', '.join(image.repo_tags) or 'untagged'}, {image.config_digest[:19]})"
+        for i, image in enumerate(images, 1)
     )
 
 
@@ -185,15 +331,84 @@ def parse_image_config(data: bytes, where: str) -> dict[str, Any]:
     if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
         raise ArchiveError(f"{where} has no rootfs.diff_ids list")
     for i, diff_id in enumerate(rootfs["diff_ids"]):
-        if not _is_sha256_digest(diff_id):
+        if not is_sha256_digest(diff_id):
             raise ArchiveError(f"{where}: rootfs.diff_ids[{i}] is not a sha256 digest: {diff_id!r}")
     if "config" in config and not isinstance(config["config"], dict | None):
         raise ArchiveError(f'{where}: "config" is not an object')
     return config
 
 
-def _is_sha256_digest(value: Any) -> bool:
-    if not isinstance(value, str) or not value.startswith("sha256:"):
-        return False
-    hex_part = value[7:]
-    return len(hex_part) == 64 and all(c in "0123456789abcdef" for c in hex_part)
+def digest_in_name(location: str) -> str | None:
+    """The digest a member's name claims, as in `<hex>.json` or `blobs/sha256/<hex>`."""
+    match = re.search(r"(?:^|/)(?:sha256/)?([0-9a-f]{64})(?:\.json)?$", location)
+    return "sha256:" + match.group(1) if match else None
+
+
+def _layer_name(source: str, ref: LayerRef) -> str:
+    return f"{source}: layer {ref.index} ({ref.location})"
+
+
+def _check_limit(size: int, limit: int, what: str, where: str) -> None:
+    if size > limit:
+        raise ArchiveError(f"{where}: {what} is {size} bytes, over the {limit}-byte limit")
+
+
+def _members(reader: TarReader, name: str, index: dict[str, TarMember]) -> Any:
+    """Iterate members, adding each to `index`; refuse climbing names and duplicates."""
+    for count, member in enumerate(reader, 1):
+        if count > MAX_MEMBERS:
+            raise ArchiveError(f"{name}: more than {MAX_MEMBERS} members; not an image archive")
+        if is_climbing(member.name.lstrip("/")):
+            raise ArchiveError(f"{name}: member name {member.name!r} climbs out of the archive")
+        key = normalise_member_name(member.name)
+        if key in index:
+            raise ArchiveError(
+                f"{name}: duplicate member {member.name!r} (also {index[key].name!r}); "
+                "loaders disagree on which one counts"
+            )
+        index[key] = member
+        yield member
+
+
+def _index(reader: TarReader, name: str) -> dict[str, TarMember]:
+    members: dict[str, TarMember] = {}
+    for _ in _members(reader, name, members):
+        pass
+    return members
+
+
+def _resolve(members: dict[str, TarMember], location: str, what: str, where: str) -> TarMember:
+    """The regular-file member `location` refers to, following links inside the archive."""
+    if is_climbing(location.lstrip("/")):
+        raise ArchiveError(f"{where}: {what} {location!r} climbs out of the archive")
+    key = normalise_member_name(location)
+    for _ in range(MAX_LINK_HOPS):
+        member = members.get(key)
+        if member is None:
+            raise ArchiveError(f"{where}: {what} {location!r} is not in the archive")
+        if member.type == REGTYPE:
+            return member
+        if member.type not in (SYMTYPE, LNKTYPE):
+            raise ArchiveError(f"{where}: {what} {location!r} is a {member.type_name}, not a file")
+        if location.rsplit("/", 1)[-1] in ("manifest.json", "index.json", "oci-layout"):
+            raise ArchiveError(f"{where}: {what} is a link; refusing to follow it")
+        target = member.linkname
+        if member.type == SYMTYPE and not target.startswith("/"):
+            target = key.rsplit("/", 1)[0] + "/" + target if "/" in key else target
+        if is_climbing(target.lstrip("/")):
+            raise ArchiveError(f"{where}: {what} {location!r} is a link that escapes the archive")
+        key = normalise_member_name(target)
+    raise ArchiveError(f"{where}: {what} {location!r} is a link that loops")
+
+
+_METADATA_NAMES = {"oci-layout", "repositories", "manifest.json", "index.json"}
+
+
+def _looks_like_metadata(key: str, data: bytes) -> bool:
+    return key in _METADATA_NAMES or key.endswith(".json") or data.lstrip()[:1] in (b"{", b"[")
+
+
+def _stdin() -> BinaryIO:
+    import sys
+
+    return sys.stdin.buffer

@@ -13,18 +13,20 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
-from .archive import ArchiveImage, read_docker_archive
+from .archive import Source, open_source, read_images
 from .cache import CachedLayer, LayerCache, cache_key
 from .config import BuildConfig
 from .docker_archive import DockerArchiveWriter
 from .errors import InputError, OperationError
 from .hashing_writer import Digest, HashingWriter, Sink
-from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, merge_env
-from .layers import BlobLayer, Layer, StaleCacheEntry, StoreLayer
+from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, ImageRecord, LayerRef, merge_env
+from .layer_contents import HEADERS
+from .layers import BlobLayer, InflatedLayer, Layer, StaleCacheEntry, StoreLayer
 from .store import Store
 from .storedb import StoreDatabase
+from .streams import detect_compression
 from .tarwriter import HeaderEncoder
 
 MOBY_MAX_LAYERS = 125  # `docker load` refuses deeper images ("max depth exceeded")
@@ -76,23 +78,10 @@ class BuildResult:
 
 def plan_layers(
     config: BuildConfig, *, root: str | None = None
-) -> tuple[list[Layer], ArchiveImage | None]:
+) -> tuple[list[Layer], ImageRecord | None]:
     """Check the inputs and describe every layer, base image layers first."""
     store = Store(config.store_dir, root)
-    base = _read_base_image(config.from_image)
-    layers: list[Layer] = []
-    if base is not None:
-        for ref in base.layers:
-            layers.append(
-                BlobLayer(
-                    path=base.path,
-                    offset=ref.offset,
-                    size=ref.size,
-                    description=f"from base image {base.path} ({ref.member})",
-                    comment="",
-                    expected_diff_id=ref.diff_id,
-                )
-            )
+    base, layers = _base_image(config.from_image)
     encoder = HeaderEncoder(
         mtime=config.mtime, uid=config.uid, gid=config.gid, uname=config.uname, gname=config.gname
     )
@@ -150,9 +139,12 @@ def build_image(
             image_config = _image_config(config, base, layers, diff_ids)
             report.message("Adding manifests...")
             image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
-    except StaleCacheEntry as error:
+    except StaleCacheEntry:
+        # Whatever else this build predicted from the cache is suspect too.
         if cache is not None:
-            cache.drop(error.key)
+            for layer in store_layers:
+                if layer.cached is not None and layer.cache_key:
+                    cache.drop(layer.cache_key)
         raise
     if cache is not None:
         for layer, diff_id, digest in zip(layers, diff_ids, digests, strict=True):
@@ -211,12 +203,7 @@ def _consult_cache(
 def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
     for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
         if isinstance(layer, StoreLayer) and layer.cached and layer.cached.diff_id != diff_id:
-            raise StaleCacheEntry(
-                f"{layer.where}: the store paths changed since this layer was cached "
-                f"(digest {diff_id}, cached {layer.cached.diff_id}); "
-                "the cache entry is dropped, run the build again",
-                layer.cache_key or "",
-            )
+            raise layer.stale(f"its digest is now {diff_id}, not {layer.cached.diff_id}")
         if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
             raise OperationError(
                 f"layer {number} ({layer.description}) has digest {diff_id}, "
@@ -225,7 +212,7 @@ def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
 
 
 def _image_config(
-    config: BuildConfig, base: ArchiveImage | None, layers: list[Layer], diff_ids: list[str]
+    config: BuildConfig, base: ImageRecord | None, layers: list[Layer], diff_ids: list[str]
 ) -> ImageConfig:
     created = config.created_text
     history: list[dict[str, Any]] = []
@@ -233,7 +220,7 @@ def _image_config(
     own_layers = layers
     if base is not None:
         history.extend(h for h in base.config.get("history") or [] if isinstance(h, dict))
-        base_env = (base.config.get("config") or {}).get("Env") or []
+        base_env = base.settings.get("Env") or []
         env = merge_env(base_env, image_settings.get("Env") or [])
         if env:
             image_settings["Env"] = env
@@ -250,23 +237,37 @@ def _image_config(
     )
 
 
-def _read_base_image(path: str | None) -> ArchiveImage | None:
+def _base_image(path: str | None) -> tuple[ImageRecord | None, list[Layer]]:
+    """The base image and its layers, from an archive or layout of any form."""
     if path is None:
-        return None
-    where = f"config field 'from_image': {path}"
-    stream: BinaryIO
+        return None, []
+    where = "config field 'from_image'"
     try:
-        stream = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as error:
-        raise InputError(f"{where}: {error.strerror}") from None
-    with stream:
-        try:
-            images = read_docker_archive(path, stream)
-        except InputError as error:
-            raise InputError(f"config field 'from_image': {error}") from None
-    if len(images) != 1:
-        raise InputError(f"{where}: holds {len(images)} images; a base image archive must hold one")
-    return images[0]
+        with open_source(path, HEADERS) as source:
+            images = read_images(source)
+            if len(images) != 1:
+                raise InputError(f"{path} holds {len(images)} images; a base image must be one")
+            image = images[0]
+            for expectation in image.expectations:
+                if expectation.name == "layer count" and not expectation.ok:
+                    raise InputError(
+                        f"{path}: the config has {expectation.expected} diff_ids "
+                        f"but the manifest {expectation.actual} layers"
+                    )
+            return image, [_base_layer(source, path, ref) for ref in image.layers]
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+
+
+def _base_layer(source: Source, path: str, ref: LayerRef) -> Layer:
+    description = f"from base image {path} ({ref.location})"
+    extent = source.extent(ref.location)
+    with source.open_blob(ref.location) as blob:
+        compression = detect_compression(blob.read(8))
+    if extent is not None and compression == "none":
+        file, offset, size = extent
+        return BlobLayer(file, offset, size, description, "", expected_diff_id=ref.diff_id)
+    return InflatedLayer(source, ref, description, expected_diff_id=ref.diff_id)
 
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")

@@ -240,30 +240,266 @@ def _example_root() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _not_yet(name: str) -> None:
-    raise CommandError(f"{name} is not yet implemented", 2)
+IMAGE_OPTION = click.option(
+    "--image",
+    metavar="TAG|N",
+    help="The image to use when the archive holds several: a tag, or its number from 1.",
+)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+ARCHIVE_HELP = (
+    "ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo, our build), "
+    "an OCI layout directory, or - for standard input."
+)
+
+
+@contextlib.contextmanager
+def _opened(path: str, options: Any, choice: str | None) -> Iterator[tuple[Any, Any]]:
+    """The archive's source and its chosen image."""
+    from .archive import open_source, read_images, select_image
+
+    with open_source(path, options) as source:
+        image = select_image(read_images(source), choice, "<stdin>" if path == "-" else path)
+        yield source, image
+
+
+def _output() -> Any:
+    from .render import Output
+
+    ctx = click.get_current_context()
+    return Output(color=False if ctx.find_root().params.get("no_color") else None)
 
 
 @main.command()
-@click.argument("archive", type=click.Path())
-def inspect(archive: str) -> None:
-    """Show an image archive's layers, files and digests (not yet implemented)."""
-    _not_yet("inspect")
+@click.argument("archive", type=click.Path(allow_dash=True))
+@IMAGE_OPTION
+@click.option(
+    "--files",
+    "files",
+    is_flag=False,
+    flag_value="all",
+    default=None,
+    metavar="[N]",
+    help="List the entries of layer N, or with no N the merged filesystem and each file's layer.",
+)
+@click.option("--tree", is_flag=True, help="Draw the files (of --files) as a tree.")
+@JSON_OPTION
+def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_json: bool) -> None:
+    """Show an image archive's layers, digests, files and wasted space.
+
+    \b
+    ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo,
+    our build), an OCI layout directory, or - for standard input.
+
+    \b
+    Examples:
+      guix-image inspect image.tar
+      guix-image inspect image.tar --files 3
+      guix-image inspect image.tar --files --tree
+      guix-image inspect image.tar --json | jq '.layers[].diff_id'
+    """
+    from .inspection import layer_files, merged_files, read_layers, summarize
+    from .layer_contents import FILES
+
+    layer_number = _layer_number(files)
+    with _opened(archive, FILES, image) as (source, chosen):
+        if layer_number is not None and not 1 <= layer_number <= len(chosen.layers):
+            raise CommandError(
+                f"--files {layer_number}: the image has layers 1 to {len(chosen.layers)}", 2
+            )
+        contents = read_layers(source, chosen, FILES)
+    summary = summarize(source, chosen, contents)
+    listing = None
+    if files is not None:
+        listing = (
+            merged_files(contents)
+            if layer_number is None
+            else layer_files(contents[layer_number - 1])
+        )
+    out = _output()
+    if as_json:
+        out.json({**summary, **({"listing": listing} if listing is not None else {})})
+        return
+    from . import render
+
+    if listing is None:
+        render.inspect_summary(out, summary)
+    elif tree:
+        label = f"layer {layer_number}" if layer_number else "merged filesystem"
+        render.inspect_tree(out, listing, label)
+    else:
+        render.inspect_files(out, listing, with_layer=layer_number is None)
+
+
+def _layer_number(files: str | None) -> int | None:
+    if files is None or files == "all":
+        return None
+    if not files.isdigit():
+        raise CommandError(f"--files {files!r}: give a layer number (from 1) or nothing", 2)
+    return int(files)
 
 
 @main.command("diff-layers")
-@click.argument("archive_a", metavar="A", type=click.Path())
-@click.argument("archive_b", metavar="B", type=click.Path())
-def diff_layers(archive_a: str, archive_b: str) -> None:
-    """Compare two image archives layer by layer (not yet implemented)."""
-    _not_yet("diff-layers")
+@click.argument("archive_a", metavar="A", type=click.Path(allow_dash=True))
+@click.argument("archive_b", metavar="B", type=click.Path(allow_dash=True))
+@IMAGE_OPTION
+@click.option("--ignore-timestamps", is_flag=True, help="Do not compare mtimes and created times.")
+@click.option("--ignore-ownership", is_flag=True, help="Do not compare uid, gid, uname and gname.")
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False),
+    help="Write both versions of each modified file under DIR/a/ and DIR/b/.",
+)
+@JSON_OPTION
+def diff_layers(
+    archive_a: str,
+    archive_b: str,
+    image: str | None,
+    ignore_timestamps: bool,
+    ignore_ownership: bool,
+    report_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Compare two image archives: layers, files and config.
+
+    Exit status 0 when they are identical, 1 when they differ, 2 on trouble.
+
+    \b
+    Examples:
+      guix-image diff-layers old.tar new.tar
+      guix-image diff-layers a.tar b.tar --ignore-timestamps --json | jq .files
+      guix-image diff-layers a.tar b.tar --report-dir out && diff -r out/a out/b
+    """
+    from .diffing import Ignore, Side, diff_images, write_report
+    from .layer_contents import EVERYTHING
+
+    if archive_a == "-" and archive_b == "-":
+        raise CommandError("only one of A and B can be standard input", 2)
+    ignore = Ignore(timestamps=ignore_timestamps, ownership=ignore_ownership)
+    with (
+        _opened(archive_a, EVERYTHING, image) as (source_a, image_a),
+        _opened(archive_b, EVERYTHING, image) as (source_b, image_b),
+    ):
+        a, b = Side(source_a, image_a), Side(source_b, image_b)
+        result, layers_a, layers_b = diff_images(a, b, ignore)
+        if report_dir is not None:
+            modified = {
+                c["path"]
+                for c in result["files"]
+                if c["change"] == "modified" and any(f["field"] == "sha256" for f in c["fields"])
+            }
+            write_report(report_dir, "a", a, layers_a, modified)
+            write_report(report_dir, "b", b, layers_b, modified)
+    out = _output()
+    if as_json:
+        out.json(result)
+    else:
+        from . import render
+
+        render.diff_report(out, result)
+    if not result["identical"]:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()
-@click.argument("archive", type=click.Path())
-def verify(archive: str) -> None:
-    """Check an image archive's digests (not yet implemented)."""
-    _not_yet("verify")
+@click.argument("archive", type=click.Path(allow_dash=True))
+@IMAGE_OPTION
+@click.option(
+    "--rebuild",
+    "rebuild_config",
+    type=click.File("rb"),
+    metavar="CONFIG",
+    help="Build the image again from CONFIG and compare every layer's digest.",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    help="With --rebuild: read store paths under DIR (a chroot store).",
+)
+@click.option(
+    "--against", type=click.Path(allow_dash=True), help="Compare the digests with another archive."
+)
+@JSON_OPTION
+def verify(
+    archive: str,
+    image: str | None,
+    rebuild_config: Any,
+    root: str | None,
+    against: str | None,
+    as_json: bool,
+) -> None:
+    """Check an image archive's digests against its bytes, or against a rebuild.
+
+    Checks each layer's diff_id, each OCI blob's digest and size, the config
+    digest, the layer count, duplicate and escaping paths, truncation.
+    Exit status 0 when every check passes, 1 when one fails, 2 on trouble.
+
+    \b
+    Examples:
+      guix-image verify image.tar
+      guix-image verify image.tar --rebuild image.json
+      guix-image verify image.tar --against rebuilt.tar --json | jq .ok
+    """
+    from .layer_contents import DIGESTS, EVERYTHING
+    from .verification import check_archive
+
+    if rebuild_config is not None and against is not None:
+        raise CommandError("give --rebuild or --against, not both", 2)
+    comparing = rebuild_config is not None or against is not None
+    with _opened(archive, EVERYTHING if comparing else DIGESTS, image) as (source, chosen):
+        checks, _ = check_archive(source, chosen)
+        if rebuild_config is not None:
+            mismatch = _verify_rebuild(source, chosen, rebuild_config, root, checks)
+        elif against is not None:
+            mismatch = _verify_against(source, chosen, against, image, checks)
+        else:
+            mismatch = None
+    result = {"ok": all(c.ok for c in checks), "checks": [c.to_json() for c in checks]}
+    if mismatch is not None:
+        result["mismatch"] = mismatch
+    out = _output()
+    if as_json:
+        out.json(result)
+    else:
+        from . import render
+
+        render.verify_report(out, result)
+    if not result["ok"]:
+        raise click.exceptions.Exit(1)
+
+
+def _verify_rebuild(
+    source: Any, image: Any, config_file: Any, root: str | None, checks: list[Any]
+) -> Any:
+    from .build import build_image
+    from .config import parse_config
+    from .verification import compare_layers, differing_files, read_rebuild
+
+    name = "<stdin>" if config_file.name == "<stdin>" else config_file.name
+    config = parse_config(config_file.read(), source=name)
+    rebuilt, rebuilt_source = read_rebuild(lambda fd: build_image(config, fd, root=root))
+    other_ids = [ref.diff_id for ref in rebuilt.layers]
+    new_checks, first = compare_layers("rebuild", image, other_ids, rebuilt.config_digest)
+    checks.extend(new_checks)
+    if first is None or first > min(len(image.layers), len(rebuilt.layers)):
+        return None
+    other = rebuilt_source.read_layer(rebuilt.layers[first - 1], rebuilt_source.options)
+    return {"layer": first, "files": differing_files(source, image, first, other)}
+
+
+def _verify_against(
+    source: Any, image: Any, other_path: str, choice: str | None, checks: list[Any]
+) -> Any:
+    from .layer_contents import EVERYTHING
+    from .verification import compare_layers, differing_files
+
+    with _opened(other_path, EVERYTHING, choice) as (other_source, other):
+        other_ids = [ref.diff_id for ref in other.layers]
+        new_checks, first = compare_layers("against", image, other_ids, other.config_digest)
+        checks.extend(new_checks)
+        if first is None or first > min(len(image.layers), len(other.layers)):
+            return None
+        other_layer = other_source.read_layer(other.layers[first - 1], EVERYTHING)
+        return {"layer": first, "files": differing_files(source, image, first, other_layer)}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,15 +2,20 @@
 
 Writing: layers are streamed as `NNN/layer.tar` members, then the config as
 `<sha256>.json`, then `manifest.json`, so the archive can be produced in one
-pass and read back in one pass.
+pass and read back in one pass. Reading: the images manifest.json lists,
+from any source (see archive.py).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from .archive import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Source, digest_in_name, parse_image_config
 from .errors import OperationError
 from .hashing_writer import Digest, HashingWriter
-from .image import canonical_json, sha256_hex
+from .image import Expectation, ImageRecord, LayerRef, canonical_json, sha256_hex
 from .layers import Layer, ProgressCallback
+from .tarreader import ArchiveError
 from .tarwriter import END_OF_ARCHIVE, REGTYPE, HeaderEncoder, padding
 
 MEMBER_MODE = 0o644
@@ -57,3 +62,75 @@ class DockerArchiveWriter:
         self._writer.write(self._encoder.encode(name.encode(), REGTYPE, MEMBER_MODE, len(data)))
         self._writer.write(data)
         self._writer.write_zeros(padding(len(data)))
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def read_manifest(source: Source) -> list[ImageRecord]:
+    """Every image listed in the archive's manifest.json."""
+    manifest = source.read_json("manifest.json", MAX_MANIFEST_SIZE, "manifest.json")
+    if not isinstance(manifest, list):
+        kind = "null" if manifest is None else type(manifest).__name__
+        raise ArchiveError(f"{source.name}: manifest.json must be a list of images, not {kind}")
+    if not manifest:
+        raise ArchiveError(f"{source.name}: manifest.json lists no images")
+    return [_image(source, entry, i) for i, entry in enumerate(manifest)]
+
+
+def add_repo_tags(source: Source, images: list[ImageRecord]) -> None:
+    """Docker 25+ archives are OCI layouts with a manifest.json: take its tags."""
+    try:
+        manifest = source.read_json("manifest.json", MAX_MANIFEST_SIZE, "manifest.json")
+    except ArchiveError:
+        return
+    if not isinstance(manifest, list):
+        return
+    for entry in manifest:
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
+            continue
+        digest = digest_in_name(entry["Config"])
+        tags = entry.get("RepoTags") or []
+        for image in images:
+            if image.config_digest == digest and isinstance(tags, list):
+                image.repo_tags = list(dict.fromkeys([*image.repo_tags, *map(str, tags)]))
+                image.format = "docker-archive (Docker 25+ OCI layout)"
+
+
+def _image(source: Source, entry: Any, position: int) -> ImageRecord:
+    where = f"{source.name}: manifest.json[{position}]"
+    if not isinstance(entry, dict):
+        raise ArchiveError(f"{where} is not an object")
+    config_name = entry.get("Config")
+    layer_names = entry.get("Layers")
+    repo_tags = entry.get("RepoTags") or []
+    if not isinstance(config_name, str) or not config_name:
+        raise ArchiveError(f'{where} has no "Config" member name')
+    if not isinstance(layer_names, list) or not all(isinstance(n, str) for n in layer_names):
+        raise ArchiveError(f"{where}.Layers is not a list of member names")
+    if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
+        raise ArchiveError(f"{where}.RepoTags is not a list of strings")
+    config_bytes = source.read_bytes(config_name, MAX_CONFIG_SIZE, f"config {config_name}")
+    config = parse_image_config(config_bytes, f"{source.name}: config {config_name}")
+    diff_ids = config["rootfs"]["diff_ids"]
+    image = ImageRecord(
+        format="docker-archive",
+        repo_tags=list(repo_tags),
+        config_location=config_name,
+        config_bytes=config_bytes,
+        config=config,
+        layers=[
+            LayerRef(
+                index=number,
+                location=name,
+                size=source.size_of(name),
+                diff_id=diff_ids[number - 1] if number <= len(diff_ids) else None,
+            )
+            for number, name in enumerate(layer_names, 1)
+        ],
+    )
+    claimed = digest_in_name(config_name)
+    if claimed is not None:
+        image.expectations.append(Expectation("config digest", claimed, image.config_digest))
+    image.expectations.append(Expectation("layer count", str(len(diff_ids)), str(len(layer_names))))
+    return image

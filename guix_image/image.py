@@ -72,3 +72,70 @@ class ImageConfig:
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
+
+
+def is_sha256_digest(value: Any) -> bool:
+    """True for "sha256:" and 64 lowercase hex digits."""
+    if not isinstance(value, str) or not value.startswith(SHA256_PREFIX):
+        return False
+    hex_part = value[len(SHA256_PREFIX) :]
+    return len(hex_part) == 64 and all(c in "0123456789abcdef" for c in hex_part)
+
+
+@dataclass
+class LayerRef:
+    """Where one layer of an image read from an archive is, and what the image says of it."""
+
+    index: int  # from 1
+    location: str  # archive member, or blob path in a layout
+    size: int  # bytes as stored
+    diff_id: str | None  # the config's rootfs.diff_ids entry
+    digest: str | None = None  # the manifest descriptor's digest (OCI)
+    media_type: str | None = None
+
+
+@dataclass
+class Expectation:
+    """A fact an archive states about itself, to be checked against its bytes."""
+
+    name: str
+    expected: str
+    actual: str
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.actual
+
+
+@dataclass
+class ImageRecord:
+    """One image found in an archive: its config and its layers."""
+
+    format: str
+    repo_tags: list[str]
+    config_location: str
+    config_bytes: bytes
+    config: dict[str, Any]
+    layers: list[LayerRef]
+    # What the archive's own metadata says that can be checked without
+    # reading layers: config digest against its name or descriptor, and so on.
+    expectations: list[Expectation] = field(default_factory=list)
+
+    @property
+    def config_digest(self) -> str:
+        return SHA256_PREFIX + sha256_hex(self.config_bytes)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The config's "config" object (Cmd, Env, ...), or {}."""
+        settings = self.config.get("config")
+        return settings if isinstance(settings, dict) else {}
+
+    def layer_history(self) -> list[dict[str, Any]]:
+        """The history entry of each layer, in order ({} when missing)."""
+        entries = [
+            h
+            for h in self.config.get("history") or []
+            if isinstance(h, dict) and not h.get("empty_layer")
+        ]
+        return [entries[i] if i < len(entries) else {} for i in range(len(self.layers))]

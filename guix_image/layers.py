@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
+from .archive import Source
 from .cache import CachedLayer
 from .errors import InputError, OperationError
-from .hashing_writer import HashingWriter
+from .hashing_writer import FileChanged, HashingWriter
+from .image import LayerRef
 from .store import Store
 from .storedb import StoreDatabase
+from .streams import open_layer
 from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
 # Called with the number of bytes of the layer written so far.
@@ -30,10 +33,6 @@ _PROGRESS_EVERY = 256  # entries between progress callbacks
 
 class StaleCacheEntry(OperationError):
     """A cached prediction of a layer turned out wrong: the store changed."""
-
-    def __init__(self, message: str, key: str) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 class Layer:
@@ -120,7 +119,7 @@ class StoreLayer(Layer):
         for count, (header, size, name) in enumerate(members, 1):
             written += len(header) + size + (-size % 512)
             if budget is not None and written > budget:
-                raise self._stale(f"its tar is now bigger than the {budget} bytes cached")
+                raise self.stale(f"its tar is now bigger than the {budget} bytes cached")
             if size:  # only regular files have contents
                 try:
                     write_file(header, root + name, size)
@@ -133,16 +132,15 @@ class StoreLayer(Layer):
             if count % _PROGRESS_EVERY == 0:
                 progress(written)
         if budget is not None and written != budget:
-            raise self._stale(f"its tar is now smaller than the {budget} bytes cached")
+            raise self.stale(f"its tar is now smaller than the {budget} bytes cached")
         write(END_OF_ARCHIVE)
         progress(written + len(END_OF_ARCHIVE))
         self.planned = []  # only needed once; free it
 
-    def _stale(self, why: str) -> StaleCacheEntry:
+    def stale(self, why: str) -> StaleCacheEntry:
         return StaleCacheEntry(
             f"{self.where}: the store paths changed since this layer was cached ({why}); "
-            "the cache entry is dropped, run the build again",
-            self.cache_key or "",
+            "the cache entry is dropped, run the build again"
         )
 
 
@@ -171,3 +169,41 @@ class BlobLayer(Layer):
         finally:
             os.close(fd)
         progress(self.size)
+
+
+class InflatedLayer(Layer):
+    """A compressed layer of a base image, written uncompressed as Docker archives want.
+
+    Its size is only known by inflating it once; it is inflated again to be
+    written (and hashed, and checked against its diff_id).
+    """
+
+    def __init__(
+        self, source: Source, ref: LayerRef, description: str, expected_diff_id: str | None
+    ) -> None:
+        self.source, self.ref = source, ref
+        self.description, self.comment = description, ""
+        self.expected_diff_id = expected_diff_id
+        self._size: int | None = None
+
+    def _chunks(self) -> Iterator[bytes]:
+        with self.source.open_blob(self.ref.location) as blob:
+            data, _ = open_layer(blob, f"layer {self.ref.index}", self.ref.size)
+            while chunk := data.read(1 << 20):
+                yield chunk
+
+    def prepare(self) -> int:
+        if self._size is None:
+            self._size = sum(len(chunk) for chunk in self._chunks())
+        return self._size
+
+    def write_to(self, writer: HashingWriter, progress: ProgressCallback) -> None:
+        written = 0
+        for chunk in self._chunks():
+            written += len(chunk)
+            if written > self.prepare():
+                break
+            writer.write(chunk)
+            progress(written)
+        if written != self.prepare():
+            raise FileChanged(f"{self.description}: the layer changed while it was being read")

@@ -116,6 +116,7 @@ class TarReader:
         self._position = 0
         self._content_end = 0  # end of the current member's padded content
         self._remaining = 0  # unread content bytes of the current member
+        self._skip_buffer: memoryview | None = None
         self.ended_cleanly = False
         self._end: int | None = None  # stream length, when it can seek
         try:
@@ -311,9 +312,19 @@ class TarReader:
 
     # -- low-level reading ------------------------------------------------
 
+    def _read_fully(self, size: int) -> bytes:
+        """Up to `size` bytes: fewer only at the end of the stream."""
+        data = self._stream.read(size)
+        while 0 < len(data) < size:
+            more = self._stream.read(size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
     def _read_block(self) -> bytes | None:
         """The next header block, or None at the end of the archive."""
-        block = self._stream.read(BLOCK)
+        block = self._read_fully(BLOCK)
         if not block:
             return None  # EOF at a block boundary: tolerated, as every tool does
         if len(block) < BLOCK:
@@ -325,7 +336,7 @@ class TarReader:
         return block
 
     def _read_exact(self, size: int, what: str) -> bytes:
-        data = self._stream.read(size) if size else b""
+        data = self._read_fully(size) if size else b""
         if len(data) < size:
             raise self._truncated(what)
         self._position += size
@@ -345,12 +356,15 @@ class TarReader:
             self._stream.seek(target)
             self._position = target
         else:
+            if self._skip_buffer is None:
+                self._skip_buffer = memoryview(bytearray(1 << 20))
+            buffer = self._skip_buffer
             while distance:
-                chunk = self._stream.read(min(distance, 1 << 20))
-                if not chunk:
+                got = self._stream.readinto(buffer[: min(distance, len(buffer))])  # type: ignore[attr-defined]
+                if not got:
                     raise self._truncated("member content")
-                distance -= len(chunk)
-                self._position += len(chunk)
+                distance -= got
+                self._position += got
         self._remaining = 0
 
     def _truncated(self, what: str) -> ArchiveError:

@@ -59,6 +59,16 @@ class StoreTree:
         return document
 
 
+@pytest.fixture(autouse=True)
+def private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test gets its own layer cache, never the user's."""
+    cache_home = tmp_path_factory.mktemp("cache-home")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    return cache_home / "guix-image"
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> StoreTree:
     return StoreTree(tmp_path / "store-root")

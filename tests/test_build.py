@@ -293,7 +293,7 @@ def test_base_image_that_is_not_an_archive_is_bad_input(
     bogus.write_bytes(b"not a tar archive at all" * 40)
     with pytest.raises(InputError, match=r"^config field 'from_image': .*bogus.tar"):
         build(store.config([[item]], from_image=str(bogus)))
-    with pytest.raises(InputError, match=r"'from_image': .*missing.tar: No such file"):
+    with pytest.raises(InputError, match=r"'from_image': .*missing.tar: no such file"):
         build(store.config([[item]], from_image=str(tmp_path / "missing.tar")))
 
 

@@ -270,7 +270,8 @@ def main() -> None:
 
     results = {name: Measurement(name) for name in cases}
     for run in range(args.runs):
-        for name, (commands, env) in cases.items():
+        for name, (commands, case_env) in cases.items():
+            env = case_env
             if name == "guix-image cold":  # an empty cache every time
                 env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"cold-{run}")}
             seconds, rss = run_timed(commands, env)
@@ -300,8 +301,9 @@ def main() -> None:
 
     floor = results["floor"].median
     lines = [
-        f"Store: {summary} ({args.size}); {args.runs} runs, medians.",
-        f"Machine: {machine()}.",
+        f"### {args.size}: {summary}",
+        "",
+        f"{args.runs} runs, medians; {machine()}.",
         "",
         "| command | median s | x floor | peak RSS MiB |",
         "|---|---|---|---|",
@@ -312,13 +314,34 @@ def main() -> None:
             f"| {max(measurement.rss_kb) / 1024:.0f} |"
         )
     for measurement in startup_results.values():
-        lines.append(
-            f"| {measurement.name} | {measurement.median:.3f} | | {max(measurement.rss_kb) / 1024:.0f} |"
-        )
+        rss = max(measurement.rss_kb) / 1024
+        lines.append(f"| {measurement.name} | {measurement.median:.3f} | | {rss:.0f} |")
+    lines += ["", *check_targets(results, startup_results)]
     table = "\n".join(lines)
     print(table)
     if args.record:
-        args.record.write_text(table + "\n")
+        with args.record.open("a") as record:
+            record.write(table + "\n\n")
+
+
+def check_targets(results: dict[str, Measurement], startup: dict[str, Measurement]) -> list[str]:
+    """The targets of the Performance issue, each PASS or FAIL."""
+    floor = results["floor"].median
+    checks = [
+        ("cold build <= 1.2 x floor", results["guix-image cold"].median / floor, 1.2),
+        ("warm build <= 0.8 x floor", results["guix-image warm"].median / floor, 0.8),
+        (
+            "peak RSS <= 100 MiB",
+            max(max(m.rss_kb) for n, m in results.items() if n.startswith("guix-image")) / 1024,
+            100,
+        ),
+        ("--help <= 0.150 s", startup["guix-image --help"].median, 0.150),
+        ("completion <= 0.150 s", startup["completion request"].median, 0.150),
+    ]
+    return [
+        f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.2f})"
+        for name, value, limit in checks
+    ]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,271 @@
+"""`diff-layers`: how two images differ, down to files and config fields.
+
+Layers are aligned by diff_id (shared, only in A, only in B). Files are
+compared in each pair of differing layers at the same position, and in the
+merged filesystems, field by field as diffoci does: type, mode, owner,
+mtime, size, link target and content sha256. Timestamps and ownership can
+be ignored. With a report directory, both versions of each modified regular
+file are written out (under sanitised paths) for diffoscope or `diff -r`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .archive import Source
+from .errors import InputError
+from .image import ImageRecord, LayerRef
+from .inspection import merge_layers, read_layers
+from .layer_contents import EVERYTHING, FILES, FileRecord, LayerContents
+from .streams import open_layer
+from .tarreader import TarReader, normalise_member_name
+
+TIMESTAMP_FIELDS = ("mtime",)
+OWNERSHIP_FIELDS = ("uid", "gid", "uname", "gname")
+FILE_FIELDS = (
+    "type",
+    "mode",
+    "uid",
+    "gid",
+    "uname",
+    "gname",
+    "mtime",
+    "size",
+    "linkname",
+    "sha256",
+)
+
+
+@dataclass
+class Side:
+    """One image under comparison."""
+
+    source: Source
+    image: ImageRecord
+
+
+@dataclass(frozen=True)
+class Ignore:
+    timestamps: bool = False
+    ownership: bool = False
+
+    def fields(self) -> tuple[str, ...]:
+        skipped = (TIMESTAMP_FIELDS if self.timestamps else ()) + (
+            OWNERSHIP_FIELDS if self.ownership else ()
+        )
+        return tuple(f for f in FILE_FIELDS if f not in skipped)
+
+    @property
+    def any(self) -> bool:
+        return self.timestamps or self.ownership
+
+
+def read_for_diff(side: Side, shared: set[str]) -> list[LayerContents]:
+    """Every layer's entries; contents hashed only where layers differ."""
+    differing = [ref for ref in side.image.layers if ref.diff_id not in shared]
+    plain = [ref for ref in side.image.layers if ref.diff_id in shared]
+    options = EVERYTHING if side.source.kind == "stream" else None
+    by_index: dict[int, LayerContents] = {}
+    for refs, wanted in ((differing, EVERYTHING), (plain, FILES)):
+        for ref, contents in zip(
+            refs, read_layers(side.source, side.image, options or wanted, refs), strict=True
+        ):
+            by_index[ref.index] = contents
+    return [by_index[ref.index] for ref in side.image.layers]
+
+
+def diff_images(
+    a: Side, b: Side, ignore: Ignore
+) -> tuple[dict[str, Any], list[LayerContents], list[LayerContents]]:
+    """The differences as `diff-layers --json` documents them, and the layers read."""
+    ids_a = [ref.diff_id or "" for ref in a.image.layers]
+    ids_b = [ref.diff_id or "" for ref in b.image.layers]
+    shared = set(ids_a) & set(ids_b)
+    layers_a = read_for_diff(a, shared)
+    layers_b = read_for_diff(b, shared)
+    fields = ignore.fields()
+    layer_diffs = []
+    for position in range(max(len(ids_a), len(ids_b))):
+        id_a = ids_a[position] if position < len(ids_a) else None
+        id_b = ids_b[position] if position < len(ids_b) else None
+        if id_a == id_b:
+            continue
+        files = []
+        if id_a is not None and id_b is not None:
+            files = compare_files(
+                _records(layers_a[position]), _records(layers_b[position]), fields
+            )
+        layer_diffs.append({"index": position + 1, "a": id_a, "b": id_b, "files": files})
+    merged_a, _ = merge_layers([_records(layer) for layer in layers_a])
+    merged_b, _ = merge_layers([_records(layer) for layer in layers_b])
+    files = compare_files(
+        [entry.record for entry in merged_a.values()],
+        [entry.record for entry in merged_b.values()],
+        fields,
+        layers_a={path: ids_a[e.layer - 1] for path, e in merged_a.items()},
+        layers_b={path: ids_b[e.layer - 1] for path, e in merged_b.items()},
+    )
+    config = compare_configs(a.image.config, b.image.config, ignore)
+    layers: dict[str, list[str]] = {
+        "shared": [i for i in ids_a if i in shared],
+        "only_a": [i for i in ids_a if i not in shared],
+        "only_b": [i for i in ids_b if i not in shared],
+    }
+    bytes_differ = bool(layers["only_a"] or layers["only_b"]) and not ignore.any
+    identical = (
+        not files and not config and not any(d["files"] for d in layer_diffs) and not bytes_differ
+    )
+    result: dict[str, Any] = {
+        "identical": identical,
+        "layers": layers,
+        "layer_diffs": layer_diffs,
+        "files": files,
+        "config": config,
+    }
+    return result, layers_a, layers_b
+
+
+def _records(layer: LayerContents) -> list[FileRecord]:
+    return layer.files or []
+
+
+def compare_files(
+    a: Iterable[FileRecord],
+    b: Iterable[FileRecord],
+    fields: tuple[str, ...],
+    *,
+    layers_a: dict[str, str] | None = None,
+    layers_b: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Added, removed and modified entries between two lists of records."""
+    by_path_a = {record.path: record for record in a}
+    by_path_b = {record.path: record for record in b}
+    changes: list[dict[str, Any]] = []
+    for path in sorted(by_path_a.keys() | by_path_b.keys(), key=_sort_key):
+        old, new = by_path_a.get(path), by_path_b.get(path)
+        if old is None:
+            changes.append({"path": path, "change": "added", "fields": []})
+        elif new is None:
+            changes.append({"path": path, "change": "removed", "fields": []})
+        else:
+            # The same record of a shared layer: identical, even without content hashes.
+            if layers_a is not None and layers_b is not None and layers_a[path] == layers_b[path]:
+                continue
+            changed = [
+                {"field": name, "a": getattr(old, name), "b": getattr(new, name)}
+                for name in fields
+                if getattr(old, name) != getattr(new, name)
+                and not (name == "sha256" and (old.sha256 is None or new.sha256 is None))
+            ]
+            if changed:
+                changes.append({"path": path, "change": "modified", "fields": changed})
+    return changes
+
+
+def compare_configs(a: dict[str, Any], b: dict[str, Any], ignore: Ignore) -> list[dict[str, Any]]:
+    """Differing config fields, as dotted paths (rootfs is compared as layers)."""
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    skipped = ("rootfs",)
+    differences = []
+    for key in sorted(flat_a.keys() | flat_b.keys()):
+        if key.startswith(skipped):
+            continue
+        if ignore.timestamps and (key == "created" or key.endswith(".created")):
+            continue
+        if flat_a.get(key) != flat_b.get(key):
+            differences.append({"field": key, "a": flat_a.get(key), "b": flat_b.get(key)})
+    return differences
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        flat = {}
+        for i, item in enumerate(value):
+            flat.update(_flatten(item, f"{prefix}[{i}]"))
+        return flat
+    return {prefix: value}
+
+
+def _sort_key(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+# -- the report directory -------------------------------------------------------
+
+
+def write_report(
+    directory: str, side_name: str, side: Side, contents: list[LayerContents], paths: set[str]
+) -> int:
+    """Write the merged-filesystem version of each of `paths` under DIR/<side_name>/."""
+    if side.source.kind == "stream":
+        raise InputError("--report-dir needs archives read from files, not standard input")
+    merged, _ = merge_layers([_records(layer) for layer in contents])
+    wanted: dict[int, set[str]] = {}
+    for path in paths:
+        entry = merged.get(path)
+        if entry is not None and entry.record.type == "file":
+            wanted.setdefault(entry.layer, set()).add(path)
+    root = _report_root(directory, side_name)
+    written = 0
+    for number, layer_paths in sorted(wanted.items()):
+        written += _copy_out(side.source, side.image.layers[number - 1], layer_paths, root)
+    return written
+
+
+def _report_root(directory: str, side_name: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    root = os.path.join(os.path.realpath(directory), side_name)
+    _make_directory(root)
+    return root
+
+
+def _copy_out(source: Source, ref: LayerRef, paths: set[str], root: str) -> int:
+    written = 0
+    with source.open_blob(ref.location) as blob:
+        data, _ = open_layer(blob, f"layer {ref.index}", ref.size)
+        reader = TarReader(data, name=f"{source.name}: layer {ref.index}")
+        for member in reader:
+            path = normalise_member_name(member.name)
+            if member.isreg() and path in paths:
+                with _create(root, path) as out:
+                    for chunk in reader.iter_content():
+                        out.write(chunk)
+                written += 1
+    return written
+
+
+def _make_directory(path: str) -> None:
+    """mkdir that never follows or reuses anything but a real directory."""
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise InputError(f"report directory: {path} exists and is not a directory") from None
+
+
+@contextlib.contextmanager
+def _create(root: str, member_path: str) -> Any:
+    """Open root/<member_path> for writing: sanitised, inside root, never through links."""
+    parts = [p for p in member_path.split("/") if p not in ("", ".", "..")]
+    if not parts:
+        raise InputError(f"report directory: cannot name a file for {member_path!r}")
+    current = root
+    for part in parts[:-1]:
+        current = os.path.join(current, part)
+        _make_directory(current)
+    target = os.path.join(current, parts[-1])
+    fd = os.open(
+        target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
+    with open(fd, "wb") as out:
+        yield out

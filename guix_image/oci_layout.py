@@ -1,0 +1,163 @@
+"""OCI image layouts (image-spec `image-layout.md`), as a directory or a tar.
+
+`index.json` lists manifests (or nested indexes, for several platforms);
+every manifest, config and layer is a blob at `blobs/<alg>/<hex>` whose
+content must match its descriptor's digest and size. What a descriptor says
+is recorded as an expectation, checked by `verify` against the bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .archive import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Source, parse_image_config
+from .image import Expectation, ImageRecord, LayerRef, is_sha256_digest, sha256_hex
+from .tarreader import ArchiveError
+
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+TAG_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+MAX_INDEX_DEPTH = 4
+
+
+def blob_location(descriptor: dict[str, Any], where: str) -> str:
+    digest = descriptor.get("digest")
+    if not isinstance(digest, str) or ":" not in digest:
+        raise ArchiveError(f"{where}: descriptor has no digest")
+    if not is_sha256_digest(digest):
+        raise ArchiveError(f"{where}: unsupported or malformed digest {digest!r}")
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+def read_layout(source: Source) -> list[ImageRecord]:
+    """Every image the layout's index.json leads to."""
+    kind = "oci-layout" if source.kind == "directory" else "oci-archive"
+    layout_expectations = _check_layout_file(source)
+    index = source.read_json("index.json", MAX_MANIFEST_SIZE, "index.json")
+    images: list[ImageRecord] = []
+    _walk_index(source, index, "index.json", kind, [], images, depth=0)
+    if not images:
+        raise ArchiveError(f"{source.name}: index.json lists no image manifests")
+    for image in images:
+        image.expectations[:0] = layout_expectations
+    return images
+
+
+def _check_layout_file(source: Source) -> list[Expectation]:
+    if not source.exists("oci-layout"):
+        return [Expectation("oci-layout file", "present", "missing")]
+    layout = source.read_json("oci-layout", MAX_MANIFEST_SIZE, "oci-layout")
+    version = layout.get("imageLayoutVersion") if isinstance(layout, dict) else None
+    return [Expectation("oci-layout version", "1.0.0", str(version))]
+
+
+def _walk_index(
+    source: Source,
+    index: Any,
+    where: str,
+    kind: str,
+    tags: list[str],
+    images: list[ImageRecord],
+    depth: int,
+) -> None:
+    if depth > MAX_INDEX_DEPTH:
+        raise ArchiveError(f"{source.name}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise ArchiveError(f'{source.name}: {where} has no "manifests" list')
+    for position, descriptor in enumerate(index["manifests"]):
+        here = f"{where} manifests[{position}]"
+        if not isinstance(descriptor, dict):
+            raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
+        location = blob_location(descriptor, f"{source.name}: {here}")
+        data = source.read_bytes(location, MAX_MANIFEST_SIZE, f"manifest {location}")
+        checks = _descriptor_checks(f"manifest {location}", descriptor, data)
+        names = tags + _tags(descriptor)
+        document = _parse(data, f"{source.name}: manifest {location}")
+        media_type = descriptor.get("mediaType") or document.get("mediaType")
+        if media_type in INDEX_TYPES or "manifests" in document:
+            _walk_index(source, document, location, kind, names, images, depth + 1)
+            continue
+        image = _image(source, document, location, kind, names)
+        image.expectations[:0] = checks
+        images.append(image)
+
+
+def _image(
+    source: Source, manifest: dict[str, Any], location: str, kind: str, tags: list[str]
+) -> ImageRecord:
+    where = f"{source.name}: manifest {location}"
+    config_descriptor = manifest.get("config")
+    layer_descriptors = manifest.get("layers")
+    if not isinstance(config_descriptor, dict):
+        raise ArchiveError(f"{where} has no config descriptor")
+    if not isinstance(layer_descriptors, list) or not all(
+        isinstance(d, dict) for d in layer_descriptors
+    ):
+        raise ArchiveError(f"{where} has no list of layer descriptors")
+    config_location = blob_location(config_descriptor, where)
+    config_bytes = source.read_bytes(config_location, MAX_CONFIG_SIZE, f"config {config_location}")
+    config = parse_image_config(config_bytes, f"{source.name}: config {config_location}")
+    diff_ids = config["rootfs"]["diff_ids"]
+    image = ImageRecord(
+        format=kind,
+        repo_tags=list(dict.fromkeys(tags)),
+        config_location=config_location,
+        config_bytes=config_bytes,
+        config=config,
+        layers=[],
+        expectations=_descriptor_checks("config", config_descriptor, config_bytes),
+    )
+    for number, descriptor in enumerate(layer_descriptors, 1):
+        layer_location = blob_location(descriptor, f"{where} layers[{number - 1}]")
+        size = source.size_of(layer_location)
+        image.layers.append(
+            LayerRef(
+                index=number,
+                location=layer_location,
+                size=size,
+                diff_id=diff_ids[number - 1] if number <= len(diff_ids) else None,
+                digest=descriptor["digest"],
+                media_type=descriptor.get("mediaType"),
+            )
+        )
+        image.expectations.append(
+            Expectation(f"layer {number} blob size", str(descriptor.get("size")), str(size))
+        )
+    image.expectations.append(
+        Expectation("layer count", str(len(diff_ids)), str(len(layer_descriptors)))
+    )
+    return image
+
+
+def _descriptor_checks(what: str, descriptor: dict[str, Any], data: bytes) -> list[Expectation]:
+    return [
+        Expectation(f"{what} digest", str(descriptor.get("digest")), "sha256:" + sha256_hex(data)),
+        Expectation(f"{what} size", str(descriptor.get("size")), str(len(data))),
+    ]
+
+
+def _tags(descriptor: dict[str, Any]) -> list[str]:
+    annotations = descriptor.get("annotations")
+    if not isinstance(annotations, dict):
+        return []
+    return [annotations[key] for key in TAG_ANNOTATIONS if isinstance(annotations.get(key), str)][
+        :1
+    ]
+
+
+def _parse(data: bytes, where: str) -> dict[str, Any]:
+    import json
+
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArchiveError(f"{where} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ArchiveError(f"{where} is not a JSON object")
+    return document

@@ -1,0 +1,265 @@
+"""Human output of the reading commands: rich tables on a terminal, plain text in a pipe.
+
+The plain form is stable (one record per line, fixed columns) so that
+scripts can rely on it; `--json` is the form meant for programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+SHORT_DIGEST = 19  # "sha256:" and 12 hex digits
+
+
+def short(digest: str | None) -> str:
+    return (digest or "-")[:SHORT_DIGEST]
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def mode_string(record: dict[str, Any]) -> str:
+    kinds = {
+        "dir": "d",
+        "symlink": "l",
+        "hardlink": "h",
+        "char-device": "c",
+        "block-device": "b",
+        "fifo": "p",
+    }
+    mode = int(record["mode"], 8)
+    bits = "".join(char if mode & (1 << (8 - i)) else "-" for i, char in enumerate("rwxrwxrwx"))
+    return kinds.get(record["type"], "-") + bits
+
+
+class Output:
+    """Where results go: stdout, styled only on a terminal and without NO_COLOR."""
+
+    def __init__(self, *, color: bool | None = None, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        terminal = self.stream.isatty()
+        self.rich = terminal
+        self.color = terminal and color is not False and "NO_COLOR" not in os.environ
+        self._console: Any = None
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, no_color=not self.color, highlight=False)
+        return self._console
+
+    def json(self, document: Any) -> None:
+        self.stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+    def line(self, text: str = "") -> None:
+        if self.rich:
+            self.console.print(text, markup=False)
+        else:
+            self.stream.write(text + "\n")
+
+    def table(self, headers: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
+        if self.rich:
+            from rich.table import Table
+
+            table = Table(title=title, box=None, header_style="bold", title_justify="left")
+            for header in headers:
+                table.add_column(header, overflow="fold")
+            for row in rows:
+                table.add_row(*row)
+            self.console.print(table)
+            return
+        if title:
+            self.stream.write(title + "\n")
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+        for row in [headers, *rows]:
+            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+            self.stream.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+# -- inspect -------------------------------------------------------------------
+
+
+def inspect_summary(out: Output, summary: dict[str, Any]) -> None:
+    config = summary["config"]
+    platform = "/".join(str(summary.get(k) or "?") for k in ("os", "architecture"))
+    waste = summary["waste"]
+    fields = [
+        ("Format", summary["format"]),
+        ("Tags", ", ".join(summary["repo_tags"]) or "-"),
+        ("Config digest", summary["config_digest"]),
+        ("Platform", platform),
+        ("Created", summary.get("created") or "-"),
+        ("Entrypoint", json.dumps(config.get("Entrypoint")) if config.get("Entrypoint") else "-"),
+        ("Cmd", json.dumps(config.get("Cmd")) if config.get("Cmd") else "-"),
+        ("Env", "; ".join(config.get("Env") or []) or "-"),
+        (
+            "Total size",
+            f"{human_size(summary['total_size'])} in {len(summary['layers'])} layers, "
+            f"{summary['files']} paths",
+        ),
+        (
+            "Waste",
+            f"{human_size(waste['bytes'])} (efficiency {waste['efficiency'] * 100:.1f}%), "
+            f"{waste['duplicated_files']} files in more than one layer",
+        ),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        out.line(f"{name + ':':<{width + 1}} {value}")
+    out.line()
+    rows = [
+        [
+            str(layer["index"]),
+            short(layer["diff_id"]),
+            human_size(layer["size"]),
+            str(layer["entries"]),
+            layer["compression"],
+            (layer.get("comment") or layer.get("created_by") or "").replace("\n", " "),
+        ]
+        for layer in summary["layers"]
+    ]
+    out.table(["#", "DIFF ID", "SIZE", "ENTRIES", "COMPRESSION", "COMMENT"], rows)
+    if waste["largest"]:
+        out.line()
+        rows = [
+            [human_size(item["bytes"]), ",".join(map(str, item["layers"])), item["path"]]
+            for item in waste["largest"]
+        ]
+        out.table(["WASTED", "LAYERS", "PATH"], rows, title="Largest waste:")
+
+
+def file_rows(records: list[dict[str, Any]], with_layer: bool) -> tuple[list[str], list[list[str]]]:
+    headers = ["MODE", "UID:GID", "SIZE", "MTIME", *(["LAYER"] if with_layer else []), "PATH"]
+    rows = []
+    for record in records:
+        path = record["path"] + ("/" if record["type"] == "dir" else "")
+        if record["linkname"]:
+            path += f" -> {record['linkname']}"
+        rows.append(
+            [
+                mode_string(record),
+                f"{record['uid']}:{record['gid']}",
+                str(record["size"]),
+                f"{record['mtime']:.0f}",
+                *([str(record["layer"])] if with_layer else []),
+                path,
+            ]
+        )
+    return headers, rows
+
+
+def inspect_files(out: Output, records: list[dict[str, Any]], with_layer: bool) -> None:
+    headers, rows = file_rows(records, with_layer)
+    out.table(headers, rows)
+
+
+def inspect_tree(out: Output, records: list[dict[str, Any]], label: str) -> None:
+    from rich.tree import Tree
+
+    root = Tree(label)
+    nodes: dict[str, Any] = {"": root}
+    for record in records:
+        parent, _, name = record["path"].rpartition("/")
+        branch = nodes.get(parent)
+        if branch is None:  # a parent without its own entry
+            branch = _ensure(nodes, parent, root)
+        text = name + ("/" if record["type"] == "dir" else "")
+        if record["linkname"]:
+            text += f" -> {record['linkname']}"
+        if record["type"] == "file":
+            text += f"  ({human_size(record['size'])}" + (
+                f", layer {record['layer']})" if "layer" in record else ")"
+            )
+        nodes[record["path"]] = branch.add(text)
+    out.console.print(root) if out.rich else _print_plain_tree(out, root)
+
+
+def _ensure(nodes: dict[str, Any], path: str, root: Any) -> Any:
+    if path in nodes:
+        return nodes[path]
+    parent, _, name = path.rpartition("/")
+    nodes[path] = _ensure(nodes, parent, root).add(name + "/")
+    return nodes[path]
+
+
+def _print_plain_tree(out: Output, root: Any) -> None:
+    from rich.console import Console
+
+    console = Console(file=out.stream, no_color=True, width=10_000, highlight=False, emoji=False)
+    console.print(root)
+
+
+# -- diff-layers ---------------------------------------------------------------
+
+
+def diff_report(out: Output, result: dict[str, Any]) -> None:
+    layers = result["layers"]
+    out.line(
+        f"Layers: {len(layers['shared'])} shared, {len(layers['only_a'])} only in A, "
+        f"{len(layers['only_b'])} only in B"
+    )
+    for layer in result["layer_diffs"]:
+        out.line(f"Layer {layer['index']}: A {short(layer['a'])}  B {short(layer['b'])}")
+        for change in layer["files"]:
+            out.line("  " + _change_line(change))
+    if result["files"]:
+        out.line("Merged filesystem:")
+        for change in result["files"]:
+            out.line("  " + _change_line(change))
+    if result["config"]:
+        out.line("Config:")
+        for field in result["config"]:
+            out.line(f"  {field['field']}: {json.dumps(field['a'])} -> {json.dumps(field['b'])}")
+    out.line("Identical." if result["identical"] else "The images differ.")
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    marks = {"added": "+", "removed": "-", "modified": "M"}
+    line = f"{marks[change['change']]} {change['path']}"
+    if change["fields"]:
+        line += (
+            "  ("
+            + ", ".join(
+                f"{f['field']}: {_brief(f['a'])} -> {_brief(f['b'])}" for f in change["fields"]
+            )
+            + ")"
+        )
+    return line
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return short(text) if text.startswith("sha256:") else text
+
+
+# -- verify ---------------------------------------------------------------------
+
+
+def verify_report(out: Output, result: dict[str, Any]) -> None:
+    for check in result["checks"]:
+        if check["ok"]:
+            out.line(f"PASS  {check['name']}")
+        else:
+            out.line(
+                f"FAIL  {check['name']}: expected {check['expected']}, found {check['actual']}"
+            )
+    mismatch = result.get("mismatch")
+    if mismatch:
+        out.line(f"First differing layer: {mismatch['layer']}")
+        for change in mismatch["files"]:
+            out.line("  " + _change_line(change))
+    failed = sum(not c["ok"] for c in result["checks"])
+    out.line("OK: every check passed." if result["ok"] else f"FAILED: {failed} check(s) failed.")
