@@ -33,6 +33,8 @@ MAX_CONFIG_SIZE = 4 << 20
 MAX_MEMBERS = 100_000  # in the outer archive: an image archive has a few per layer
 MAX_LINK_HOPS = 16
 MAX_STREAM_METADATA = 64 << 20  # JSON kept in memory while reading a stream
+MAX_LAYERS = 1000  # per image; Docker refuses more than 125, overlayfs about 128
+MAX_MANIFESTS = 1000  # manifests and indexes walked in an OCI layout
 
 
 class Source:
@@ -301,7 +303,7 @@ def select_image(images: list[ImageRecord], choice: str | None, where: str) -> I
         raise InputError(
             f"{where} holds {len(images)} images; choose one with --image: " + _listing(images)
         )
-    if choice.isdigit():
+    if choice.isascii() and choice.isdigit():
         number = int(choice)
         if 1 <= number <= len(images):
             return images[number - 1]

@@ -298,15 +298,20 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
       guix-image inspect image.tar --json | jq '.layers[].diff_id'
     """
     from .inspection import layer_files, merged_files, read_layers, summarize
-    from .layer_contents import FILES
+    from .layer_contents import FILES, PATHS
 
     layer_number = _layer_number(files)
-    with _opened(archive, FILES, image) as (source, chosen):
+    # Full records only where they are listed: the summary needs paths and sizes.
+    everywhere = FILES if files == "all" or (archive == "-" and files) else PATHS
+    with _opened(archive, everywhere, image) as (source, chosen):
         if layer_number is not None and not 1 <= layer_number <= len(chosen.layers):
             raise CommandError(
                 f"--files {layer_number}: the image has layers 1 to {len(chosen.layers)}", 2
             )
-        contents = read_layers(source, chosen, FILES)
+        contents = read_layers(source, chosen, everywhere)
+        if layer_number is not None and contents[layer_number - 1].files is None:
+            ref = chosen.layers[layer_number - 1]
+            contents[layer_number - 1] = source.read_layer(ref, FILES)
     summary = summarize(source, chosen, contents)
     listing = None
     if files is not None:
@@ -333,7 +338,7 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
 def _layer_number(files: str | None) -> int | None:
     if files is None or files == "all":
         return None
-    if not files.isdigit():
+    if not (files.isascii() and files.isdigit()):
         raise CommandError(f"--files {files!r}: give a layer number (from 1) or nothing", 2)
     return int(files)
 

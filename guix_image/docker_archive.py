@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .archive import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Source, digest_in_name, parse_image_config
+from .archive import (
+    MAX_CONFIG_SIZE,
+    MAX_LAYERS,
+    MAX_MANIFEST_SIZE,
+    Source,
+    digest_in_name,
+    parse_image_config,
+)
 from .errors import OperationError
 from .hashing_writer import Digest, HashingWriter
 from .image import Expectation, ImageRecord, LayerRef, canonical_json, sha256_hex
@@ -108,6 +115,8 @@ def _image(source: Source, entry: Any, position: int) -> ImageRecord:
         raise ArchiveError(f'{where} has no "Config" member name')
     if not isinstance(layer_names, list) or not all(isinstance(n, str) for n in layer_names):
         raise ArchiveError(f"{where}.Layers is not a list of member names")
+    if len(layer_names) > MAX_LAYERS:
+        raise ArchiveError(f"{where} lists {len(layer_names)} layers, over {MAX_LAYERS}; refusing")
     if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
         raise ArchiveError(f"{where}.RepoTags is not a list of strings")
     config_bytes = source.read_bytes(config_name, MAX_CONFIG_SIZE, f"config {config_name}")

@@ -9,13 +9,17 @@ its filesystem: that is the waste dive reports.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .archive import Source
 from .image import ImageRecord, LayerRef
-from .layer_contents import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, FileRecord, LayerContents, ReadOptions
+from .layer_contents import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, LayerContents, ReadOptions
 
 TOP_OFFENDERS = 10
 
@@ -23,17 +27,65 @@ TOP_OFFENDERS = 10
 def read_layers(
     source: Source, image: ImageRecord, options: ReadOptions, refs: list[LayerRef] | None = None
 ) -> list[LayerContents]:
-    """Read layers (all by default), two at a time: hashing releases the GIL."""
+    """Read layers (all by default), on two cores when it pays.
+
+    Hashing releases the GIL, so two threads share the work; parsing headers
+    does not, so two forked processes do, when there is enough to parse.
+    """
     chosen = image.layers if refs is None else refs
+    hashing = options.hash_blob or options.hash_diff or options.hash_files
     if source.kind == "stream" or len(chosen) < 2:
         return [source.read_layer(ref, options) for ref in chosen]
-    with ThreadPoolExecutor(2, "guix-image-read") as pool:
-        return list(pool.map(lambda ref: source.read_layer(ref, options), chosen))
+    if hashing:
+        # Three threads on two cores: while one parses headers (holding the
+        # GIL), the other two can hash. Biggest layers first, to end together.
+        order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
+        with ThreadPoolExecutor(3, "guix-image-read") as pool:
+            read = pool.map(lambda i: source.read_layer(chosen[i], options), order)
+            results = dict(zip(order, read, strict=True))
+        return [results[i] for i in range(len(chosen))]
+    if sum(ref.size for ref in chosen) < FORK_MIN_BYTES or not _can_fork():
+        return [source.read_layer(ref, options) for ref in chosen]
+
+    _FORKED["work"] = (source, chosen, options)
+    try:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(2, mp_context=context) as pool:
+            # Biggest layers first, so that the two processes end together.
+            order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
+            results = dict(zip(order, pool.map(_read_forked, order, chunksize=1), strict=True))
+        return [results[i] for i in range(len(chosen))]
+    finally:
+        _FORKED.clear()
+
+
+FORK_MIN_BYTES = 256 << 20
+# What forked readers inherit: the source, the layers and the options.
+_FORKED: dict[str, tuple[Source, list[LayerRef], ReadOptions]] = {}
+
+
+def _read_forked(index: int) -> LayerContents:
+    source, refs, options = _FORKED["work"]
+    return source.read_layer(refs[index], options)
+
+
+def _can_fork() -> bool:
+    # Forking a process that runs threads can deadlock its children.
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+class HasPath(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def size(self) -> int: ...
 
 
 @dataclass
 class MergedEntry:
-    record: FileRecord
+    record: Any  # a FileRecord or an Entry
     layer: int  # from 1
 
 
@@ -51,51 +103,58 @@ class Waste:
         self.bytes += size
 
 
-def merge_layers(layers: list[list[FileRecord]]) -> tuple[dict[str, MergedEntry], Waste]:
+def merge_layers(layers: Sequence[Sequence[HasPath]]) -> tuple[dict[str, MergedEntry], Waste]:
     """The filesystem the layers make together, and the bytes hidden in lower layers."""
     merged: dict[str, MergedEntry] = {}
-    children: dict[str, set[str]] = {}  # directory -> paths directly inside it
+    # directory -> paths directly inside it; built only once something is deleted
+    children: dict[str, set[str]] | None = None
     waste = Waste()
 
+    def index() -> dict[str, set[str]]:
+        nonlocal children
+        if children is None:
+            children = {}
+            for path in merged:
+                children.setdefault(path.rpartition("/")[0], set()).add(path)
+        return children
+
     def remove(path: str, by_layer: int) -> None:
+        tree = index()
         entry = merged.pop(path, None)
         if entry is not None:
             if entry.record.type == "file" and entry.record.size:
                 waste.note(path, entry.record.size, entry.layer)
                 waste.offenders[path][1].append(by_layer)
-            _parent_set(children, path).discard(path)
-        for child in list(children.pop(path, ())):
+            tree.get(path.rpartition("/")[0], set()).discard(path)
+        for child in list(tree.pop(path, ())):
             remove(child, by_layer)
 
     for number, records in enumerate(layers, 1):
         for record in records:
-            if not record.path:  # the layer's root, "./"
+            path = record.path
+            if not path:  # the layer's root, "./"
                 continue
-            directory, _, name = record.path.rpartition("/")
-            if name == OPAQUE_WHITEOUT:
-                for child in list(children.get(directory, ())):
-                    if merged[child].layer < number:
-                        remove(child, number)
-                continue
+            directory, _, name = path.rpartition("/")
             if name.startswith(WHITEOUT_PREFIX):
-                hidden = f"{directory}/{name[len(WHITEOUT_PREFIX) :]}".lstrip("/")
-                remove(hidden, number)
+                if name == OPAQUE_WHITEOUT:
+                    for child in list(index().get(directory, ())):
+                        if merged[child].layer < number:
+                            remove(child, number)
+                else:
+                    remove(f"{directory}/{name[len(WHITEOUT_PREFIX) :]}".lstrip("/"), number)
                 continue
-            previous = merged.get(record.path)
+            previous = merged.get(path)
             if previous is not None and not (previous.record.type == record.type == "dir"):
-                remove(record.path, number)
-            merged[record.path] = MergedEntry(record, number)
-            _parent_set(children, record.path).add(record.path)
+                remove(path, number)
+            merged[path] = MergedEntry(record, number)
+            if children is not None:
+                children.setdefault(directory, set()).add(path)
     for path in waste.offenders:
         waste.offenders[path][1] = sorted(set(waste.offenders[path][1]))
     return merged, waste
 
 
-def _parent_set(children: dict[str, set[str]], path: str) -> set[str]:
-    return children.setdefault(path.rpartition("/")[0], set())
-
-
-def duplicated_paths(layers: list[list[FileRecord]]) -> dict[str, list[int]]:
+def duplicated_paths(layers: Sequence[Sequence[HasPath]]) -> dict[str, list[int]]:
     """Regular files present in more than one layer, with those layers."""
     seen: dict[str, list[int]] = {}
     for number, records in enumerate(layers, 1):
@@ -128,7 +187,7 @@ def summarize(
                 "created_by": entry.get("created_by"),
             }
         )
-    records = [layer.files or [] for layer in contents]
+    records = [layer.entry_list() for layer in contents]
     merged, waste = merge_layers(records)
     duplicates = duplicated_paths(records)
     total = sum(ref.size for ref in image.layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from typing import BinaryIO, NamedTuple, cast
 
 from .streams import HashingReader, inflate, peek_compression
 from .tarreader import (
@@ -34,7 +34,8 @@ class ReadOptions:
     hash_blob: bool = False  # sha256 of the blob as stored
     hash_diff: bool = False  # sha256 of the uncompressed tar (the diff_id)
     hash_files: bool = False  # sha256 of every regular file's contents
-    keep_files: bool = False  # keep a record of every entry
+    keep_files: bool = False  # keep a full record of every entry
+    keep_paths: bool = False  # keep every entry's path, type and size
 
     def covers(self, other: ReadOptions) -> bool:
         return all(
@@ -42,16 +43,25 @@ class ReadOptions:
         )
 
     def flags(self) -> tuple[bool, ...]:
-        return (self.hash_blob, self.hash_diff, self.hash_files, self.keep_files)
+        return (self.hash_blob, self.hash_diff, self.hash_files, self.keep_files, self.keep_paths)
 
     def merge(self, other: ReadOptions) -> ReadOptions:
         return ReadOptions(*(a or b for a, b in zip(self.flags(), other.flags(), strict=True)))
 
 
 HEADERS = ReadOptions()
+PATHS = ReadOptions(keep_paths=True)
 DIGESTS = ReadOptions(hash_blob=True, hash_diff=True)
-FILES = ReadOptions(keep_files=True)
-EVERYTHING = ReadOptions(True, True, True, True)
+FILES = ReadOptions(keep_files=True, keep_paths=True)
+EVERYTHING = ReadOptions(True, True, True, True, True)
+
+
+class Entry(NamedTuple):
+    """What the merged filesystem and the waste need of an entry."""
+
+    path: str
+    type: str
+    size: int
 
 
 @dataclass(slots=True)
@@ -92,6 +102,8 @@ class FileRecord:
 
 @dataclass
 class LayerContents:
+    """What reading a layer found; `entry_list` is the records or the light entries."""
+
     compression: str
     entries: int
     blob_digest: str | None = None
@@ -99,8 +111,12 @@ class LayerContents:
     diff_id: str | None = None
     size: int | None = None  # uncompressed bytes
     files: list[FileRecord] | None = None
+    paths: list[Entry] | None = None
     duplicates: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)  # names or hard links that climb out
+
+    def entry_list(self) -> list[FileRecord] | list[Entry]:
+        return self.files if self.files is not None else self.paths or []
 
 
 def read_layer(
@@ -109,6 +125,12 @@ def read_layer(
     """Read a layer blob from `stream` (positioned at its start) as `options` ask."""
     stream, compression = peek_compression(stream)
     hashing = options.hash_blob or options.hash_diff
+    whole = None
+    if compression == "none" and hashing and not options.hash_files and hasattr(stream, "digest"):
+        # Hash the blob in one sequential pass at full speed, then walk its
+        # headers by seeking: no Python work per block of contents.
+        whole = stream.digest()
+        hashing = False
     raw: BinaryIO | HashingReader = stream
     if compression == "none":  # the blob is the tar: one hash serves as both digests
         data: BinaryIO | HashingReader = HashingReader(stream) if hashing else stream
@@ -120,16 +142,20 @@ def read_layer(
     contents = LayerContents(compression=compression, entries=0)
     if options.keep_files:
         contents.files = []
+    elif options.keep_paths:
+        contents.paths = []
     seen: set[str] = set()
     try:
         for member in reader:
             contents.entries += 1
             if contents.entries > MAX_ENTRIES:
                 raise ArchiveError(f"{name}: more than {MAX_ENTRIES} entries; refusing")
-            _note_entry(contents, seen, member)
+            key = _note_entry(contents, seen, member)
             digest = _hash_content(reader) if options.hash_files and member.isreg() else None
             if contents.files is not None:
-                contents.files.append(_record(member, digest))
+                contents.files.append(_record(key, member, digest))
+            elif contents.paths is not None:
+                contents.paths.append(Entry(key, member.type_name, member.size))
     except ArchiveError as error:
         if "bad header checksum" in str(error) and contents.entries == 0:
             raise ArchiveError(f"{name}: not a tar archive") from None
@@ -141,7 +167,10 @@ def read_layer(
             contents.diff_id = data.digest
     elif blob_size is not None:
         contents.size = blob_size
-    if compression == "none" and isinstance(data, HashingReader) and data.hashing:
+    if whole is not None:
+        contents.diff_id = contents.blob_digest = whole[0]
+        contents.size = contents.blob_size = whole[1]
+    elif compression == "none" and isinstance(data, HashingReader) and data.hashing:
         contents.blob_digest, contents.blob_size = data.digest, data.size
     elif isinstance(raw, HashingReader):
         raw.read_to_end()
@@ -149,7 +178,8 @@ def read_layer(
     return contents
 
 
-def _note_entry(contents: LayerContents, seen: set[str], member: TarMember) -> None:
+def _note_entry(contents: LayerContents, seen: set[str], member: TarMember) -> str:
+    """Note duplicates and escaping names; the entry's normalised path."""
     key = normalise_member_name(member.name)
     if key in seen:
         contents.duplicates.append(member.name)
@@ -159,6 +189,7 @@ def _note_entry(contents: LayerContents, seen: set[str], member: TarMember) -> N
         member.type == LNKTYPE and is_climbing(member.linkname.lstrip("/"))
     ):
         contents.unsafe.append(member.name)
+    return key
 
 
 def _hash_content(reader: TarReader) -> str:
@@ -168,9 +199,9 @@ def _hash_content(reader: TarReader) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _record(member: TarMember, digest: str | None) -> FileRecord:
+def _record(path: str, member: TarMember, digest: str | None) -> FileRecord:
     return FileRecord(
-        path=normalise_member_name(member.name),
+        path=path,
         type=member.type_name,
         mode=member.mode,
         uid=member.uid,

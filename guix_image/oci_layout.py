@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .archive import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Source, parse_image_config
+from .archive import (
+    MAX_CONFIG_SIZE,
+    MAX_LAYERS,
+    MAX_MANIFEST_SIZE,
+    MAX_MANIFESTS,
+    Source,
+    parse_image_config,
+)
 from .image import Expectation, ImageRecord, LayerRef, is_sha256_digest, sha256_hex
 from .tarreader import ArchiveError
 
@@ -41,7 +48,7 @@ def read_layout(source: Source) -> list[ImageRecord]:
     layout_expectations = _check_layout_file(source)
     index = source.read_json("index.json", MAX_MANIFEST_SIZE, "index.json")
     images: list[ImageRecord] = []
-    _walk_index(source, index, "index.json", kind, [], images, depth=0)
+    _walk_index(source, index, "index.json", kind, [], images, depth=0, walked=[0])
     if not images:
         raise ArchiveError(f"{source.name}: index.json lists no image manifests")
     for image in images:
@@ -65,12 +72,16 @@ def _walk_index(
     tags: list[str],
     images: list[ImageRecord],
     depth: int,
+    walked: list[int],
 ) -> None:
     if depth > MAX_INDEX_DEPTH:
         raise ArchiveError(f"{source.name}: indexes nested more than {MAX_INDEX_DEPTH} deep")
     if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
         raise ArchiveError(f'{source.name}: {where} has no "manifests" list')
     for position, descriptor in enumerate(index["manifests"]):
+        walked[0] += 1
+        if walked[0] > MAX_MANIFESTS:
+            raise ArchiveError(f"{source.name}: more than {MAX_MANIFESTS} manifests; refusing")
         here = f"{where} manifests[{position}]"
         if not isinstance(descriptor, dict):
             raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
@@ -81,7 +92,7 @@ def _walk_index(
         document = _parse(data, f"{source.name}: manifest {location}")
         media_type = descriptor.get("mediaType") or document.get("mediaType")
         if media_type in INDEX_TYPES or "manifests" in document:
-            _walk_index(source, document, location, kind, names, images, depth + 1)
+            _walk_index(source, document, location, kind, names, images, depth + 1, walked)
             continue
         image = _image(source, document, location, kind, names)
         image.expectations[:0] = checks
@@ -100,6 +111,8 @@ def _image(
         isinstance(d, dict) for d in layer_descriptors
     ):
         raise ArchiveError(f"{where} has no list of layer descriptors")
+    if len(layer_descriptors) > MAX_LAYERS:
+        raise ArchiveError(f"{where} lists {len(layer_descriptors)} layers, over {MAX_LAYERS}")
     config_location = blob_location(config_descriptor, where)
     config_bytes = source.read_bytes(config_location, MAX_CONFIG_SIZE, f"config {config_location}")
     config = parse_image_config(config_bytes, f"{source.name}: config {config_location}")

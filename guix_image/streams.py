@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import zlib
 from typing import Any, BinaryIO, cast
 
@@ -42,6 +43,7 @@ class SliceReader(io.RawIOBase):
     def __init__(self, file: BinaryIO, offset: int, size: int) -> None:
         self._file, self._offset, self._size = file, offset, size
         self._position = 0
+        self._file_position = -1  # where `file` is, to skip needless seeks
 
     def close(self) -> None:
         super().close()
@@ -61,15 +63,50 @@ class SliceReader(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
+    def pread(self, size: int, position: int) -> bytes:
+        """Up to `size` bytes from `position` in the slice, without moving."""
+        size = min(size, self._size - position)
+        if size <= 0:
+            return b""
+        return os.pread(self._file.fileno(), size, self._offset + position)
+
+    def digest(self) -> tuple[str, int]:
+        """sha256 and size of the whole slice, read in large blocks without moving."""
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(CHUNK))
+        fd, position = self._file.fileno(), 0
+        while position < self._size:
+            got = os.preadv(
+                fd, [buffer[: min(CHUNK, self._size - position)]], self._offset + position
+            )
+            if not got:
+                break
+            digest.update(buffer[:got])
+            position += got
+        return "sha256:" + digest.hexdigest(), position
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._size - self._position if size < 0 else min(size, self._size - self._position)
+        if want <= 0:
+            return b""
+        if self._file_position != self._position:
+            self._file.seek(self._offset + self._position)
+        data = self._file.read(want)
+        self._position += len(data)
+        self._file_position = self._position
+        return data
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         want = min(len(view), self._size - self._position)
         if want <= 0:
             return 0
-        self._file.seek(self._offset + self._position)
-        got = self._file.readinto(view[:want])  # type: ignore[attr-defined]
-        self._position += got or 0
-        return got or 0
+        if self._file_position != self._position:
+            self._file.seek(self._offset + self._position)
+        got = self._file.readinto(view[:want]) or 0  # type: ignore[attr-defined]
+        self._position += got
+        self._file_position = self._position
+        return got
 
 
 class HashingReader(io.RawIOBase):

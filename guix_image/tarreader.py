@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import io
 import posixpath
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
+from zlib import adler32
 
 from .errors import InputError
 from .tarwriter import (
@@ -48,25 +48,47 @@ TYPE_NAMES = {
 }
 
 
+_NO_PAX: dict[str, str] = {}  # shared, never modified
+
+
 class ArchiveError(InputError):
     """The archive is malformed, truncated, hostile or not what it claims."""
 
 
-@dataclass(slots=True)
 class TarMember:
-    name: str  # as stored (PAX path, GNU long name or prefix/name), decoded losslessly
-    type: bytes  # typeflag; '\0' and '7' are reported as '0' (regular file)
-    mode: int
-    uid: int
-    gid: int
-    uname: str
-    gname: str
-    mtime: float
-    size: int  # bytes of content that follow the header (0 for header-only types)
-    linkname: str
-    offset: int  # where the content starts in the stream
-    header_offset: int
-    pax: dict[str, str] = field(default_factory=dict)
+    """One member: name, type and size read eagerly, the other fields when asked for."""
+
+    __slots__ = (
+        "_block",
+        "_link",
+        "_where",
+        "header_offset",
+        "name",
+        "offset",
+        "pax",
+        "size",
+        "type",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        typeflag: bytes,
+        size: int,
+        offset: int,
+        header_offset: int,
+        pax: dict[str, str],
+        block: bytes,
+        link: bytes | None,
+        where: str,
+    ) -> None:
+        self.name = name  # as stored (PAX path, GNU long name or prefix/name), decoded losslessly
+        self.type = typeflag  # '\0' and '7' are reported as '0' (regular file)
+        self.size = size  # bytes of content that follow the header (0 for header-only types)
+        self.offset = offset  # where the content starts in the stream
+        self.header_offset = header_offset
+        self.pax = pax
+        self._block, self._link, self._where = block, link, where
 
     @property
     def type_name(self) -> str:
@@ -78,6 +100,70 @@ class TarMember:
     def isdir(self) -> bool:
         return self.type == DIRTYPE
 
+    @property
+    def mode(self) -> int:
+        return self._number(100, 108, "mode") & 0o7777
+
+    @property
+    def uid(self) -> int:
+        return self._pax_number("uid") if "uid" in self.pax else self._number(108, 116, "uid")
+
+    @property
+    def gid(self) -> int:
+        return self._pax_number("gid") if "gid" in self.pax else self._number(116, 124, "gid")
+
+    @property
+    def mtime(self) -> float:
+        if "mtime" in self.pax:
+            try:
+                return float(self.pax["mtime"])
+            except ValueError:
+                raise self._error(f"PAX mtime {self.pax['mtime']!r} is not a number") from None
+        return self._number(136, 148, "mtime")
+
+    @property
+    def uname(self) -> str:
+        return self.pax.get("uname") or decode_name(_cstring(self._block[265:297]))
+
+    @property
+    def gname(self) -> str:
+        return self.pax.get("gname") or decode_name(_cstring(self._block[297:329]))
+
+    @property
+    def linkname(self) -> str:
+        if "linkpath" in self.pax:
+            return self.pax["linkpath"]
+        return decode_name(self._link if self._link is not None else _cstring(self._block[157:257]))
+
+    def _number(self, start: int, end: int, what: str) -> int:
+        return parse_number(self._block[start:end], what, self._error)
+
+    def _pax_number(self, key: str) -> int:
+        value = self.pax[key]
+        if not (value.isascii() and value.isdigit()) or len(value) > 19:
+            raise self._error(f"PAX {key} {value!r} is not a non-negative integer")
+        return int(value)
+
+    def _error(self, message: str) -> ArchiveError:
+        return ArchiveError(f"{self._where}: at byte {self.header_offset}: {message}")
+
+
+def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveError]) -> int:
+    """A numeric header field: octal text, or GNU base-256 (never negative)."""
+    if field_bytes[0] & 0x80:  # base-256: big-endian two's complement
+        if field_bytes[0] == 0xFF:
+            raise error(f"negative {what} in header")
+        return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
+    try:
+        return int(field_bytes.rstrip(b"\0 ") or b"0", 8)  # the common "0000644\0"
+    except ValueError:
+        pass
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise error(f"bad {what} field {text!r} in header") from None
+
 
 def decode_name(raw: bytes) -> str:
     """Bytes to str without losing anything (undecodable bytes become surrogates)."""
@@ -86,12 +172,17 @@ def decode_name(raw: bytes) -> str:
 
 def normalise_member_name(name: str) -> str:
     """The path a loader would use for `name`: no leading '/' or './', no '//'."""
+    plain = name.rstrip("/")
+    if plain and plain[0] not in "./" and "//" not in plain and "/." not in plain:
+        return plain  # already normal: the common case, kept fast
     normal = posixpath.normpath("/" + name).lstrip("/")
     return "" if normal == "." else normal
 
 
 def is_climbing(name: str) -> bool:
     """True if `name` leaves the archive root when joined component by component."""
+    if ".." not in name:
+        return False
     depth = 0
     for part in name.split("/"):
         if part == "..":
@@ -125,6 +216,10 @@ class TarReader:
                 stream.seek(0)
         except (AttributeError, ValueError, OSError):
             self._end = None
+        # Positioned reads, when the stream offers them: no seeking at all.
+        self._pread: Callable[[int, int], bytes] | None = (
+            getattr(stream, "pread", None) if self._end is not None else None
+        )
 
     @property
     def seekable(self) -> bool:
@@ -154,6 +249,12 @@ class TarReader:
         """Read up to len(buffer) content bytes into buffer; 0 at the member's end."""
         want = min(len(buffer), self._remaining)
         got = 0
+        if self._pread is not None:
+            data = self._pread(want, self._position)
+            if len(data) < want:
+                raise self._truncated("member content")
+            buffer[:want] = data
+            got = want
         while got < want:
             n = self._stream.readinto(buffer[got:want])  # type: ignore[attr-defined]
             if not n:
@@ -167,7 +268,7 @@ class TarReader:
 
     def _next(self) -> TarMember | None:
         self._skip_to(self._content_end)
-        pax: dict[str, str] = {}
+        pax: dict[str, str] = _NO_PAX
         long_name: bytes | None = None
         long_link: bytes | None = None
         while True:
@@ -184,7 +285,7 @@ class TarReader:
                 payload = self._read_exact(size, "extended header")
                 self._skip_exact(padded(size) - size)
                 if typeflag == PAX_HEADER:
-                    pax.update(self._parse_pax(payload, header_offset))
+                    pax = {**pax, **self._parse_pax(payload, header_offset)}
                 elif typeflag == GNU_LONGNAME:
                     long_name = payload.rstrip(b"\0")
                 elif typeflag == GNU_LONGLINK:
@@ -207,56 +308,49 @@ class TarReader:
         if typeflag in (b"\0", CONTTYPE):
             typeflag = REGTYPE
         name = _cstring(block[0:100])
-        if block[257:263] == b"ustar\0":  # POSIX ustar: name may have a prefix
-            prefix = _cstring(block[345:500])
-            if prefix:
-                name = prefix + b"/" + name
+        if block[257:263] == b"ustar\0" and block[345]:  # POSIX ustar: a prefix
+            name = _cstring(block[345:500]) + b"/" + name
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else _cstring(block[157:257])
-        member = TarMember(
-            name=pax.get("path", decode_name(name)),
-            type=typeflag,
-            mode=self._number(block[100:108], header_offset, "mode") & 0o7777,
-            uid=self._number(block[108:116], header_offset, "uid"),
-            gid=self._number(block[116:124], header_offset, "gid"),
-            uname=pax.get("uname", decode_name(_cstring(block[265:297]))),
-            gname=pax.get("gname", decode_name(_cstring(block[297:329]))),
-            mtime=self._number(block[136:148], header_offset, "mtime"),
-            size=size,
-            linkname=pax.get("linkpath", decode_name(linkname)),
-            offset=self._position,
-            header_offset=header_offset,
-            pax=pax,
-        )
-        for key in ("uid", "gid"):
-            if key in pax:
-                setattr(member, key, self._pax_int(pax, key, header_offset))
-        if "mtime" in pax:
-            try:
-                member.mtime = float(pax["mtime"])
-            except ValueError:
-                raise self._error(
-                    header_offset, f"PAX mtime {pax['mtime']!r} is not a number"
-                ) from None
         if typeflag in HEADER_ONLY_TYPES:
-            member.size = 0
+            size = 0
+        member = TarMember(
+            pax["path"] if "path" in pax else name.decode("utf-8", "surrogateescape"),
+            typeflag,
+            size,
+            self._position,
+            header_offset,
+            pax,
+            block,
+            long_link,
+            self.name,
+        )
         if not member.name:
             raise self._error(header_offset, "member has an empty name")
-        self._remaining = member.size
-        self._content_end = self._position + padded(member.size)
+        self._remaining = size
+        self._content_end = self._position + padded(size)
         return member
 
     def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
-        stored = self._number(block[148:156], offset, "checksum")
-        unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+        try:  # the common octal form, parsed inline: this runs for every entry
+            stored = int(block[148:156].rstrip(b"\0 ") or b"0", 8)
+            size = int(block[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            stored = self._number(block[148:156], offset, "checksum")
+            size = self._number(block[124:136], offset, "size")
+        # The checksum field counts as 8 spaces; each piece sums below 65521.
+        unsigned = (
+            (adler32(block[:148]) & 0xFFFF)
+            + (adler32(block[156:256]) & 0xFFFF)
+            + (adler32(block[256:]) & 0xFFFF)
+            - 3
+            + 8 * 32
+        )
         if stored != unsigned:
             signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
             if stored != signed:
                 raise self._error(offset, "bad header checksum (not a tar archive, or corrupt)")
-        typeflag = block[156:157]
-        size = self._number(block[124:136], offset, "size")
-        return typeflag, size
+        return block[156:157], size
 
     def _apply_pax_size(self, pax: dict[str, str], size: int, offset: int) -> int:
         if "size" not in pax:
@@ -293,27 +387,19 @@ class TarReader:
 
     def _pax_int(self, pax: dict[str, str], key: str, offset: int) -> int:
         value = pax[key]
-        if not value.isdigit() or len(value) > 19:
+        if not (value.isascii() and value.isdigit()) or len(value) > 19:
             raise self._error(offset, f"PAX {key} {value!r} is not a non-negative integer")
         return int(value)
 
     def _number(self, field_bytes: bytes, offset: int, what: str) -> int:
-        if field_bytes[0] & 0x80:  # base-256 (GNU): big-endian two's complement
-            if field_bytes[0] == 0xFF:
-                raise self._error(offset, f"negative {what} in header")
-            return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
-        text = field_bytes.split(b"\0", 1)[0].strip(b" ")
-        if not text:
-            return 0
-        try:
-            return int(text, 8)
-        except ValueError:
-            raise self._error(offset, f"bad {what} field {text!r} in header") from None
+        return parse_number(field_bytes, what, lambda message: self._error(offset, message))
 
     # -- low-level reading ------------------------------------------------
 
     def _read_fully(self, size: int) -> bytes:
-        """Up to `size` bytes: fewer only at the end of the stream."""
+        """Up to `size` bytes from the current position: fewer only at the end."""
+        if self._pread is not None:
+            return self._pread(size, self._position)
         data = self._stream.read(size)
         while 0 < len(data) < size:
             more = self._stream.read(size - len(data))
@@ -353,7 +439,8 @@ class TarReader:
             if self._end < target:
                 self._position = self._end
                 raise self._truncated("member content")
-            self._stream.seek(target)
+            if self._pread is None:
+                self._stream.seek(target)
             self._position = target
         else:
             if self._skip_buffer is None:
@@ -375,4 +462,5 @@ class TarReader:
 
 
 def _cstring(raw: bytes) -> bytes:
-    return raw.split(b"\0", 1)[0]
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]

@@ -177,10 +177,10 @@ class HeaderEncoder:
                 prefix.ljust(167, _NUL),  # prefix (155 bytes) and the unused tail (12)
             )
         )
-        return header[:148] + b"%06o\0 " % _byte_sum(header) + header[156:]
+        return header[:148] + b"%06o\0 " % byte_sum(header) + header[156:]
 
 
-def _byte_sum(block: bytes) -> int:
+def byte_sum(block: bytes) -> int:
     """Sum of the bytes of a 512-byte block, fast.
 
     Adler-32's low half is 1 + the byte sum modulo 65521; for 256 bytes the

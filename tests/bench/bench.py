@@ -279,6 +279,20 @@ def main() -> None:
             results[name].rss_kb.append(rss)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
 
+    archive = cache_home / "image.tar"
+    run_timed([[*build, "-o", str(archive)]], warm_env)
+    readers = {
+        "openssl dgst -sha256 ARCHIVE": [["openssl", "dgst", "-sha256", str(archive)]],
+        "guix-image inspect ARCHIVE": [[*guix_image, "inspect", "--json", str(archive)]],
+        "guix-image verify ARCHIVE": [[*guix_image, "verify", str(archive)]],
+    }
+    reader_results = {name: Measurement(name) for name in readers}
+    for _ in range(args.runs):
+        for name, commands in readers.items():
+            seconds, rss = run_timed(commands)
+            reader_results[name].seconds.append(seconds)
+            reader_results[name].rss_kb.append(rss)
+
     startup = {
         "guix-image --help": ([[*guix_image, "--help"]], None),
         "completion request": (
@@ -313,10 +327,17 @@ def main() -> None:
             f"| {measurement.name} | {measurement.median:.3f} | {measurement.median / floor:.2f} "
             f"| {max(measurement.rss_kb) / 1024:.0f} |"
         )
+    digest = reader_results["openssl dgst -sha256 ARCHIVE"].median
+    for measurement in reader_results.values():
+        rss = max(measurement.rss_kb) / 1024
+        ratio = measurement.median / digest
+        lines.append(
+            f"| {measurement.name} | {measurement.median:.3f} | ({ratio:.2f} x dgst) | {rss:.0f} |"
+        )
     for measurement in startup_results.values():
         rss = max(measurement.rss_kb) / 1024
         lines.append(f"| {measurement.name} | {measurement.median:.3f} | | {rss:.0f} |")
-    lines += ["", *check_targets(results, startup_results)]
+    lines += ["", *check_targets(results, startup_results, reader_results)]
     table = "\n".join(lines)
     print(table)
     if args.record:
@@ -324,9 +345,14 @@ def main() -> None:
             record.write(table + "\n\n")
 
 
-def check_targets(results: dict[str, Measurement], startup: dict[str, Measurement]) -> list[str]:
-    """The targets of the Performance issue, each PASS or FAIL."""
+def check_targets(
+    results: dict[str, Measurement],
+    startup: dict[str, Measurement],
+    readers: dict[str, Measurement],
+) -> list[str]:
+    """The targets of the Performance and Readers issues, each PASS or FAIL."""
     floor = results["floor"].median
+    digest = readers["openssl dgst -sha256 ARCHIVE"].median
     checks = [
         ("cold build <= 1.2 x floor", results["guix-image cold"].median / floor, 1.2),
         ("warm build <= 0.8 x floor", results["guix-image warm"].median / floor, 0.8),
@@ -337,6 +363,8 @@ def check_targets(results: dict[str, Measurement], startup: dict[str, Measuremen
         ),
         ("--help <= 0.150 s", startup["guix-image --help"].median, 0.150),
         ("completion <= 0.150 s", startup["completion request"].median, 0.150),
+        ("inspect <= 0.5 s", readers["guix-image inspect ARCHIVE"].median, 0.5),
+        ("verify <= 1.0 x openssl dgst", readers["guix-image verify ARCHIVE"].median / digest, 1.0),
     ]
     return [
         f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.2f})"
