@@ -65,6 +65,7 @@ class BuiltLayer:
     diff_id: str
     size: int
     description: str
+    cached: bool = False  # its digest came from the cache (and was confirmed)
 
 
 @dataclass
@@ -153,7 +154,13 @@ def build_image(
     result.image_id = SHA256_PREFIX + image_id
     result.bytes_written = writer.position
     result.layers = [
-        BuiltLayer(number, diff_id, digest.size, layer.description)
+        BuiltLayer(
+            number,
+            diff_id,
+            digest.size,
+            layer.description,
+            isinstance(layer, StoreLayer) and layer.cached is not None,
+        )
         for number, (layer, diff_id, digest) in enumerate(
             zip(layers, diff_ids, digests, strict=True), 1
         )

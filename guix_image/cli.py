@@ -9,13 +9,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
 
 from . import __version__
+from .completion import (
+    SHELLS,
+    complete_archive,
+    complete_config,
+    complete_image,
+    complete_layer,
+    completion_script,
+)
 from .errors import GuixImageError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -84,27 +93,93 @@ class GuixImageGroup(click.Group):
             ) from None
 
 
+# -- options every command shares ---------------------------------------------
+
+
 def _debug(ctx: click.Context) -> bool:
-    return bool(ctx.find_root().params.get("debug"))
+    return bool(ctx.meta.get("guix_image.debug"))
 
 
-@click.group(cls=GuixImageGroup, context_settings=CONTEXT_SETTINGS)
+def _remember(key: str) -> Any:
+    """An option callback that records a flag in ctx.meta, which every context shares."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value:
+            ctx.meta[f"guix_image.{key}"] = value
+
+    return callback
+
+
+COMMON_OPTIONS = [
+    ("-q", "--quiet", "quiet", "Print nothing on standard error but errors."),
+    ("-v", "--verbose", "verbose", "Say more on standard error: cache use, timings."),
+    (None, "--no-color", "no_color", "No colours, even on a terminal (as NO_COLOR does)."),
+    (None, "--debug", "debug", "Show a traceback when something fails."),
+]
+
+
+def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """-q, -v, --no-color and --debug: accepted before or after the command name."""
+    for short, long, key, text in reversed(COMMON_OPTIONS):
+        names = [short, long] if short else [long]
+        function = click.option(
+            *names, is_flag=True, expose_value=False, callback=_remember(key), help=text
+        )(function)
+    return function
+
+
+def _flag(name: str) -> bool:
+    return bool(click.get_current_context().meta.get(f"guix_image.{name}"))
+
+
+def _note(message: str) -> None:
+    """A diagnostic on stderr, unless -q."""
+    if not _flag("quiet"):
+        click.echo(message, err=True)
+
+
+def _verbose(message: str) -> None:
+    if _flag("verbose") and not _flag("quiet"):
+        click.echo(message, err=True)
+
+
+@click.group(cls=GuixImageGroup, context_settings=CONTEXT_SETTINGS, invoke_without_command=True)
 @click.version_option(__version__, "-V", "--version", prog_name="guix-image")
-@click.option("--debug", is_flag=True, help="Show a traceback when something fails.")
-def main(debug: bool) -> None:
+@common_options
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Build container images from a Guix or Nix store, and look inside them.
 
-    Start with `guix-image build --example -o example.tar`.
+    \b
+    Examples:
+      guix-image build --example -o example.tar
+      guix-image inspect example.tar
+      guix-image verify image.tar --rebuild image.json
     """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        click.echo(
+            "\nNew here? Build the example image and look inside it:\n"
+            "  guix-image build --example -o example.tar && guix-image inspect example.tar"
+        )
+
+
+# -- build ----------------------------------------------------------------------
 
 
 @main.command()
-@click.argument("config_file", metavar="CONFIG", required=False, type=click.File("rb"))
+@click.argument(
+    "config_file",
+    metavar="CONFIG",
+    required=False,
+    type=click.File("rb"),
+    shell_complete=complete_config,
+)
 @click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, allow_dash=True),
-    help="Write the archive to FILE (atomically) instead of standard output.",
+    help="Write the archive to FILE, atomically, instead of standard output.",
 )
 @click.option(
     "-t", "--tag", "repo_tag", metavar="NAME:TAG", help="Image name, overriding repo_tag."
@@ -120,7 +195,7 @@ def main(debug: bool) -> None:
     is_flag=True,
     help="Neither use nor update the layer cache ($XDG_CACHE_HOME/guix-image).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on standard error but errors.")
+@common_options
 def build(
     config_file: Any,
     output: str | None,
@@ -128,14 +203,13 @@ def build(
     root: str | None,
     example: bool,
     no_cache: bool,
-    quiet: bool,
 ) -> None:
-    """Stream a Docker image archive of store paths described by CONFIG.
+    """Stream a Docker image archive of the store paths CONFIG describes.
 
-    CONFIG is the JSON file of nixpkgs' streamLayeredImage / `guix pack`
-    (stream-layered-image.py), or - for standard input. The archive loads
-    with `docker load` and `podman load`; the same CONFIG and store always
-    give the same bytes.
+    CONFIG is the JSON file of nixpkgs' streamLayeredImage and Guix's
+    stream-layered-image.py, or - for standard input. The archive loads with
+    `docker load` and `podman load`; the same CONFIG and store always give
+    the same bytes.
 
     \b
     Examples:
@@ -163,23 +237,22 @@ def build(
             source = "<stdin>" if config_file.name == "<stdin>" else config_file.name
             config = parse_config(config_file.read(), source=source, repo_tag=repo_tag)
         for warning in config.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        _run_build(config, output, root, quiet, use_cache=not no_cache and not example)
+            _note(f"warning: {warning}")
+        _run_build(config, output, root, use_cache=not no_cache and not example)
 
 
-def _run_build(
-    config: Any, output: str | None, root: str | None, quiet: bool, *, use_cache: bool
-) -> None:
+def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: bool) -> None:
     from .build import build_image
     from .cache import LayerCache, default_directory
     from .output import atomic_output, terminate_on_signals
 
     def warn(message: str) -> None:
-        click.echo(f"warning: {message}", err=True)
+        _note(f"warning: {message}")
 
     cache = LayerCache(default_directory(), warn) if use_cache else None
-    progress = _build_progress(quiet)
+    progress = _build_progress()
     options = {"root": root, "progress": progress, "cache": cache, "favour_hashing": True}
+    started = time.monotonic()
     try:
         with terminate_on_signals():
             if output in (None, "-"):
@@ -190,15 +263,16 @@ def _run_build(
     finally:
         progress.close()
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    if not quiet:
-        tags = ", ".join(result.repo_tags) or "no tag"
-        where = f" to {output}" if output not in (None, "-") else ""
-        click.echo(
-            f"Done: {result.image_id} ({tags}), {len(result.layers)} layers, "
-            f"{result.bytes_written} bytes{where}",
-            err=True,
-        )
+        _note(f"warning: {warning}")
+    for layer in result.layers:
+        state = "cached digest confirmed" if layer.cached else "hashed"
+        _verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
+    where = f" to {output}" if output not in (None, "-") else ""
+    _note(
+        f"Done: {result.image_id} ({', '.join(result.repo_tags) or 'no tag'}), "
+        f"{len(result.layers)} layers, {result.bytes_written} bytes{where}"
+    )
+    _verbose(f"{time.monotonic() - started:.2f} s")
 
 
 def _stdout_sink() -> Any:
@@ -213,15 +287,15 @@ def _stdout_sink() -> Any:
     return fd
 
 
-def _build_progress(quiet: bool) -> Any:
+def _build_progress() -> Any:
     from .progress import BarProgress, LineProgress, QuietProgress
 
-    if quiet:
+    if _flag("quiet"):
         return QuietProgress()
     if sys.stderr.isatty():
         from rich.console import Console
 
-        return BarProgress(Console(stderr=True))
+        return BarProgress(Console(stderr=True, no_color=_flag("no_color")))
     return LineProgress()
 
 
@@ -240,16 +314,23 @@ def _example_root() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# -- the readers ----------------------------------------------------------------
+
 IMAGE_OPTION = click.option(
     "--image",
     metavar="TAG|N",
+    shell_complete=complete_image,
     help="The image to use when the archive holds several: a tag, or its number from 1.",
 )
-JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-ARCHIVE_HELP = (
-    "ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo, our build), "
-    "an OCI layout directory, or - for standard input."
+JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document, and nothing else."
 )
+
+
+def archive_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.argument(
+        name, metavar=metavar, type=click.Path(allow_dash=True), shell_complete=complete_archive
+    )
 
 
 @contextlib.contextmanager
@@ -257,20 +338,38 @@ def _opened(path: str, options: Any, choice: str | None) -> Iterator[tuple[Any, 
     """The archive's source and its chosen image."""
     from .archive import open_source, read_images, select_image
 
+    started = time.monotonic()
     with open_source(path, options) as source:
         image = select_image(read_images(source), choice, "<stdin>" if path == "-" else path)
+        _verbose(f"{path}: {image.format}, {len(image.layers)} layers")
         yield source, image
+    _verbose(f"{path}: read in {time.monotonic() - started:.2f} s")
 
 
 def _output() -> Any:
     from .render import Output
 
-    ctx = click.get_current_context()
-    return Output(color=False if ctx.find_root().params.get("no_color") else None)
+    return Output(color=False if _flag("no_color") else None)
+
+
+@contextlib.contextmanager
+def _reading_progress(label: str, total: int) -> Iterator[Any]:
+    """A rich bar on stderr while layers are read, when stderr is a terminal."""
+    if _flag("quiet") or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    console = Console(stderr=True, no_color=_flag("no_color"))
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda ref: progress.advance(task, ref.size)
 
 
 @main.command()
-@click.argument("archive", type=click.Path(allow_dash=True))
+@archive_argument("archive", "ARCHIVE")
 @IMAGE_OPTION
 @click.option(
     "--files",
@@ -279,16 +378,18 @@ def _output() -> Any:
     flag_value="all",
     default=None,
     metavar="[N]",
+    shell_complete=complete_layer,
     help="List the entries of layer N, or with no N the merged filesystem and each file's layer.",
 )
 @click.option("--tree", is_flag=True, help="Draw the files (of --files) as a tree.")
 @JSON_OPTION
+@common_options
 def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_json: bool) -> None:
     """Show an image archive's layers, digests, files and wasted space.
 
-    \b
     ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo,
-    our build), an OCI layout directory, or - for standard input.
+    nixpkgs, Guix, our build), an OCI layout directory, or - for standard
+    input.
 
     \b
     Examples:
@@ -344,8 +445,8 @@ def _layer_number(files: str | None) -> int | None:
 
 
 @main.command("diff-layers")
-@click.argument("archive_a", metavar="A", type=click.Path(allow_dash=True))
-@click.argument("archive_b", metavar="B", type=click.Path(allow_dash=True))
+@archive_argument("archive_a", "A")
+@archive_argument("archive_b", "B")
 @IMAGE_OPTION
 @click.option("--ignore-timestamps", is_flag=True, help="Do not compare mtimes and created times.")
 @click.option("--ignore-ownership", is_flag=True, help="Do not compare uid, gid, uname and gname.")
@@ -355,6 +456,7 @@ def _layer_number(files: str | None) -> int | None:
     help="Write both versions of each modified file under DIR/a/ and DIR/b/.",
 )
 @JSON_OPTION
+@common_options
 def diff_layers(
     archive_a: str,
     archive_b: str,
@@ -364,7 +466,7 @@ def diff_layers(
     report_dir: str | None,
     as_json: bool,
 ) -> None:
-    """Compare two image archives: layers, files and config.
+    """Compare two image archives: their layers, files and config.
 
     Exit status 0 when they are identical, 1 when they differ, 2 on trouble.
 
@@ -392,8 +494,9 @@ def diff_layers(
                 for c in result["files"]
                 if c["change"] == "modified" and any(f["field"] == "sha256" for f in c["fields"])
             }
-            write_report(report_dir, "a", a, layers_a, modified)
-            write_report(report_dir, "b", b, layers_b, modified)
+            written = write_report(report_dir, "a", a, layers_a, modified)
+            written += write_report(report_dir, "b", b, layers_b, modified)
+            _verbose(f"{written} files written under {report_dir}")
     out = _output()
     if as_json:
         out.json(result)
@@ -406,13 +509,14 @@ def diff_layers(
 
 
 @main.command()
-@click.argument("archive", type=click.Path(allow_dash=True))
+@archive_argument("archive", "ARCHIVE")
 @IMAGE_OPTION
 @click.option(
     "--rebuild",
     "rebuild_config",
     type=click.File("rb"),
     metavar="CONFIG",
+    shell_complete=complete_config,
     help="Build the image again from CONFIG and compare every layer's digest.",
 )
 @click.option(
@@ -421,9 +525,14 @@ def diff_layers(
     help="With --rebuild: read store paths under DIR (a chroot store).",
 )
 @click.option(
-    "--against", type=click.Path(allow_dash=True), help="Compare the digests with another archive."
+    "--against",
+    metavar="OTHER",
+    type=click.Path(allow_dash=True),
+    shell_complete=complete_archive,
+    help="Compare the digests with another archive.",
 )
 @JSON_OPTION
+@common_options
 def verify(
     archive: str,
     image: str | None,
@@ -435,7 +544,7 @@ def verify(
     """Check an image archive's digests against its bytes, or against a rebuild.
 
     Checks each layer's diff_id, each OCI blob's digest and size, the config
-    digest, the layer count, duplicate and escaping paths, truncation.
+    digest, the layer count, duplicate and escaping paths, and truncation.
     Exit status 0 when every check passes, 1 when one fails, 2 on trouble.
 
     \b
@@ -451,14 +560,19 @@ def verify(
         raise CommandError("give --rebuild or --against, not both", 2)
     comparing = rebuild_config is not None or against is not None
     with _opened(archive, EVERYTHING if comparing else DIGESTS, image) as (source, chosen):
-        checks, _ = check_archive(source, chosen)
+        total = sum(ref.size for ref in chosen.layers)
+        with _reading_progress("hashing", total) as advance:
+            checks, _ = check_archive(source, chosen, on_layer=advance)
         if rebuild_config is not None:
             mismatch = _verify_rebuild(source, chosen, rebuild_config, root, checks)
         elif against is not None:
             mismatch = _verify_against(source, chosen, against, image, checks)
         else:
             mismatch = None
-    result = {"ok": all(c.ok for c in checks), "checks": [c.to_json() for c in checks]}
+    result: dict[str, Any] = {
+        "ok": all(c.ok for c in checks),
+        "checks": [c.to_json() for c in checks],
+    }
     if mismatch is not None:
         result["mismatch"] = mismatch
     out = _output()
@@ -505,6 +619,24 @@ def _verify_against(
             return None
         other_layer = other_source.read_layer(other.layers[first - 1], EVERYTHING)
         return {"layer": first, "files": differing_files(source, image, first, other_layer)}
+
+
+# -- completion -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(SHELLS))
+@common_options
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (bash, zsh or fish).
+
+    \b
+    Examples:
+      guix-image completion bash > ~/.local/share/bash-completion/completions/guix-image
+      guix-image completion zsh > ~/.zfunc/_guix-image
+      guix-image completion fish > ~/.config/fish/completions/guix-image.fish
+    """
+    click.echo(completion_script(main, shell), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,7 +25,11 @@ TOP_OFFENDERS = 10
 
 
 def read_layers(
-    source: Source, image: ImageRecord, options: ReadOptions, refs: list[LayerRef] | None = None
+    source: Source,
+    image: ImageRecord,
+    options: ReadOptions,
+    refs: list[LayerRef] | None = None,
+    on_layer: Callable[[LayerRef], None] | None = None,
 ) -> list[LayerContents]:
     """Read layers (all by default), on two cores when it pays.
 
@@ -34,29 +38,34 @@ def read_layers(
     """
     chosen = image.layers if refs is None else refs
     hashing = options.hash_blob or options.hash_diff or options.hash_files
+
+    def read(ref: LayerRef) -> LayerContents:
+        contents = source.read_layer(ref, options)
+        if on_layer is not None:
+            on_layer(ref)
+        return contents
+
     if source.kind == "stream" or len(chosen) < 2:
-        return [source.read_layer(ref, options) for ref in chosen]
+        return [read(ref) for ref in chosen]
+    # Biggest layers first, so that the workers end together.
+    order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
     if hashing:
         # Three threads on two cores: while one parses headers (holding the
-        # GIL), the other two can hash. Biggest layers first, to end together.
-        order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
-        with ThreadPoolExecutor(3, "guix-image-read") as pool:
-            read = pool.map(lambda i: source.read_layer(chosen[i], options), order)
-            results = dict(zip(order, read, strict=True))
-        return [results[i] for i in range(len(chosen))]
-    if sum(ref.size for ref in chosen) < FORK_MIN_BYTES or not _can_fork():
-        return [source.read_layer(ref, options) for ref in chosen]
-
-    _FORKED["work"] = (source, chosen, options)
-    try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(2, mp_context=context) as pool:
-            # Biggest layers first, so that the two processes end together.
-            order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
-            results = dict(zip(order, pool.map(_read_forked, order, chunksize=1), strict=True))
-        return [results[i] for i in range(len(chosen))]
-    finally:
-        _FORKED.clear()
+        # GIL), the other two can hash.
+        with ThreadPoolExecutor(3, "guix-image-read") as threads:
+            done = list(threads.map(lambda i: read(chosen[i]), order))
+    elif sum(ref.size for ref in chosen) >= FORK_MIN_BYTES and _can_fork():
+        _FORKED["work"] = (source, chosen, options)
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(2, mp_context=context) as processes:
+                done = list(processes.map(_read_forked, order, chunksize=1))
+        finally:
+            _FORKED.clear()
+    else:
+        return [read(ref) for ref in chosen]
+    results = dict(zip(order, done, strict=True))
+    return [results[i] for i in range(len(chosen))]
 
 
 FORK_MIN_BYTES = 256 << 20

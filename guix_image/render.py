@@ -64,9 +64,9 @@ class Output:
     def json(self, document: Any) -> None:
         self.stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
-    def line(self, text: str = "") -> None:
+    def line(self, text: str = "", style: str | None = None) -> None:
         if self.rich:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, style=style, soft_wrap=True)
         else:
             self.stream.write(text + "\n")
 
@@ -214,16 +214,22 @@ def diff_report(out: Output, result: dict[str, Any]) -> None:
     for layer in result["layer_diffs"]:
         out.line(f"Layer {layer['index']}: A {short(layer['a'])}  B {short(layer['b'])}")
         for change in layer["files"]:
-            out.line("  " + _change_line(change))
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change["change"]])
     if result["files"]:
         out.line("Merged filesystem:")
         for change in result["files"]:
-            out.line("  " + _change_line(change))
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change["change"]])
     if result["config"]:
         out.line("Config:")
         for field in result["config"]:
             out.line(f"  {field['field']}: {json.dumps(field['a'])} -> {json.dumps(field['b'])}")
-    out.line("Identical." if result["identical"] else "The images differ.")
+    if result["identical"]:
+        out.line("Identical.", "green")
+    else:
+        out.line("The images differ.", "bold red")
+
+
+_CHANGE_STYLES = {"added": "green", "removed": "red", "modified": "yellow"}
 
 
 def _change_line(change: dict[str, Any]) -> str:
@@ -260,6 +266,9 @@ def verify_report(out: Output, result: dict[str, Any]) -> None:
     if mismatch:
         out.line(f"First differing layer: {mismatch['layer']}")
         for change in mismatch["files"]:
-            out.line("  " + _change_line(change))
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change["change"]])
     failed = sum(not c["ok"] for c in result["checks"])
-    out.line("OK: every check passed." if result["ok"] else f"FAILED: {failed} check(s) failed.")
+    if result["ok"]:
+        out.line("OK: every check passed.", "bold green")
+    else:
+        out.line(f"FAILED: {failed} check(s) failed.", "bold red")

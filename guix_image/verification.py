@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .archive import Source, StreamSource, read_images
 from .diffing import compare_files
-from .image import ImageRecord
+from .image import ImageRecord, LayerRef
 from .inspection import read_layers
 from .layer_contents import DIGESTS, EVERYTHING, LayerContents, ReadOptions
 from .tarreader import ArchiveError
@@ -34,11 +35,11 @@ class Check:
 
 
 def check_archive(
-    source: Source, image: ImageRecord
+    source: Source, image: ImageRecord, on_layer: Callable[[LayerRef], None] | None = None
 ) -> tuple[list[Check], list[LayerContents | None]]:
     """Every check of the image's own consistency, and the layers as read."""
     checks = [Check(e.name, e.ok, e.expected, e.actual) for e in image.expectations]
-    contents = _read_each(source, image, DIGESTS)
+    contents = _read_each(source, image, DIGESTS, on_layer)
     for ref, layer in zip(image.layers, contents, strict=True):
         prefix = f"layer {ref.index}"
         if isinstance(layer, ArchiveError):
@@ -81,12 +82,15 @@ def check_archive(
 
 
 def _read_each(
-    source: Source, image: ImageRecord, options: ReadOptions
+    source: Source,
+    image: ImageRecord,
+    options: ReadOptions,
+    on_layer: Callable[[LayerRef], None] | None,
 ) -> list[LayerContents | ArchiveError]:
     """Each layer read, or the error that stopped it: a bad layer is a failed check."""
     results: list[LayerContents | ArchiveError] = []
     try:
-        return list(read_layers(source, image, options))
+        return list(read_layers(source, image, options, on_layer=on_layer))
     except ArchiveError:
         pass  # find which ones fail, one by one
     for ref in image.layers:

@@ -115,7 +115,7 @@ def test_every_form_reads_and_verifies_with_the_same_diff_ids(
 def test_standard_input_is_read_in_one_pass(
     image: tuple[Path, Any], form: str, tmp_path: Path
 ) -> None:
-    archive, result = image
+    archive, _ = image
     target = Path(convert(archive, form, tmp_path))
     data = target.read_bytes()
     from_stdin = inspect_json("-", input=data)
@@ -485,7 +485,7 @@ def test_build_from_a_compressed_oci_base(store: StoreTree, build: BuildFn, tmp_
         store.config([[store.item("base", {"etc/os": "x" * 10_000})]], repo_tag="b:1")
     )
     oci_base = convert(base, "oci-archive", tmp_path)
-    image, result = build(store.config([[store.item("top", {"t": "t"})]], from_image=oci_base))
+    image, _ = build(store.config([[store.item("top", {"t": "t"})]], from_image=oci_base))
     archive = read_archive(image)
     assert archive["config"]["rootfs"]["diff_ids"][0] == base_result.layers[0].diff_id
     assert layer_members(archive["layers"][0])[-1].name.endswith("etc/os")
