@@ -34,7 +34,30 @@ MAX_MEMBERS = 100_000  # in the outer archive: an image archive has a few per la
 MAX_LINK_HOPS = 16
 MAX_STREAM_METADATA = 64 << 20  # JSON kept in memory while reading a stream
 MAX_LAYERS = 1000  # per image; Docker refuses more than 125, overlayfs about 128
-MAX_MANIFESTS = 1000  # manifests and indexes walked in an OCI layout
+MAX_MANIFESTS = 1000  # manifests and indexes walked in an OCI layout; images listed
+MAX_CONFIGS_BYTES = 64 << 20  # all distinct configs of an archive together
+
+
+class ConfigReader:
+    """Reads each config once, however many images share it, within a byte budget."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._seen: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self._total = 0
+
+    def read(self, location: str) -> tuple[bytes, dict[str, Any]]:
+        key = normalise_member_name(location)
+        if key not in self._seen:
+            data = self.source.read_bytes(location, MAX_CONFIG_SIZE, "config")
+            self._total += len(data)
+            if self._total > MAX_CONFIGS_BYTES:
+                raise ArchiveError(
+                    f"{self.source.name}: more than {MAX_CONFIGS_BYTES} bytes of configs; refusing"
+                )
+            where = f"{self.source.name}: config {location!r}"
+            self._seen[key] = (data, parse_image_config(data, where))
+        return self._seen[key]
 
 
 class Source:
@@ -107,7 +130,7 @@ class TarSource(Source):
         return normalise_member_name(location) in self.members
 
     def size_of(self, location: str) -> int:
-        return self._member(location, location).size
+        return self._member(location, "member").size
 
     def read_bytes(self, location: str, limit: int, what: str) -> bytes:
         member = self._member(location, what)
@@ -119,12 +142,12 @@ class TarSource(Source):
         return data
 
     def open_blob(self, location: str) -> BinaryIO:
-        member = self._member(location, location)
+        member = self._member(location, "member")
         # A file handle per blob: layers may be read by several threads at once.
         return SliceReader(open(self.name, "rb"), member.offset, member.size)  # type: ignore[return-value]
 
     def extent(self, location: str) -> tuple[str, int, int] | None:
-        member = self._member(location, location)
+        member = self._member(location, "member")
         return self.name, member.offset, member.size
 
     def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
@@ -164,7 +187,7 @@ class DirectorySource(Source):
         return bool(relative) and os.path.isfile(os.path.join(self.root, relative))
 
     def size_of(self, location: str) -> int:
-        return os.stat(self._path(location, location)).st_size
+        return os.stat(self._path(location, "member")).st_size
 
     def read_bytes(self, location: str, limit: int, what: str) -> bytes:
         path = self._path(location, what)
@@ -173,11 +196,11 @@ class DirectorySource(Source):
             return f.read(limit + 1)
 
     def open_blob(self, location: str) -> BinaryIO:
-        fd = os.open(self._path(location, location), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(self._path(location, "member"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         return open(fd, "rb")
 
     def extent(self, location: str) -> tuple[str, int, int] | None:
-        path = self._path(location, location)
+        path = self._path(location, "member")
         return path, 0, os.stat(path).st_size
 
     def read_layer(self, ref: LayerRef, options: ReadOptions) -> LayerContents:
@@ -233,7 +256,7 @@ class StreamSource(Source):
         return normalise_member_name(location) in self.members
 
     def size_of(self, location: str) -> int:
-        return _resolve(self.members, location, location, self.name).size
+        return _resolve(self.members, location, "member", self.name).size
 
     def read_bytes(self, location: str, limit: int, what: str) -> bytes:
         member = _resolve(self.members, location, what, self.name)

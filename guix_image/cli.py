@@ -72,7 +72,9 @@ class GuixImageGroup(click.Group):
         except GuixImageError as error:
             if _debug(ctx):
                 traceback.print_exc()
-            raise CommandError(str(error), error.exit_code) from None
+            from .render import printable
+
+            raise CommandError(printable(str(error)), error.exit_code) from None
         except KeyboardInterrupt:
             if _debug(ctx):
                 traceback.print_exc()

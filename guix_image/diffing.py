@@ -259,13 +259,15 @@ def _create(root: str, member_path: str) -> Any:
     parts = [p for p in member_path.split("/") if p not in ("", ".", "..")]
     if not parts:
         raise InputError(f"report directory: cannot name a file for {member_path!r}")
-    current = root
-    for part in parts[:-1]:
-        current = os.path.join(current, part)
-        _make_directory(current)
-    target = os.path.join(current, parts[-1])
-    fd = os.open(
-        target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-    )
+    try:
+        current = root
+        for part in parts[:-1]:
+            current = os.path.join(current, part)
+            _make_directory(current)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(os.path.join(current, parts[-1]), flags, 0o644)
+    except (OSError, ValueError) as error:  # a NUL, a name too long, a link in the way
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise InputError(f"report directory: cannot write {member_path!r}: {reason}") from None
     with open(fd, "wb") as out:
         yield out

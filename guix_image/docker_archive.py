@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from .archive import (
-    MAX_CONFIG_SIZE,
     MAX_LAYERS,
     MAX_MANIFEST_SIZE,
+    MAX_MANIFESTS,
+    ConfigReader,
     Source,
     digest_in_name,
-    parse_image_config,
 )
 from .errors import OperationError
 from .hashing_writer import Digest, HashingWriter
@@ -82,7 +82,10 @@ def read_manifest(source: Source) -> list[ImageRecord]:
         raise ArchiveError(f"{source.name}: manifest.json must be a list of images, not {kind}")
     if not manifest:
         raise ArchiveError(f"{source.name}: manifest.json lists no images")
-    return [_image(source, entry, i) for i, entry in enumerate(manifest)]
+    if len(manifest) > MAX_MANIFESTS:
+        raise ArchiveError(f"{source.name}: manifest.json lists over {MAX_MANIFESTS} images")
+    configs = ConfigReader(source)
+    return [_image(source, configs, entry, i) for i, entry in enumerate(manifest)]
 
 
 def add_repo_tags(source: Source, images: list[ImageRecord]) -> None:
@@ -104,7 +107,7 @@ def add_repo_tags(source: Source, images: list[ImageRecord]) -> None:
                 image.format = "docker-archive (Docker 25+ OCI layout)"
 
 
-def _image(source: Source, entry: Any, position: int) -> ImageRecord:
+def _image(source: Source, configs: ConfigReader, entry: Any, position: int) -> ImageRecord:
     where = f"{source.name}: manifest.json[{position}]"
     if not isinstance(entry, dict):
         raise ArchiveError(f"{where} is not an object")
@@ -119,8 +122,7 @@ def _image(source: Source, entry: Any, position: int) -> ImageRecord:
         raise ArchiveError(f"{where} lists {len(layer_names)} layers, over {MAX_LAYERS}; refusing")
     if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
         raise ArchiveError(f"{where}.RepoTags is not a list of strings")
-    config_bytes = source.read_bytes(config_name, MAX_CONFIG_SIZE, f"config {config_name}")
-    config = parse_image_config(config_bytes, f"{source.name}: config {config_name}")
+    config_bytes, config = configs.read(config_name)
     diff_ids = config["rootfs"]["diff_ids"]
     image = ImageRecord(
         format="docker-archive",

@@ -19,7 +19,14 @@ from typing import Any, Protocol
 
 from .archive import Source
 from .image import ImageRecord, LayerRef
-from .layer_contents import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, LayerContents, ReadOptions
+from .layer_contents import (
+    MAX_ENTRIES,
+    OPAQUE_WHITEOUT,
+    WHITEOUT_PREFIX,
+    LayerContents,
+    ReadOptions,
+)
+from .tarreader import ArchiveError
 
 TOP_OFFENDERS = 10
 
@@ -36,9 +43,38 @@ def read_layers(
     Hashing releases the GIL, so two threads share the work; parsing headers
     does not, so two forked processes do, when there is enough to parse.
     """
-    chosen = image.layers if refs is None else refs
+    wanted = image.layers if refs is None else refs
+    # Layers naming the same blob (as `docker save` writes repeated layers) are read once.
+    unique: dict[str, LayerRef] = {}
+    for ref in wanted:
+        unique.setdefault(ref.location, ref)
+    chosen = list(unique.values())
     hashing = options.hash_blob or options.hash_diff or options.hash_files
+    by_location = {
+        ref.location: contents
+        for ref, contents in zip(
+            chosen, _read(source, chosen, options, hashing, on_layer), strict=True
+        )
+    }
+    layers = [by_location[ref.location] for ref in wanted]
+    if sum(layer.entries for layer in layers) > MAX_ENTRIES:
+        raise TooMuchWork(
+            f"{source.name}: the layers hold more than {MAX_ENTRIES} entries in all; refusing"
+        )
+    return layers
 
+
+class TooMuchWork(ArchiveError):
+    """The image as a whole is beyond what the readers take on."""
+
+
+def _read(
+    source: Source,
+    chosen: list[LayerRef],
+    options: ReadOptions,
+    hashing: bool,
+    on_layer: Callable[[LayerRef], None] | None,
+) -> list[LayerContents]:
     def read(ref: LayerRef) -> LayerContents:
         contents = source.read_layer(ref, options)
         if on_layer is not None:

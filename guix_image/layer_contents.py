@@ -157,8 +157,9 @@ def read_layer(
             elif contents.paths is not None:
                 contents.paths.append(Entry(key, member.type_name, member.size))
     except ArchiveError as error:
-        if "bad header checksum" in str(error) and contents.entries == 0:
-            raise ArchiveError(f"{name}: not a tar archive") from None
+        if contents.entries == 0 and error.offset == 0:  # its very first header is wrong
+            reason = str(error).split(": at byte 0: ", 1)[-1]
+            raise ArchiveError(f"{name}: not a tar archive ({reason})") from None
         raise
     if isinstance(data, HashingReader):
         data.read_to_end()  # the zero blocks after the end marker count too

@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from .archive import (
-    MAX_CONFIG_SIZE,
     MAX_LAYERS,
     MAX_MANIFEST_SIZE,
     MAX_MANIFESTS,
+    ConfigReader,
     Source,
-    parse_image_config,
 )
 from .image import Expectation, ImageRecord, LayerRef, is_sha256_digest, sha256_hex
 from .tarreader import ArchiveError
@@ -47,8 +46,9 @@ def read_layout(source: Source) -> list[ImageRecord]:
     kind = "oci-layout" if source.kind == "directory" else "oci-archive"
     layout_expectations = _check_layout_file(source)
     index = source.read_json("index.json", MAX_MANIFEST_SIZE, "index.json")
-    images: list[ImageRecord] = []
-    _walk_index(source, index, "index.json", kind, [], images, depth=0, walked=[0])
+    walk = _Walk(source, kind, ConfigReader(source))
+    walk.index(index, "index.json", [], depth=0)
+    images = walk.images
     if not images:
         raise ArchiveError(f"{source.name}: index.json lists no image manifests")
     for image in images:
@@ -64,43 +64,48 @@ def _check_layout_file(source: Source) -> list[Expectation]:
     return [Expectation("oci-layout version", "1.0.0", str(version))]
 
 
-def _walk_index(
-    source: Source,
-    index: Any,
-    where: str,
-    kind: str,
-    tags: list[str],
-    images: list[ImageRecord],
-    depth: int,
-    walked: list[int],
-) -> None:
-    if depth > MAX_INDEX_DEPTH:
-        raise ArchiveError(f"{source.name}: indexes nested more than {MAX_INDEX_DEPTH} deep")
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        raise ArchiveError(f'{source.name}: {where} has no "manifests" list')
-    for position, descriptor in enumerate(index["manifests"]):
-        walked[0] += 1
-        if walked[0] > MAX_MANIFESTS:
-            raise ArchiveError(f"{source.name}: more than {MAX_MANIFESTS} manifests; refusing")
-        here = f"{where} manifests[{position}]"
-        if not isinstance(descriptor, dict):
-            raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
-        location = blob_location(descriptor, f"{source.name}: {here}")
-        data = source.read_bytes(location, MAX_MANIFEST_SIZE, f"manifest {location}")
-        checks = _descriptor_checks(f"manifest {location}", descriptor, data)
-        names = tags + _tags(descriptor)
-        document = _parse(data, f"{source.name}: manifest {location}")
-        media_type = descriptor.get("mediaType") or document.get("mediaType")
-        if media_type in INDEX_TYPES or "manifests" in document:
-            _walk_index(source, document, location, kind, names, images, depth + 1, walked)
-            continue
-        image = _image(source, document, location, kind, names)
-        image.expectations[:0] = checks
-        images.append(image)
+class _Walk:
+    """A walk through index.json and the indexes it leads to, bounded."""
+
+    def __init__(self, source: Source, kind: str, configs: ConfigReader) -> None:
+        self.source, self.kind, self.configs = source, kind, configs
+        self.images: list[ImageRecord] = []
+        self.walked = 0
+
+    def index(self, index: Any, where: str, tags: list[str], depth: int) -> None:
+        source = self.source
+        if depth > MAX_INDEX_DEPTH:
+            raise ArchiveError(f"{source.name}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+            raise ArchiveError(f'{source.name}: {where} has no "manifests" list')
+        for position, descriptor in enumerate(index["manifests"]):
+            self.walked += 1
+            if self.walked > MAX_MANIFESTS:
+                raise ArchiveError(f"{source.name}: more than {MAX_MANIFESTS} manifests; refusing")
+            here = f"{where} manifests[{position}]"
+            if not isinstance(descriptor, dict):
+                raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
+            location = blob_location(descriptor, f"{source.name}: {here}")
+            data = source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
+            checks = _descriptor_checks(f"manifest {location}", descriptor, data)
+            names = tags + _tags(descriptor)
+            document = _parse(data, f"{source.name}: manifest {location}")
+            media_type = descriptor.get("mediaType") or document.get("mediaType")
+            if media_type in INDEX_TYPES or "manifests" in document:
+                self.index(document, location, names, depth + 1)
+                continue
+            image = _image(source, self.configs, document, location, self.kind, names)
+            image.expectations[:0] = checks
+            self.images.append(image)
 
 
 def _image(
-    source: Source, manifest: dict[str, Any], location: str, kind: str, tags: list[str]
+    source: Source,
+    configs: ConfigReader,
+    manifest: dict[str, Any],
+    location: str,
+    kind: str,
+    tags: list[str],
 ) -> ImageRecord:
     where = f"{source.name}: manifest {location}"
     config_descriptor = manifest.get("config")
@@ -114,8 +119,7 @@ def _image(
     if len(layer_descriptors) > MAX_LAYERS:
         raise ArchiveError(f"{where} lists {len(layer_descriptors)} layers, over {MAX_LAYERS}")
     config_location = blob_location(config_descriptor, where)
-    config_bytes = source.read_bytes(config_location, MAX_CONFIG_SIZE, f"config {config_location}")
-    config = parse_image_config(config_bytes, f"{source.name}: config {config_location}")
+    config_bytes, config = configs.read(config_location)
     diff_ids = config["rootfs"]["diff_ids"]
     image = ImageRecord(
         format=kind,

@@ -12,6 +12,17 @@ import sys
 from typing import Any, TextIO
 
 SHORT_DIGEST = 19  # "sha256:" and 12 hex digits
+# Control characters, shown as escapes: a name from an archive must not be
+# able to start a new line of output or move the cursor.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def printable(text: str) -> str:
+    """`text` safe to print: control characters and undecodable bytes escaped."""
+    if text.isprintable() and text.isascii():
+        return text
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return raw.translate(_CONTROLS)
 
 
 def short(digest: str | None) -> str:
@@ -62,15 +73,18 @@ class Output:
         return self._console
 
     def json(self, document: Any) -> None:
-        self.stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        # ASCII escapes keep undecodable names (surrogates) valid JSON on any stdout.
+        self.stream.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
 
     def line(self, text: str = "", style: str | None = None) -> None:
+        text = printable(text)
         if self.rich:
             self.console.print(text, markup=False, style=style, soft_wrap=True)
         else:
             self.stream.write(text + "\n")
 
     def table(self, headers: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
+        rows = [[printable(cell) for cell in row] for row in rows]
         if self.rich:
             from rich.table import Table
 

@@ -12,7 +12,9 @@ records, and members cut short by the end of the stream.
 from __future__ import annotations
 
 import io
+import math
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 from zlib import adler32
@@ -53,6 +55,8 @@ _NO_PAX: dict[str, str] = {}  # shared, never modified
 
 class ArchiveError(InputError):
     """The archive is malformed, truncated, hostile or not what it claims."""
+
+    offset: int | None = None  # where in the tar stream, when a tar reader found it
 
 
 class TarMember:
@@ -116,9 +120,12 @@ class TarMember:
     def mtime(self) -> float:
         if "mtime" in self.pax:
             try:
-                return float(self.pax["mtime"])
+                value = float(self.pax["mtime"])
             except ValueError:
-                raise self._error(f"PAX mtime {self.pax['mtime']!r} is not a number") from None
+                value = math.nan
+            if not math.isfinite(value):
+                raise self._error(f"PAX mtime {self.pax['mtime']!r} is not a number")
+            return value
         return self._number(136, 148, "mtime")
 
     @property
@@ -149,20 +156,18 @@ class TarMember:
 
 
 def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveError]) -> int:
-    """A numeric header field: octal text, or GNU base-256 (never negative)."""
-    if field_bytes[0] & 0x80:  # base-256: big-endian two's complement
-        if field_bytes[0] == 0xFF:
+    """A numeric header field: octal digits, or GNU base-256 (never negative)."""
+    if field_bytes[0] & 0x80:  # base-256: big-endian two's complement, 0x40 the sign
+        if field_bytes[0] & 0x40:
             raise error(f"negative {what} in header")
         return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
-    try:
-        return int(field_bytes.rstrip(b"\0 ") or b"0", 8)  # the common "0000644\0"
-    except ValueError:
-        pass
     text = field_bytes.split(b"\0", 1)[0].strip(b" ")
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
-        raise error(f"bad {what} field {text!r} in header") from None
+    if not _OCTAL.fullmatch(text):  # int() would also take "-1", "+7", "0o7", "1_0"
+        raise error(f"bad {what} field {text!r} in header")
+    return int(text or b"0", 8)
+
+
+_OCTAL = re.compile(rb"[0-7]*")
 
 
 def decode_name(raw: bytes) -> str:
@@ -236,13 +241,13 @@ class TarReader:
 
     def read(self, limit: int | None = None) -> bytes:
         """The rest of the current member's content, at most `limit` bytes."""
-        want = self._remaining if limit is None else min(limit, self._remaining)
+        want = max(0, self._remaining if limit is None else min(limit, self._remaining))
         data = self._read_exact(want, "member content")
         self._remaining -= len(data)
         return data
 
     def iter_content(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        while self._remaining:
+        while self._remaining > 0:
             yield self.read(chunk_size)
 
     def readinto(self, buffer: memoryview) -> int:
@@ -332,12 +337,8 @@ class TarReader:
         return member
 
     def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
-        try:  # the common octal form, parsed inline: this runs for every entry
-            stored = int(block[148:156].rstrip(b"\0 ") or b"0", 8)
-            size = int(block[124:136].rstrip(b"\0 ") or b"0", 8)
-        except ValueError:
-            stored = self._number(block[148:156], offset, "checksum")
-            size = self._number(block[124:136], offset, "size")
+        stored = self._number(block[148:156], offset, "checksum")
+        size = self._number(block[124:136], offset, "size")
         # The checksum field counts as 8 spaces; each piece sums below 65521.
         unsigned = (
             (adler32(block[:148]) & 0xFFFF)
@@ -458,7 +459,9 @@ class TarReader:
         return self._error(self._position, f"truncated archive: the stream ends inside {what}")
 
     def _error(self, offset: int, message: str) -> ArchiveError:
-        return ArchiveError(f"{self.name}: at byte {offset}: {message}")
+        error = ArchiveError(f"{self.name}: at byte {offset}: {message}")
+        error.offset = offset
+        return error
 
 
 def _cstring(raw: bytes) -> bytes:

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from .archive import Source, StreamSource, read_images
 from .diffing import compare_files
 from .image import ImageRecord, LayerRef
-from .inspection import read_layers
+from .inspection import TooMuchWork, read_layers
 from .layer_contents import DIGESTS, EVERYTHING, LayerContents, ReadOptions
 from .tarreader import ArchiveError
 
@@ -88,17 +88,20 @@ def _read_each(
     on_layer: Callable[[LayerRef], None] | None,
 ) -> list[LayerContents | ArchiveError]:
     """Each layer read, or the error that stopped it: a bad layer is a failed check."""
-    results: list[LayerContents | ArchiveError] = []
     try:
         return list(read_layers(source, image, options, on_layer=on_layer))
+    except TooMuchWork:
+        raise
     except ArchiveError:
         pass  # find which ones fail, one by one
+    by_location: dict[str, LayerContents | ArchiveError] = {}
     for ref in image.layers:
-        try:
-            results.append(source.read_layer(ref, options))
-        except ArchiveError as error:
-            results.append(error)
-    return results
+        if ref.location not in by_location:
+            try:
+                by_location[ref.location] = source.read_layer(ref, options)
+            except ArchiveError as error:
+                by_location[ref.location] = error
+    return [by_location[ref.location] for ref in image.layers]
 
 
 def compare_layers(
