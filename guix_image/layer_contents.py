@@ -45,9 +45,6 @@ class ReadOptions:
     def flags(self) -> tuple[bool, ...]:
         return (self.hash_blob, self.hash_diff, self.hash_files, self.keep_files, self.keep_paths)
 
-    def merge(self, other: ReadOptions) -> ReadOptions:
-        return ReadOptions(*(a or b for a, b in zip(self.flags(), other.flags(), strict=True)))
-
 
 HEADERS = ReadOptions()
 PATHS = ReadOptions(keep_paths=True)

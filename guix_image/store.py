@@ -106,10 +106,6 @@ class Store:
                 entries.append(FileEntry(name, DIRTYPE, STORE_ROOT_MODE, 0, b""))
         return entries
 
-    def scan_layer(self, paths: Sequence[str], where: str) -> list[FileEntry]:
-        """All tar entries of a layer made of `paths` (see `iter_layer`)."""
-        return list(self.iter_layer(paths, where))
-
     def iter_layer(self, paths: Sequence[str], where: str) -> Iterator[FileEntry]:
         """The tar entries of a layer made of `paths`, in tree order, sorted bytewise.
 

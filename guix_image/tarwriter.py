@@ -119,20 +119,6 @@ class HeaderEncoder:
             + _octal(0, 8)
         )
 
-    def needs_pax(self, name: bytes, linkname: bytes = b"", size: int = 0) -> bool:
-        return bool(
-            self._owner_pax
-            or size > _MAX_OCTAL_SIZE
-            or len(linkname) > 100
-            or split_ustar_name(name) is None
-        )
-
-    def header_size(self, name: bytes, linkname: bytes = b"", size: int = 0) -> int:
-        """Length of the header bytes `encode` returns for these fields."""
-        if not self.needs_pax(name, linkname, size):
-            return BLOCK
-        return len(self.encode(name, REGTYPE, 0, size, linkname))
-
     def encode(
         self, name: bytes, typeflag: bytes, mode: int, size: int = 0, linkname: bytes = b""
     ) -> bytes:

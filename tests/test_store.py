@@ -17,7 +17,7 @@ from .conftest import StoreTree
 
 def names(store: StoreTree, paths: list[Path]) -> list[str]:
     scanner = Store(str(store.store_dir))
-    entries = scanner.scan_layer([str(p) for p in paths], "layer")
+    entries = list(scanner.iter_layer([str(p) for p in paths], "layer"))
     return [e.name.decode("utf-8", "surrogateescape") for e in entries]
 
 
@@ -28,7 +28,7 @@ def rel(store: StoreTree, path: Path) -> str:
 def test_store_dir_ancestors_come_first_with_mode_0555(store: StoreTree) -> None:
     item = store.item("a", {"f": "x"})
     scanner = Store(str(store.store_dir))
-    entries = scanner.scan_layer([str(item)], "layer")
+    entries = list(scanner.iter_layer([str(item)], "layer"))
     parts = str(store.store_dir).strip("/").split("/")
     expected = ["/".join(parts[: i + 1]) + "/" for i in range(len(parts))]
     assert [e.name.decode() for e in entries[: len(parts)]] == expected
@@ -81,7 +81,7 @@ def test_symlinks_are_not_followed(store: StoreTree) -> None:
     link = store.path("link")
     link.symlink_to(target)
     scanner = Store(str(store.store_dir))
-    entries = scanner.scan_layer([str(link)], "layer")
+    entries = list(scanner.iter_layer([str(link)], "layer"))
     assert entries[-1].typeflag == SYMTYPE
     assert entries[-1].linkname == os.fsencode(target)
     assert not any(e.name.endswith(b"secret") for e in entries)
@@ -90,7 +90,7 @@ def test_symlinks_are_not_followed(store: StoreTree) -> None:
 def test_file_store_path(store: StoreTree) -> None:
     path = store.path("file")
     path.write_text("content")
-    entries = Store(str(store.store_dir)).scan_layer([str(path)], "layer")
+    entries = list(Store(str(store.store_dir)).iter_layer([str(path)], "layer"))
     assert entries[-1].typeflag == REGTYPE and entries[-1].size == 7
 
 
@@ -113,7 +113,7 @@ def test_fifo_is_refused_by_name(store: StoreTree) -> None:
     item = store.item("fifo")
     os.mkfifo(item / "pipe")
     with pytest.raises(InputError, match=r"layer: .*/pipe is a fifo; an image layer holds only"):
-        Store(str(store.store_dir)).scan_layer([str(item)], "layer")
+        list(Store(str(store.store_dir)).iter_layer([str(item)], "layer"))
 
 
 def test_socket_is_refused_by_name(store: StoreTree, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,7 +122,7 @@ def test_socket_is_refused_by_name(store: StoreTree, monkeypatch: pytest.MonkeyP
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind("s")
         with pytest.raises(InputError, match=r"/s is a socket"):
-            Store(str(store.store_dir)).scan_layer([str(item)], "layer")
+            list(Store(str(store.store_dir)).iter_layer([str(item)], "layer"))
 
 
 def test_root_reads_a_chroot_store(tmp_path: Path) -> None:
@@ -131,7 +131,7 @@ def test_root_reads_a_chroot_store(tmp_path: Path) -> None:
     (root / "gnu/store/abc-x/f").write_text("hi")
     scanner = Store("/gnu/store", root=str(root))
     scanner.check_path("/gnu/store/abc-x", "here")
-    entries = scanner.scan_layer(["/gnu/store/abc-x"], "here")
+    entries = list(scanner.iter_layer(["/gnu/store/abc-x"], "here"))
     assert [e.name for e in entries] == [
         b"gnu/",
         b"gnu/store/",

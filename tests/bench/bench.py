@@ -304,6 +304,15 @@ def main() -> None:
                 "COMP_CWORD": "1",
             },
         ),
+        "completion of --image in ARCHIVE": (
+            [guix_image],
+            {
+                **os.environ,
+                "_GUIX_IMAGE_COMPLETE": "bash_complete",
+                "COMP_WORDS": f"guix-image inspect {archive} --image ",
+                "COMP_CWORD": "4",
+            },
+        ),
     }
     startup_results = {name: Measurement(name) for name in startup}
     for _ in range(max(10, args.runs)):
