@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import time
 import traceback
@@ -35,7 +36,7 @@ class CommandError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # Click declares it a class variable
 
 
 class GuixImageGroup(click.Group):
@@ -80,6 +81,16 @@ class GuixImageGroup(click.Group):
                 traceback.print_exc()
             click.echo("guix-image: interrupted", err=True)
             raise click.exceptions.Exit(130) from None
+        except BrokenPipeError:
+            # Whoever read our output stopped (`| head`): stop quietly, as tools
+            # killed by SIGPIPE do, and keep Python from complaining at exit.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(141) from None
+        except OSError as error:  # the core names its own; this is our output failing
+            if _debug(ctx):
+                traceback.print_exc()
+            raise CommandError(f"cannot write the output: {error.strerror}", 1) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except BaseException as error:

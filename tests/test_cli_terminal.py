@@ -268,3 +268,32 @@ def test_man_pages_match_the_commands() -> None:
         )
     assert ".SH EXAMPLES" not in pages["guix-image-build.1"]  # examples stay in DESCRIPTION
     assert "guix\\-image build \\-\\-example" in pages["guix-image-build.1"]
+
+
+def test_a_reader_that_stops_early_is_not_an_error(store: StoreTree, build: BuildFn) -> None:
+    many = store.item("many", {f"file-{i:05d}-{'x' * 60}": "" for i in range(3000)})
+    archive, _ = build(store.config([[many]]))  # its listing is far more than a pipe holds
+    pipeline = subprocess.run(
+        f"{sys.executable} -m guix_image inspect {archive} --files | head -1; "
+        "echo status=${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert pipeline.stdout.splitlines()[0].startswith("MODE")
+    assert pipeline.stdout.splitlines()[-1] == "status=141"  # as if killed by SIGPIPE
+    assert pipeline.stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_a_full_disk_is_one_line_and_exit_1(workspace: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [*GUIX_IMAGE, "inspect", str(workspace / "app.tar")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "Error: cannot write the output: No space left on device\n"
