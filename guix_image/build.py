@@ -13,21 +13,20 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .archive import Source, open_source, read_images
 from .cache import CachedLayer, LayerCache, cache_key
 from .config import BuildConfig
 from .docker_archive import DockerArchiveWriter
 from .errors import InputError, OperationError
 from .hashing_writer import Digest, HashingWriter, Sink
 from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, ImageRecord, LayerRef, merge_env
-from .layer_contents import HEADERS
 from .layers import BlobLayer, InflatedLayer, Layer, StaleCacheEntry, StoreLayer
 from .store import Store
-from .storedb import StoreDatabase
-from .streams import detect_compression
 from .tarwriter import HeaderEncoder
+
+if TYPE_CHECKING:  # the readers are only imported for a base image
+    from .archive import Source
 
 MOBY_MAX_LAYERS = 125  # `docker load` refuses deeper images ("max depth exceeded")
 CREATED_BY = "guix-image build"
@@ -197,6 +196,8 @@ class _ScanAhead:
 def _consult_cache(
     layers: list[StoreLayer], cache: LayerCache, store_dir: str, root: str | None
 ) -> None:
+    from .storedb import StoreDatabase
+
     database = StoreDatabase.find(store_dir, root)
     try:
         for layer in layers:
@@ -248,6 +249,9 @@ def _base_image(path: str | None) -> tuple[ImageRecord | None, list[Layer]]:
     """The base image and its layers, from an archive or layout of any form."""
     if path is None:
         return None, []
+    from .archive import open_source, read_images
+    from .layer_contents import HEADERS
+
     where = "config field 'from_image'"
     try:
         with open_source(path, HEADERS) as source:
@@ -267,6 +271,8 @@ def _base_image(path: str | None) -> tuple[ImageRecord | None, list[Layer]]:
 
 
 def _base_layer(source: Source, path: str, ref: LayerRef) -> Layer:
+    from .streams import detect_compression
+
     description = f"from base image {path} ({ref.location})"
     extent = source.extent(ref.location)
     with source.open_blob(ref.location) as blob:

@@ -11,7 +11,6 @@ import functools
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -71,14 +70,12 @@ class GuixImageGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GuixImageError as error:
-            if _debug(ctx):
-                traceback.print_exc()
+            _debug(ctx)
             from .render import printable
 
             raise CommandError(printable(str(error)), error.exit_code) from None
         except KeyboardInterrupt:
-            if _debug(ctx):
-                traceback.print_exc()
+            _debug(ctx)
             click.echo("guix-image: interrupted", err=True)
             raise click.exceptions.Exit(130) from None
         except BrokenPipeError:
@@ -88,8 +85,7 @@ class GuixImageGroup(click.Group):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise click.exceptions.Exit(141) from None
         except OSError as error:  # the core names its own; this is our output failing
-            if _debug(ctx):
-                traceback.print_exc()
+            _debug(ctx)
             raise CommandError(f"cannot write the output: {error.strerror}", 1) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -99,8 +95,8 @@ class GuixImageGroup(click.Group):
             if isinstance(error, Terminated):
                 click.echo(f"guix-image: {error}", err=True)
                 raise click.exceptions.Exit(128 + error.signum) from None
-            if isinstance(error, SystemExit) or _debug(ctx):
-                raise
+            if isinstance(error, SystemExit) or ctx.meta.get("guix_image.debug"):
+                raise  # with --debug, Python prints the traceback
             raise CommandError(
                 f"internal error: {type(error).__name__}: {error} (run with --debug for details)", 1
             ) from None
@@ -110,7 +106,13 @@ class GuixImageGroup(click.Group):
 
 
 def _debug(ctx: click.Context) -> bool:
-    return bool(ctx.meta.get("guix_image.debug"))
+    """With --debug, print the traceback of the exception being handled."""
+    if not ctx.meta.get("guix_image.debug"):
+        return False
+    import traceback
+
+    traceback.print_exc()
+    return True
 
 
 def _remember(key: str) -> Any:

@@ -8,22 +8,16 @@ from any source (see archive.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .archive import (
-    MAX_LAYERS,
-    MAX_MANIFEST_SIZE,
-    MAX_MANIFESTS,
-    ConfigReader,
-    Source,
-    digest_in_name,
-)
 from .errors import OperationError
 from .hashing_writer import Digest, HashingWriter
 from .image import Expectation, ImageRecord, LayerRef, canonical_json, sha256_hex
 from .layers import Layer, ProgressCallback
-from .tarreader import ArchiveError
 from .tarwriter import END_OF_ARCHIVE, REGTYPE, HeaderEncoder, padding
+
+if TYPE_CHECKING:
+    from .archive import ConfigReader, Source
 
 MEMBER_MODE = 0o644
 
@@ -76,6 +70,9 @@ class DockerArchiveWriter:
 
 def read_manifest(source: Source) -> list[ImageRecord]:
     """Every image listed in the archive's manifest.json."""
+    from .archive import MAX_MANIFEST_SIZE, MAX_MANIFESTS, ConfigReader
+    from .tarreader import ArchiveError
+
     manifest = source.read_json("manifest.json", MAX_MANIFEST_SIZE, "manifest.json")
     if not isinstance(manifest, list):
         kind = "null" if manifest is None else type(manifest).__name__
@@ -90,6 +87,9 @@ def read_manifest(source: Source) -> list[ImageRecord]:
 
 def add_repo_tags(source: Source, images: list[ImageRecord]) -> None:
     """Docker 25+ archives are OCI layouts with a manifest.json: take its tags."""
+    from .archive import MAX_MANIFEST_SIZE, digest_in_name
+    from .tarreader import ArchiveError
+
     try:
         manifest = source.read_json("manifest.json", MAX_MANIFEST_SIZE, "manifest.json")
     except ArchiveError:
@@ -108,6 +108,9 @@ def add_repo_tags(source: Source, images: list[ImageRecord]) -> None:
 
 
 def _image(source: Source, configs: ConfigReader, entry: Any, position: int) -> ImageRecord:
+    from .archive import MAX_LAYERS, digest_in_name
+    from .tarreader import ArchiveError
+
     where = f"{source.name}: manifest.json[{position}]"
     if not isinstance(entry, dict):
         raise ArchiveError(f"{where} is not an object")

@@ -14,17 +14,18 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .archive import Source
 from .cache import CachedLayer
 from .errors import InputError, OperationError
 from .hashing_writer import FileChanged, HashingWriter
 from .image import LayerRef
 from .store import Store
-from .storedb import StoreDatabase
-from .streams import open_layer
 from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
+
+if TYPE_CHECKING:
+    from .archive import Source
+    from .storedb import StoreDatabase
 
 # Called with the number of bytes of the layer written so far.
 ProgressCallback = Callable[[int], None]
@@ -187,6 +188,8 @@ class InflatedLayer(Layer):
         self._size: int | None = None
 
     def _chunks(self) -> Iterator[bytes]:
+        from .streams import open_layer
+
         with self.source.open_blob(self.ref.location) as blob:
             data, _ = open_layer(blob, f"layer {self.ref.index}", self.ref.size)
             while chunk := data.read(1 << 20):

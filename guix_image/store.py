@@ -12,12 +12,14 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from stat import S_ISDIR, S_ISREG
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .config import is_inside
 from .errors import InputError, OperationError
-from .storedb import StoreDatabase
 from .tarwriter import DIRTYPE, REGTYPE, SYMTYPE
+
+if TYPE_CHECKING:
+    from .storedb import StoreDatabase
 
 STORE_ROOT_MODE = 0o555  # mode of store_dir and its ancestors in the image
 
