@@ -90,11 +90,7 @@ class Source:
         pass
 
     def read_json(self, location: str, limit: int, what: str) -> Any:
-        data = self.read_bytes(location, limit, what)
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ArchiveError(f"{self.name}: {what} is not valid JSON: {error}") from None
+        return parse_json(self.read_bytes(location, limit, what), f"{self.name}: {what}")
 
     def __enter__(self) -> Source:
         return self
@@ -300,6 +296,12 @@ def open_source(path: str, stream_options: ReadOptions, stdin: BinaryIO | None =
         return DirectorySource(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):  # a FIFO, or /dev/fd/N from <(...): read it once, like -
+        try:
+            with open(path, "rb") as stream:
+                return StreamSource(stream, path, stream_options)
+        except OSError as error:
+            raise InputError(f"{path}: {error.strerror}") from None
     return TarSource(path)
 
 
@@ -332,9 +334,15 @@ def select_image(images: list[ImageRecord], choice: str | None, where: str) -> I
             return images[number - 1]
         raise InputError(f"{where}: there is no image {number}; choose from " + _listing(images))
     for image in images:
-        if choice in image.repo_tags or any(t.split(":")[0] == choice for t in image.repo_tags):
+        if choice in image.repo_tags or any(_repository(t) == choice for t in image.repo_tags):
             return image
     raise InputError(f"{where}: no image is tagged {choice!r}; choose from " + _listing(images))
+
+
+def _repository(tag: str) -> str:
+    """The name without its tag: "registry:5000/app:1.0" -> "registry:5000/app"."""
+    name, colon, version = tag.rpartition(":")
+    return name if colon and "/" not in version else tag
 
 
 def _listing(images: list[ImageRecord]) -> str:
@@ -344,23 +352,48 @@ def _listing(images: list[ImageRecord]) -> str:
     )
 
 
-def parse_image_config(data: bytes, where: str) -> dict[str, Any]:
-    """Parse an image config and check the parts every reader relies on."""
+def parse_json(data: bytes, where: str, *, want_object: bool = False) -> Any:
+    """JSON from an archive, or an ArchiveError naming `where`."""
     try:
-        config = json.loads(data)
+        document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArchiveError(f"{where} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
+    if want_object and not isinstance(document, dict):
         raise ArchiveError(f"{where} is not a JSON object")
+    return document
+
+
+def parse_image_config(data: bytes, where: str) -> dict[str, Any]:
+    """Parse an image config and check the parts every reader relies on."""
+    config: dict[str, Any] = parse_json(data, where, want_object=True)
     rootfs = config.get("rootfs")
     if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
         raise ArchiveError(f"{where} has no rootfs.diff_ids list")
     for i, diff_id in enumerate(rootfs["diff_ids"]):
         if not is_sha256_digest(diff_id):
             raise ArchiveError(f"{where}: rootfs.diff_ids[{i}] is not a sha256 digest: {diff_id!r}")
-    if "config" in config and not isinstance(config["config"], dict | None):
+    settings = config.get("config")
+    if settings is not None and not isinstance(settings, dict):
         raise ArchiveError(f'{where}: "config" is not an object')
+    for key in ("Env", "Cmd", "Entrypoint"):
+        value = (settings or {}).get(key)
+        if value is not None and not _strings(value):
+            raise ArchiveError(f"{where}: config.{key} is not a list of strings")
+    history = config.get("history")
+    if history is not None and not (
+        isinstance(history, list)
+        and all(
+            isinstance(entry, dict)
+            and all(isinstance(entry.get(k, ""), str) for k in ("created", "created_by", "comment"))
+            for entry in history
+        )
+    ):
+        raise ArchiveError(f"{where}: history is not a list of entries with text fields")
     return config
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def digest_in_name(location: str) -> str | None:
@@ -430,7 +463,16 @@ _METADATA_NAMES = {"oci-layout", "repositories", "manifest.json", "index.json"}
 
 
 def _looks_like_metadata(key: str, data: bytes) -> bool:
-    return key in _METADATA_NAMES or key.endswith(".json") or data.lstrip()[:1] in (b"{", b"[")
+    """Known metadata names, or anything that parses as JSON (a tar never does)."""
+    if key in _METADATA_NAMES:
+        return True
+    if data.lstrip()[:1] not in (b"{", b"["):
+        return False
+    try:
+        json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def _stdin() -> BinaryIO:

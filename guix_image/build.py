@@ -1,10 +1,13 @@
 """`build`: turn a BuildConfig into an image archive streamed to a sink.
 
-Everything that can be checked before the first byte is written is checked
-first (store paths, base image, customisation layer), so bad input fails
-with nothing written. Then every layer is streamed once: its tar header
-carries the size computed from the scan, and its digest is computed on the
-way and checked against whatever we knew in advance.
+What can be checked cheaply is checked before the first byte is written:
+the config, that store paths exist, the base image's structure, the
+customisation layer's checksum. Then every layer is streamed once: its tar
+header carries the size computed from the scan, and its digest is computed
+on the way and checked against whatever we knew in advance. What only the
+scan or the copy can find (a fifo deep in a store path, a file changing, a
+base layer whose bytes do not match its diff_id) fails the build after
+output has begun; with an output file, none is left behind.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .cache import CachedLayer, LayerCache, cache_key
 from .config import BuildConfig
 from .docker_archive import DockerArchiveWriter
-from .errors import InputError, OperationError
+from .errors import InputError
 from .hashing_writer import Digest, HashingWriter, Sink
 from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, ImageRecord, LayerRef, merge_env
 from .layers import BlobLayer, InflatedLayer, Layer, StaleCacheEntry, StoreLayer
@@ -55,6 +58,9 @@ class SilentProgress:
         pass
 
     def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -174,7 +180,7 @@ class _ScanAhead:
     bounds how much of it is held in memory ahead of the layer being written.
     """
 
-    LOOKAHEAD_MEMBERS = 32_000  # about 24 MiB of encoded headers
+    LOOKAHEAD_MEMBERS = 24_000  # about 17 MiB of encoded headers
 
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
@@ -213,7 +219,7 @@ def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
         if isinstance(layer, StoreLayer) and layer.cached and layer.cached.diff_id != diff_id:
             raise layer.stale(f"its digest is now {diff_id}, not {layer.cached.diff_id}")
         if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
-            raise OperationError(
+            raise InputError(  # a broken base image or customisation layer
                 f"layer {number} ({layer.description}) has digest {diff_id}, "
                 f"but {layer.expected_diff_id} was expected"
             )

@@ -70,12 +70,12 @@ class GuixImageGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GuixImageError as error:
-            _debug(ctx)
+            _show_traceback(ctx)
             from .render import printable
 
             raise CommandError(printable(str(error)), error.exit_code) from None
         except KeyboardInterrupt:
-            _debug(ctx)
+            _show_traceback(ctx)
             click.echo("guix-image: interrupted", err=True)
             raise click.exceptions.Exit(130) from None
         except BrokenPipeError:
@@ -84,9 +84,10 @@ class GuixImageGroup(click.Group):
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise click.exceptions.Exit(141) from None
-        except OSError as error:  # the core names its own; this is our output failing
-            _debug(ctx)
-            raise CommandError(f"cannot write the output: {error.strerror}", 1) from None
+        except OSError as error:  # the core words its own; these are our reads and writes
+            _show_traceback(ctx)
+            what = f"cannot use {error.filename}" if error.filename else "cannot write the output"
+            raise CommandError(f"{what}: {error.strerror}", 1) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except BaseException as error:
@@ -105,14 +106,12 @@ class GuixImageGroup(click.Group):
 # -- options every command shares ---------------------------------------------
 
 
-def _debug(ctx: click.Context) -> bool:
+def _show_traceback(ctx: click.Context) -> None:
     """With --debug, print the traceback of the exception being handled."""
-    if not ctx.meta.get("guix_image.debug"):
-        return False
-    import traceback
+    if ctx.meta.get("guix_image.debug"):
+        import traceback
 
-    traceback.print_exc()
-    return True
+        traceback.print_exc()
 
 
 def _remember(key: str) -> Any:
@@ -236,6 +235,8 @@ def build(
 
     if example == (config_file is not None):
         raise click.UsageError("give either CONFIG or --example")
+    if example and root is not None:
+        raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
     if output in (None, "-") and sys.stdout.isatty():
         raise CommandError(
             "refusing to write an image archive to a terminal; use -o FILE or a pipe", 2
@@ -249,8 +250,7 @@ def build(
             )
             root = example_root
         else:
-            source = "<stdin>" if config_file.name == "<stdin>" else config_file.name
-            config = parse_config(config_file.read(), source=source, repo_tag=repo_tag)
+            config = parse_config(config_file.read(), source=config_file.name, repo_tag=repo_tag)
         for warning in config.warnings:
             _note(f"warning: {warning}")
         _run_build(config, output, root, use_cache=not no_cache and not example)
@@ -303,10 +303,11 @@ def _stdout_sink() -> Any:
 
 
 def _build_progress() -> Any:
-    from .progress import BarProgress, LineProgress, QuietProgress
+    from .build import SilentProgress
+    from .progress import BarProgress, LineProgress
 
     if _flag("quiet"):
-        return QuietProgress()
+        return SilentProgress()
     if sys.stderr.isatty():
         from rich.console import Console
 
@@ -416,6 +417,8 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
     from .inspection import layer_files, merged_files, read_layers, summarize
     from .layer_contents import FILES, PATHS
 
+    if tree and files is None:
+        raise click.UsageError("--tree draws the files: give --files (or --files N) too")
     layer_number = _layer_number(files)
     # Full records only where they are listed: the summary needs paths and sizes.
     everywhere = FILES if files == "all" or (archive == "-" and files) else PATHS
@@ -496,6 +499,8 @@ def diff_layers(
 
     if archive_a == "-" and archive_b == "-":
         raise CommandError("only one of A and B can be standard input", 2)
+    if report_dir is not None and "-" in (archive_a, archive_b):
+        raise CommandError("--report-dir needs both archives as files, not standard input", 2)
     ignore = Ignore(timestamps=ignore_timestamps, ownership=ignore_ownership)
     with (
         _opened(archive_a, EVERYTHING, image) as (source_a, image_a),
@@ -573,6 +578,8 @@ def verify(
 
     if rebuild_config is not None and against is not None:
         raise CommandError("give --rebuild or --against, not both", 2)
+    if archive == "-" and (against == "-" or getattr(rebuild_config, "name", "") == "<stdin>"):
+        raise CommandError("only one input can be standard input", 2)
     comparing = rebuild_config is not None or against is not None
     with _opened(archive, EVERYTHING if comparing else DIGESTS, image) as (source, chosen):
         total = sum(ref.size for ref in chosen.layers)
@@ -606,34 +613,25 @@ def _verify_rebuild(
 ) -> Any:
     from .build import build_image
     from .config import parse_config
-    from .verification import compare_layers, differing_files, read_rebuild
+    from .verification import compare_images, read_rebuild
 
-    name = "<stdin>" if config_file.name == "<stdin>" else config_file.name
-    config = parse_config(config_file.read(), source=name)
+    config = parse_config(config_file.read(), source=config_file.name)
     rebuilt, rebuilt_source = read_rebuild(lambda fd: build_image(config, fd, root=root))
-    other_ids = [ref.diff_id for ref in rebuilt.layers]
-    new_checks, first = compare_layers("rebuild", image, other_ids, rebuilt.config_digest)
+    new_checks, mismatch = compare_images("rebuild", source, image, rebuilt_source, rebuilt)
     checks.extend(new_checks)
-    if first is None or first > min(len(image.layers), len(rebuilt.layers)):
-        return None
-    other = rebuilt_source.read_layer(rebuilt.layers[first - 1], rebuilt_source.options)
-    return {"layer": first, "files": differing_files(source, image, first, other)}
+    return mismatch
 
 
 def _verify_against(
     source: Any, image: Any, other_path: str, choice: str | None, checks: list[Any]
 ) -> Any:
     from .layer_contents import EVERYTHING
-    from .verification import compare_layers, differing_files
+    from .verification import compare_images
 
     with _opened(other_path, EVERYTHING, choice) as (other_source, other):
-        other_ids = [ref.diff_id for ref in other.layers]
-        new_checks, first = compare_layers("against", image, other_ids, other.config_digest)
-        checks.extend(new_checks)
-        if first is None or first > min(len(image.layers), len(other.layers)):
-            return None
-        other_layer = other_source.read_layer(other.layers[first - 1], EVERYTHING)
-        return {"layer": first, "files": differing_files(source, image, first, other_layer)}
+        new_checks, mismatch = compare_images("against", source, image, other_source, other)
+    checks.extend(new_checks)
+    return mismatch
 
 
 # -- completion -----------------------------------------------------------------

@@ -53,8 +53,10 @@ _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN_COMPONENT = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
 _REFERENCE = re.compile(
-    rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::[\w][\w.-]{{0,127}})?$"
+    rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::[\w][\w.-]{{0,127}})?",
+    re.ASCII,
 )
+MAX_ID = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -96,12 +98,17 @@ def parse_config(
 ) -> BuildConfig:
     """Parse and validate a config document; `repo_tag` overrides the config's."""
     try:
-        document = json.loads(text)
+        document = json.loads(text, parse_constant=_no_constants)
     except UnicodeDecodeError as error:
         raise InputError(f"{source}: not UTF-8 text: {error}") from None
     except json.JSONDecodeError as error:
         raise InputError(f"{source}: not valid JSON: {error}") from None
     return validate_config(document, source=source, now=now, repo_tag=repo_tag)
+
+
+def _no_constants(name: str) -> Any:
+    # Python's json takes NaN and Infinity; JSON, Docker and our readers do not.
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def validate_config(
@@ -137,7 +144,7 @@ def validate_config(
 
     if repo_tag is None:
         repo_tag = fields.optional_string("repo_tag")
-    if repo_tag is not None and not _REFERENCE.match(repo_tag):
+    if repo_tag is not None and not _REFERENCE.fullmatch(repo_tag):
         raise InputError(
             f"{source}: config field 'repo_tag': {repo_tag!r} is not a valid image name "
             "(lowercase name[:tag], as in 'hello:latest' or 'registry:5000/team/app:1.0')"
@@ -159,8 +166,8 @@ def validate_config(
         repo_tag=repo_tag,
         store_dir=store_dir,
         store_layers=store_layers,
-        from_image=fields.optional_string("from_image"),
-        customisation_layer=fields.optional_string("customisation_layer"),
+        from_image=fields.optional_path("from_image"),
+        customisation_layer=fields.optional_path("customisation_layer"),
         uid=uid,
         gid=gid,
         uname=uname,
@@ -205,6 +212,8 @@ def _store_layers(fields: _Fields, store_dir: str) -> tuple[tuple[str, ...], ...
                 raise fields.at(where_path, f"must be a store path string, not {_type_name(path)}")
             if not path.startswith("/"):
                 raise fields.at(where_path, f"{path} is not an absolute path")
+            if "\0" in path:
+                raise fields.at(where_path, f"{path!r} holds a NUL character")
             normal = normalise_path(path)
             if not is_inside(normal, store_dir):
                 raise fields.at(where_path, f"{path} is not inside store_dir {store_dir}")
@@ -299,19 +308,29 @@ class _Fields:
             raise self.error(name, "must not be empty (use null for none)")
         return value
 
+    def optional_path(self, name: str) -> str | None:
+        value = self.optional_string(name)
+        if value is not None and "\0" in value:
+            raise self.error(name, f"{value!r} holds a NUL character")
+        if value == "-":
+            raise self.error(name, "must name a file or directory, not standard input")
+        return value
+
     def object(self, name: str, default: Any = _MISSING) -> dict[str, Any]:
         return dict(self.get(name, dict, default))
 
     def natural(self, name: str, default: int) -> int:
         value: int = self.get(name, int, default)
-        if value < 0:
-            raise self.error(name, f"must not be negative, got {value}")
+        if not 0 <= value <= MAX_ID:
+            raise self.error(name, f"must be a number from 0 to {MAX_ID}, not {value}")
         return value
 
     def absolute_path(self, name: str) -> str:
         value = self.string(name)
         if not value.startswith("/"):
             raise self.error(name, f"{value} is not an absolute path")
+        if "\0" in value:
+            raise self.error(name, f"{value!r} holds a NUL character")
         return normalise_path(value)
 
     def time(self, name: str, now: datetime, default: Any = _MISSING) -> datetime:
@@ -324,4 +343,9 @@ class _Fields:
             moment = datetime.fromisoformat(value)
         except ValueError:
             raise self.error(name, f'{value!r} is not an ISO 8601 time or "now"') from None
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        try:
+            moment.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise self.error(name, f"{value!r} is outside the years 1 to 9999 in UTC") from None
+        return moment

@@ -65,15 +65,17 @@ class Ignore:
         return self.timestamps or self.ownership
 
 
-def read_for_diff(side: Side, shared: set[str]) -> list[LayerContents]:
-    """Every layer's entries; contents hashed only where layers differ."""
-    differing = [ref for ref in side.image.layers if ref.diff_id not in shared]
-    plain = [ref for ref in side.image.layers if ref.diff_id in shared]
-    options = EVERYTHING if side.source.kind == "stream" else None
+def read_for_diff(side: Side, same: set[int]) -> list[LayerContents]:
+    """Every layer's entries; contents hashed unless the other image has the same
+    layer at the same position (then its files are the same files)."""
+    hashed = [ref for ref in side.image.layers if ref.index not in same]
+    plain = [ref for ref in side.image.layers if ref.index in same]
+    stream = side.source.kind == "stream"  # read once, with everything
     by_index: dict[int, LayerContents] = {}
-    for refs, wanted in ((differing, EVERYTHING), (plain, FILES)):
+    for refs, wanted in ((hashed, EVERYTHING), (plain, FILES)):
+        options = EVERYTHING if stream else wanted
         for ref, contents in zip(
-            refs, read_layers(side.source, side.image, options or wanted, refs), strict=True
+            refs, read_layers(side.source, side.image, options, refs), strict=True
         ):
             by_index[ref.index] = contents
     return [by_index[ref.index] for ref in side.image.layers]
@@ -86,8 +88,9 @@ def diff_images(
     ids_a = [ref.diff_id or "" for ref in a.image.layers]
     ids_b = [ref.diff_id or "" for ref in b.image.layers]
     shared = set(ids_a) & set(ids_b)
-    layers_a = read_for_diff(a, shared)
-    layers_b = read_for_diff(b, shared)
+    same = {i + 1 for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x == y}
+    layers_a = read_for_diff(a, same)
+    layers_b = read_for_diff(b, same)
     fields = ignore.fields()
     layer_diffs = []
     for position in range(max(len(ids_a), len(ids_b))):
@@ -107,8 +110,10 @@ def diff_images(
         [entry.record for entry in merged_a.values()],
         [entry.record for entry in merged_b.values()],
         fields,
-        layers_a={path: ids_a[e.layer - 1] for path, e in merged_a.items()},
-        layers_b={path: ids_b[e.layer - 1] for path, e in merged_b.items()},
+        # A record is the same file on both sides if it comes from the same
+        # layer (same diff_id) at the same position.
+        origin_a={path: (e.layer, ids_a[e.layer - 1]) for path, e in merged_a.items()},
+        origin_b={path: (e.layer, ids_b[e.layer - 1]) for path, e in merged_b.items()},
     )
     config = compare_configs(a.image.config, b.image.config, ignore)
     layers: dict[str, list[str]] = {
@@ -116,7 +121,8 @@ def diff_images(
         "only_a": [i for i in ids_a if i not in shared],
         "only_b": [i for i in ids_b if i not in shared],
     }
-    bytes_differ = bool(layers["only_a"] or layers["only_b"]) and not ignore.any
+    # Without --ignore-*, other layers (or the same in another order) are a difference.
+    bytes_differ = ids_a != ids_b and not ignore.any
     identical = (
         not files and not config and not any(d["files"] for d in layer_diffs) and not bytes_differ
     )
@@ -139,8 +145,8 @@ def compare_files(
     b: Iterable[FileRecord],
     fields: tuple[str, ...],
     *,
-    layers_a: dict[str, str] | None = None,
-    layers_b: dict[str, str] | None = None,
+    origin_a: dict[str, tuple[int, str]] | None = None,
+    origin_b: dict[str, tuple[int, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Added, removed and modified entries between two lists of records."""
     by_path_a = {record.path: record for record in a}
@@ -153,9 +159,8 @@ def compare_files(
         elif new is None:
             changes.append({"path": path, "change": "removed", "fields": []})
         else:
-            # The same record of a shared layer: identical, even without content hashes.
-            if layers_a is not None and layers_b is not None and layers_a[path] == layers_b[path]:
-                continue
+            if origin_a is not None and origin_b is not None and origin_a[path] == origin_b[path]:
+                continue  # the same layer at the same place: the same file, hashed or not
             changed = [
                 {"field": name, "a": getattr(old, name), "b": getattr(new, name)}
                 for name in fields

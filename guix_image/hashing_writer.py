@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,13 @@ class Digest:
 
 class FileChanged(OperationError):
     """A file changed between the scan that planned the archive and its copy."""
+
+
+def _is_regular(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _changed(got: int, expected: int) -> str:
@@ -253,8 +261,11 @@ class HashingWriter:
         if self._error is None:
             self._error = OperationError("aborted")
         self._to_hash.put(None)
+        # A write to a file ends; a pipe with nobody reading may not, and we
+        # must not hang on SIGTERM: give up on it after a while.
+        patience = None if isinstance(self._sink, int) and _is_regular(self._sink) else 5
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=patience)
 
     def __enter__(self) -> HashingWriter:
         return self
@@ -303,8 +314,8 @@ class HashingWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            if isinstance(self._error, GuixImageError):
-                raise self._error
+            if isinstance(self._error, GuixImageError | BrokenPipeError):
+                raise self._error  # a closed pipe: the reader stopped, we stop too
             raise OperationError(f"cannot write the output: {self._error}") from self._error
 
     # -- the worker threads ---------------------------------------------------

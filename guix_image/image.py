@@ -35,7 +35,6 @@ class HistoryEntry:
     created: str
     created_by: str | None = None
     comment: str | None = None
-    empty_layer: bool = False
 
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"created": self.created}
@@ -43,8 +42,6 @@ class HistoryEntry:
             entry["created_by"] = self.created_by
         if self.comment is not None:
             entry["comment"] = self.comment
-        if self.empty_layer:
-            entry["empty_layer"] = True
         return entry
 
 

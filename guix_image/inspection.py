@@ -236,6 +236,11 @@ def summarize(
     merged, waste = merge_layers(records)
     duplicates = duplicated_paths(records)
     total = sum(ref.size for ref in image.layers)
+    # Waste is in uncompressed bytes, so the efficiency is too (as dive's).
+    unpacked = sum(
+        layer.size if layer.size is not None else ref.size
+        for ref, layer in zip(image.layers, contents, strict=True)
+    )
     offenders = sorted(waste.offenders.items(), key=lambda item: (-item[1][0], item[0]))
     settings = image.settings
     return {
@@ -251,7 +256,7 @@ def summarize(
         "files": len(merged),
         "waste": {
             "bytes": waste.bytes,
-            "efficiency": round(1 - waste.bytes / total, 4) if total else 1.0,
+            "efficiency": round(1 - waste.bytes / unpacked, 4) if unpacked else 1.0,
             "largest": [
                 {"path": path, "bytes": wasted, "layers": layer_numbers}
                 for path, (wasted, layer_numbers) in offenders[:TOP_OFFENDERS]

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 # Called with the number of bytes of the layer written so far.
 ProgressCallback = Callable[[int], None]
 _PROGRESS_EVERY = 256  # entries between progress callbacks
+# Encoded headers kept per layer (about 0.7 kB each). A bigger layer is sized
+# by a scan that keeps nothing, then walked again while it streams.
+MAX_PLANNED = 24_000
 
 
 class StaleCacheEntry(OperationError):
@@ -66,6 +69,7 @@ class StoreLayer(Layer):
         self.planned: list[tuple[bytes, int, bytes]] = []
         self._scan: Iterator[tuple[bytes, int, bytes]] | None = None
         self._scanned = False
+        self._walk_again: int | None = None  # the size a second walk must find
         self.cache_key: str | None = None
         self.cached: CachedLayer | None = None  # the cache's prediction, if any
 
@@ -88,24 +92,32 @@ class StoreLayer(Layer):
             yield encode(name, typeflag, mode, size, linkname), size, name
 
     def scan_step(self, count: int) -> bool:
-        """Scan up to `count` more members ahead of time; False once there is no more."""
-        if self._scanned:
+        """Scan up to `count` more members ahead of time; False when it may not go on."""
+        room = MAX_PLANNED - len(self.planned)
+        if self._scanned or room <= 0 or self._walk_again is not None:
             return False
         if self._scan is None:
             self._scan = self.members()
+        step = min(count, room)
         before = len(self.planned)
-        self.planned.extend(islice(self._scan, count))
-        self._scanned = len(self.planned) - before < count
-        return not self._scanned
+        self.planned.extend(islice(self._scan, step))
+        self._scanned = len(self.planned) - before < step
+        return not self._scanned and len(self.planned) < MAX_PLANNED
 
     def prepare(self) -> int:
         if self.cached is not None:
             return self.cached.size
+        if self._walk_again is not None:
+            return self._walk_again
         while self.scan_step(4096):
             pass
-        return sum(len(header) + padded(size) for header, size, _ in self.planned) + len(
-            END_OF_ARCHIVE
-        )
+        size = sum(len(header) + padded(size) for header, size, _ in self.planned)
+        size += len(END_OF_ARCHIVE)
+        if not self._scanned:  # too many members to keep: count the rest, keep nothing
+            assert self._scan is not None
+            size += sum(len(header) + padded(size) for header, size, _ in self._scan)
+            self.planned, self._scan, self._walk_again = [], None, size
+        return size
 
     def write_to(self, writer: HashingWriter, progress: ProgressCallback) -> None:
         # Whatever was scanned ahead, then the rest of the scan as it streams
@@ -113,14 +125,15 @@ class StoreLayer(Layer):
         if self._scan is None:
             self._scan = self.members()
         members = chain(self.planned, self._scan)
-        budget = None if self.cached is None else self.cached.size - len(END_OF_ARCHIVE)
+        expected = self.cached.size if self.cached is not None else self._walk_again
+        budget = None if expected is None else expected - len(END_OF_ARCHIVE)
         write, write_file = writer.write, writer.write_file
         root = self.store.root + b"/"
         written = 0
         for count, (header, size, name) in enumerate(members, 1):
             written += len(header) + size + (-size % 512)
             if budget is not None and written > budget:
-                raise self.stale(f"its tar is now bigger than the {budget} bytes cached")
+                raise self.stale(f"its tar is now bigger than the {budget} bytes expected")
             if size:  # only regular files have contents
                 try:
                     write_file(header, root + name, size)
@@ -133,12 +146,14 @@ class StoreLayer(Layer):
             if count % _PROGRESS_EVERY == 0:
                 progress(written)
         if budget is not None and written != budget:
-            raise self.stale(f"its tar is now smaller than the {budget} bytes cached")
+            raise self.stale(f"its tar is now smaller than the {budget} bytes expected")
         write(END_OF_ARCHIVE)
         progress(written + len(END_OF_ARCHIVE))
         self.planned = []  # only needed once; free it
 
-    def stale(self, why: str) -> StaleCacheEntry:
+    def stale(self, why: str) -> OperationError:
+        if self.cached is None:  # walked twice, and the two walks disagree
+            return FileChanged(f"{self.where}: the store paths changed during the build ({why})")
         return StaleCacheEntry(
             f"{self.where}: the store paths changed since this layer was cached ({why}); "
             "the cache entry is dropped, run the build again"

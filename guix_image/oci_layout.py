@@ -16,6 +16,7 @@ from .archive import (
     MAX_MANIFESTS,
     ConfigReader,
     Source,
+    parse_json,
 )
 from .image import Expectation, ImageRecord, LayerRef, is_sha256_digest, sha256_hex
 from .tarreader import ArchiveError
@@ -89,7 +90,7 @@ class _Walk:
             data = source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
             checks = _descriptor_checks(f"manifest {location}", descriptor, data)
             names = tags + _tags(descriptor)
-            document = _parse(data, f"{source.name}: manifest {location}")
+            document = parse_json(data, f"{source.name}: manifest {location}", want_object=True)
             media_type = descriptor.get("mediaType") or document.get("mediaType")
             if media_type in INDEX_TYPES or "manifests" in document:
                 self.index(document, location, names, depth + 1)
@@ -166,15 +167,3 @@ def _tags(descriptor: dict[str, Any]) -> list[str]:
     return [annotations[key] for key in TAG_ANNOTATIONS if isinstance(annotations.get(key), str)][
         :1
     ]
-
-
-def _parse(data: bytes, where: str) -> dict[str, Any]:
-    import json
-
-    try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArchiveError(f"{where} is not valid JSON: {error}") from None
-    if not isinstance(document, dict):
-        raise ArchiveError(f"{where} is not a JSON object")
-    return document

@@ -47,7 +47,7 @@ class BarProgress:
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
-            TextColumn("{task.description}", style="dim"),
+            TextColumn("{task.description}", style="dim", markup=False),
             console=console,
             transient=True,
         )
@@ -74,14 +74,6 @@ class BarProgress:
 
     def close(self) -> None:
         self._progress.stop()
-
-
-class QuietProgress(LineProgress):
-    def layer_started(self, number: int, total: int, description: str) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
 
 
 def _shorten(text: str, width: int) -> str:

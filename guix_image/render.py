@@ -87,12 +87,13 @@ class Output:
         rows = [[printable(cell) for cell in row] for row in rows]
         if self.rich:
             from rich.table import Table
+            from rich.text import Text
 
             table = Table(title=title, box=None, header_style="bold", title_justify="left")
             for header in headers:
                 table.add_column(header, overflow="fold")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*(Text(cell) for cell in row))  # names are not markup
             self.console.print(table)
             return
         if title:
@@ -181,39 +182,34 @@ def inspect_files(out: Output, records: list[dict[str, Any]], with_layer: bool) 
 
 
 def inspect_tree(out: Output, records: list[dict[str, Any]], label: str) -> None:
+    from rich.text import Text
     from rich.tree import Tree
 
-    root = Tree(label)
+    root = Tree(Text(label))
     nodes: dict[str, Any] = {"": root}
+
+    def node(path: str) -> Any:  # a directory, made up if the layer has no entry for it
+        if path not in nodes:
+            parent, _, name = path.rpartition("/")
+            nodes[path] = node(parent).add(Text(printable(name) + "/"))
+        return nodes[path]
+
     for record in records:
         parent, _, name = record["path"].rpartition("/")
-        branch = nodes.get(parent)
-        if branch is None:  # a parent without its own entry
-            branch = _ensure(nodes, parent, root)
         text = name + ("/" if record["type"] == "dir" else "")
         if record["linkname"]:
             text += f" -> {record['linkname']}"
         if record["type"] == "file":
-            text += f"  ({human_size(record['size'])}" + (
-                f", layer {record['layer']})" if "layer" in record else ")"
-            )
-        nodes[record["path"]] = branch.add(text)
-    out.console.print(root) if out.rich else _print_plain_tree(out, root)
+            layer = f", layer {record['layer']}" if "layer" in record else ""
+            text += f"  ({human_size(record['size'])}{layer})"
+        nodes[record["path"]] = node(parent).add(Text(printable(text)))
+    if out.rich:
+        out.console.print(root)
+    else:
+        from rich.console import Console
 
-
-def _ensure(nodes: dict[str, Any], path: str, root: Any) -> Any:
-    if path in nodes:
-        return nodes[path]
-    parent, _, name = path.rpartition("/")
-    nodes[path] = _ensure(nodes, parent, root).add(name + "/")
-    return nodes[path]
-
-
-def _print_plain_tree(out: Output, root: Any) -> None:
-    from rich.console import Console
-
-    console = Console(file=out.stream, no_color=True, width=10_000, highlight=False, emoji=False)
-    console.print(root)
+        plain = Console(file=out.stream, no_color=True, width=10_000, highlight=False, emoji=False)
+        plain.print(root)
 
 
 # -- diff-layers ---------------------------------------------------------------

@@ -48,10 +48,6 @@ class Store:
         # Member-name prefix of everything in the store: b"gnu/store/".
         self._prefix = os.fsencode(store_dir).strip(b"/") + b"/" if store_dir != "/" else b""
 
-    def disk_path(self, member_name: bytes) -> bytes:
-        """Where the file of a member (`gnu/store/...`) is on disk."""
-        return self.root + b"/" + member_name.rstrip(b"/")
-
     def check_path(self, path: str, where: str) -> None:
         """Fail with InputError unless `path` exists, not below a symlink."""
         if not is_inside(path, self.store_dir):
@@ -174,7 +170,7 @@ def _make_entry(name: bytes, st: os.stat_result, disk: bytes, where: str) -> Fil
     if kind == stat.S_IFDIR:
         return FileEntry(name + b"/", DIRTYPE, mode & 0o7777, 0, b"")
     if kind == stat.S_IFLNK:
-        return FileEntry(name, SYMTYPE, mode & 0o7777, 0, os.readlink(disk))
+        return FileEntry(name, SYMTYPE, 0o777, 0, os.readlink(disk))
     raise InputError(
         f"{where}: {os.fsdecode(disk)} is {_FILE_KINDS.get(kind, 'an unsupported file')}; "
         "an image layer holds only files, directories and symlinks"

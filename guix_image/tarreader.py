@@ -17,7 +17,6 @@ import posixpath
 import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
-from zlib import adler32
 
 from .errors import InputError
 from .tarwriter import (
@@ -34,6 +33,7 @@ from .tarwriter import (
     PAX_HEADER,
     REGTYPE,
     SYMTYPE,
+    byte_sum,
     padded,
 )
 
@@ -101,9 +101,6 @@ class TarMember:
     def isreg(self) -> bool:
         return self.type == REGTYPE
 
-    def isdir(self) -> bool:
-        return self.type == DIRTYPE
-
     @property
     def mode(self) -> int:
         return self._number(100, 108, "mode") & 0o7777
@@ -146,10 +143,7 @@ class TarMember:
         return parse_number(self._block[start:end], what, self._error)
 
     def _pax_number(self, key: str) -> int:
-        value = self.pax[key]
-        if not (value.isascii() and value.isdigit()) or len(value) > 19:
-            raise self._error(f"PAX {key} {value!r} is not a non-negative integer")
-        return int(value)
+        return pax_number(self.pax, key, self._error)
 
     def _error(self, message: str) -> ArchiveError:
         return ArchiveError(f"{self._where}: at byte {self.header_offset}: {message}")
@@ -168,6 +162,14 @@ def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveEr
 
 
 _OCTAL = re.compile(rb"[0-7]*")
+
+
+def pax_number(pax: dict[str, str], key: str, error: Callable[[str], ArchiveError]) -> int:
+    """A numeric PAX record: ASCII digits only (str.isdigit alone takes "²")."""
+    value = pax[key]
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
+        raise error(f"PAX {key} {value!r} is not a non-negative integer")
+    return int(value)
 
 
 def decode_name(raw: bytes) -> str:
@@ -213,7 +215,6 @@ class TarReader:
         self._content_end = 0  # end of the current member's padded content
         self._remaining = 0  # unread content bytes of the current member
         self._skip_buffer: memoryview | None = None
-        self.ended_cleanly = False
         self._end: int | None = None  # stream length, when it can seek
         try:
             if stream.seekable():
@@ -339,14 +340,7 @@ class TarReader:
     def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
         stored = self._number(block[148:156], offset, "checksum")
         size = self._number(block[124:136], offset, "size")
-        # The checksum field counts as 8 spaces; each piece sums below 65521.
-        unsigned = (
-            (adler32(block[:148]) & 0xFFFF)
-            + (adler32(block[156:256]) & 0xFFFF)
-            + (adler32(block[256:]) & 0xFFFF)
-            - 3
-            + 8 * 32
-        )
+        unsigned = byte_sum(block[:148] + b"        " + block[156:])  # the field as spaces
         if stored != unsigned:
             signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
             if stored != signed:
@@ -356,7 +350,7 @@ class TarReader:
     def _apply_pax_size(self, pax: dict[str, str], size: int, offset: int) -> int:
         if "size" not in pax:
             return size
-        pax_size = self._pax_int(pax, "size", offset)
+        pax_size = pax_number(pax, "size", lambda message: self._error(offset, message))
         if size not in (0, pax_size):
             raise self._error(offset, f"PAX size {pax_size} disagrees with header size {size}")
         return pax_size
@@ -386,12 +380,6 @@ class TarReader:
             position = end
         return records
 
-    def _pax_int(self, pax: dict[str, str], key: str, offset: int) -> int:
-        value = pax[key]
-        if not (value.isascii() and value.isdigit()) or len(value) > 19:
-            raise self._error(offset, f"PAX {key} {value!r} is not a non-negative integer")
-        return int(value)
-
     def _number(self, field_bytes: bytes, offset: int, what: str) -> int:
         return parse_number(field_bytes, what, lambda message: self._error(offset, message))
 
@@ -418,7 +406,6 @@ class TarReader:
             raise self._truncated("header")
         self._position += BLOCK
         if block.count(0) == BLOCK:
-            self.ended_cleanly = True
             return None
         return block
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from .archive import Source, StreamSource, read_images
-from .diffing import compare_files
+from .diffing import FILE_FIELDS, compare_files
 from .image import ImageRecord, LayerRef
 from .inspection import TooMuchWork, read_layers
 from .layer_contents import DIGESTS, EVERYTHING, LayerContents, ReadOptions
@@ -135,13 +135,18 @@ def compare_layers(
     return checks, first_mismatch
 
 
-def differing_files(
-    source: Source, image: ImageRecord, number: int, other: LayerContents
-) -> list[dict[str, Any]]:
-    """Files that differ between layer `number` of the image and `other`."""
-    ours = source.read_layer(image.layers[number - 1], EVERYTHING)
-    fields = ("type", "mode", "uid", "gid", "uname", "gname", "mtime", "size", "linkname", "sha256")
-    return compare_files(ours.files or [], other.files or [], fields)
+def compare_images(
+    name: str, source: Source, image: ImageRecord, other_source: Source, other: ImageRecord
+) -> tuple[list[Check], dict[str, Any] | None]:
+    """Digest checks of `image` against `other`, and the files of the first layer that differs."""
+    other_ids = [ref.diff_id for ref in other.layers]
+    checks, first = compare_layers(name, image, other_ids, other.config_digest)
+    if first is None or first > min(len(image.layers), len(other.layers)):
+        return checks, None
+    ours = source.read_layer(image.layers[first - 1], EVERYTHING)
+    theirs = other_source.read_layer(other.layers[first - 1], EVERYTHING)
+    files = compare_files(ours.files or [], theirs.files or [], FILE_FIELDS)
+    return checks, {"layer": first, "files": files}
 
 
 def read_rebuild(build: Any) -> tuple[ImageRecord, StreamSource]:

@@ -44,7 +44,9 @@ def test_cold_warm_and_no_cache_give_the_same_bytes(
     outputs = {name: tmp_path / f"{name}.tar" for name in ("cold", "warm", "none")}
     assert build(config, outputs["cold"])[0] == 0
     assert len(entries(private_cache)) == 3
-    assert build(config, outputs["warm"])[0] == 0
+    code, stderr = build(config, outputs["warm"], "-v")
+    assert code == 0
+    assert stderr.count("(cached digest confirmed)") == 3  # the cache was used
     assert build(config, outputs["none"], "--no-cache")[0] == 0
     data = {name: path.read_bytes() for name, path in outputs.items()}
     assert data["cold"] == data["warm"] == data["none"]

@@ -182,7 +182,23 @@ def test_unusual_architecture_warns_with_a_hint() -> None:
             config_with(customisation_layer=[]),
             "'customisation_layer': must be a string, not a list",
         ),
-        (config_with(uid=-1), "'uid': must not be negative"),
+        (config_with(uid=-1), "'uid': must be a number from 0 to 4294967295, not -1"),
+        (config_with(gid=2**40), "'gid': must be a number from 0 to 4294967295"),
+        (
+            config_with(created="9999-12-31T23:59:59-10:00"),
+            "'created': '9999-12-31T23:59:59-10:00' is outside the years",
+        ),
+        (config_with(store_layers=[["/gnu/store/a\u0000"]]), "holds a NUL character"),
+        (config_with(from_image="-"), "'from_image': must name a file or directory, not"),
+        (
+            config_with(customisation_layer="/x\u0000"),
+            "'customisation_layer': '/x\\x00' holds a NUL",
+        ),
+        (config_with(repo_tag="foo:1\n"), "'repo_tag': 'foo:1\\n' is not a valid image name"),
+        (
+            config_with(repo_tag="foo:1\u00e9"),
+            "'repo_tag': 'foo:1\u00e9' is not a valid image name",
+        ),
         (config_with(uid="0"), "'uid': must be a number, not a string"),
         (config_with(gid=True), "'gid': must be a number, not a boolean"),
         (config_with(uname=0), "'uname': must be a string, not a number"),
@@ -198,6 +214,11 @@ def test_bad_config_names_the_field(document: Any, expected: str) -> None:
 def test_not_json_is_a_clear_error() -> None:
     with pytest.raises(InputError, match=r"^c.json: not valid JSON: Expecting"):
         parse_config('{"architecture": "amd64",', source="c.json")
+
+
+def test_nan_is_not_json() -> None:
+    with pytest.raises(InputError, match=r"^c.json: not valid JSON: NaN is not JSON"):
+        parse_config('{"architecture": "amd64", "config": {"x": NaN}}', source="c.json")
 
 
 def test_not_utf8_is_a_clear_error() -> None:

@@ -81,9 +81,25 @@ def test_size_changes_are_caught(tmp_path: Path, actual: int, message: str) -> N
 
 def test_sink_errors_reach_the_caller() -> None:
     def broken(view: memoryview) -> None:
-        raise OSError(32, "Broken pipe")
+        raise OSError(5, "Input/output error")
 
-    with pytest.raises(hashing_writer.OperationError, match="Broken pipe"):  # noqa: SIM117
-        with HashingWriter(broken, block_size=1 << 20, blocks=2) as writer:
-            for _ in range(10):
-                writer.write(bytes(1 << 20))
+    with (
+        pytest.raises(
+            hashing_writer.OperationError, match=r"cannot write the output: .*Input/output"
+        ),
+        HashingWriter(broken, block_size=1 << 20, blocks=2) as writer,
+    ):
+        for _ in range(10):
+            writer.write(bytes(1 << 20))
+
+
+def test_a_closed_pipe_is_passed_on_as_such() -> None:
+    def closed(view: memoryview) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with (
+        pytest.raises(BrokenPipeError),
+        HashingWriter(closed, block_size=1 << 20, blocks=2) as writer,
+    ):
+        for _ in range(10):
+            writer.write(bytes(1 << 20))
