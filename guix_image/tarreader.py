@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import posixpath
-import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -155,13 +154,19 @@ def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveEr
         if field_bytes[0] & 0x40:
             raise error(f"negative {what} in header")
         return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
-    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
-    if not _OCTAL.fullmatch(text):  # int() would also take "-1", "+7", "0o7", "1_0"
+    value = _octal(field_bytes)
+    if value is None:  # int() alone would also take "-1", "+7", "0o7", "1_0"
+        text = field_bytes.split(b"\0", 1)[0].strip(b" ")
         raise error(f"bad {what} field {text!r} in header")
+    return value
+
+
+def _octal(field_bytes: bytes) -> int | None:
+    """An octal text field, or None if it holds anything but octal digits."""
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    if field_bytes[0] & 0x80 or text.translate(None, b"01234567"):
+        return None
     return int(text or b"0", 8)
-
-
-_OCTAL = re.compile(rb"[0-7]*")
 
 
 def pax_number(pax: dict[str, str], key: str, error: Callable[[str], ArchiveError]) -> int:
@@ -338,8 +343,12 @@ class TarReader:
         return member
 
     def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
-        stored = self._number(block[148:156], offset, "checksum")
-        size = self._number(block[124:136], offset, "size")
+        stored = _octal(block[148:156])  # parsed inline: this runs for every entry
+        size = _octal(block[124:136])
+        if stored is None:
+            stored = self._number(block[148:156], offset, "checksum")
+        if size is None:
+            size = self._number(block[124:136], offset, "size")
         unsigned = byte_sum(block[:148] + b"        " + block[156:])  # the field as spaces
         if stored != unsigned:
             signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
