@@ -50,6 +50,7 @@ TYPE_NAMES = {
 
 
 _NO_PAX: dict[str, str] = {}  # shared, never modified
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 class ArchiveError(InputError):
@@ -278,7 +279,8 @@ class TarReader:
     # -- headers ----------------------------------------------------------
 
     def _next(self) -> TarMember | None:
-        self._skip_to(self._content_end)
+        if self._content_end > self._position:
+            self._skip_to(self._content_end)
         pax: dict[str, str] = _NO_PAX
         long_name: bytes | None = None
         long_link: bytes | None = None
@@ -303,7 +305,8 @@ class TarReader:
                     long_link = payload.rstrip(b"\0")
                 # Global PAX headers are not applied: readers disagree on them.
                 continue
-            size = self._apply_pax_size(pax, size, header_offset)
+            if pax:
+                size = self._apply_pax_size(pax, size, header_offset)
             return self._member(block, header_offset, typeflag, size, pax, long_name, long_link)
 
     def _member(
@@ -414,7 +417,7 @@ class TarReader:
         if len(block) < BLOCK:
             raise self._truncated("header")
         self._position += BLOCK
-        if block.count(0) == BLOCK:
+        if block == _ZERO_BLOCK:  # the end-of-archive marker
             return None
         return block
 
