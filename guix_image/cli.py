@@ -368,6 +368,17 @@ def _output() -> Any:
     return Output(color=False if _flag("no_color") else None)
 
 
+def _emit(
+    result: dict[str, Any], as_json: bool, show: Callable[[Any, dict[str, Any]], None]
+) -> None:
+    """A reading command's result: one JSON document, or `show` for people."""
+    out = _output()
+    if as_json:
+        out.json(result)
+    else:
+        show(out, result)
+
+
 @contextlib.contextmanager
 def _reading_progress(label: str, total: int) -> Iterator[Any]:
     """A rich bar on stderr while layers are read, when stderr is a terminal."""
@@ -517,13 +528,9 @@ def diff_layers(
             written = write_report(report_dir, "a", a, layers_a, modified)
             written += write_report(report_dir, "b", b, layers_b, modified)
             _verbose(f"{written} files written under {report_dir}")
-    out = _output()
-    if as_json:
-        out.json(result)
-    else:
-        from . import render
+    from . import render
 
-        render.diff_report(out, result)
+    _emit(result, as_json, render.diff_report)
     if not result["identical"]:
         raise click.exceptions.Exit(1)
 
@@ -597,13 +604,9 @@ def verify(
     }
     if mismatch is not None:
         result["mismatch"] = mismatch
-    out = _output()
-    if as_json:
-        out.json(result)
-    else:
-        from . import render
+    from . import render
 
-        render.verify_report(out, result)
+    _emit(result, as_json, render.verify_report)
     if not result["ok"]:
         raise click.exceptions.Exit(1)
 

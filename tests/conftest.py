@@ -8,7 +8,8 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,33 @@ def docker_answers() -> bool:
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run a real tool; fail the test with its output if it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)  # type: ignore[call-overload]
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def podman_storage() -> Iterator[Path]:
+    """A private podman storage (its runroot path must stay under 50 characters)."""
+    require("podman")
+    storage = Path(tempfile.mkdtemp(prefix="gi-podman-"))
+    yield storage
+    subprocess.run(["chmod", "-R", "u+w", str(storage)], capture_output=True)
+    shutil.rmtree(storage, ignore_errors=True)
+
+
+def podman(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(
+        "podman",
+        "--storage-driver",
+        "vfs",
+        "--root",
+        str(storage / "root"),
+        "--runroot",
+        str(storage / "run"),
+        *args,
+    )

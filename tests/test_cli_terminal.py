@@ -114,6 +114,18 @@ def installed_script() -> str | None:
     return str(script) if script.exists() else shutil.which("guix-image")
 
 
+def screen_showing(session: str, text: str) -> str:
+    """The tmux pane once it shows `text`, or as it is after five seconds."""
+    screen = ""
+    for _ in range(50):
+        time.sleep(0.1)
+        pane = ["tmux", "capture-pane", "-p", "-t", session]
+        screen = subprocess.run(pane, capture_output=True, text=True).stdout
+        if text in screen:
+            break
+    return screen
+
+
 @pytest.mark.skipif(
     shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)"
 )
@@ -145,26 +157,10 @@ def test_tab_completes_in_a_real_bash(workspace: Path, tmp_path: Path) -> None:
     try:
         time.sleep(0.5)
         subprocess.run(["tmux", "send-keys", "-t", session, "guix-image insp", "Tab"], check=True)
-        screen = ""
-        for _ in range(50):
-            time.sleep(0.1)
-            screen = subprocess.run(
-                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
-            ).stdout
-            if "guix-image inspect " in screen:
-                break
-        assert "$ guix-image inspect" in screen
-        subprocess.run(
-            ["tmux", "send-keys", "-t", session, "app.tar --image ", "Tab", "Tab"], check=True
-        )
-        for _ in range(50):
-            time.sleep(0.1)
-            screen = subprocess.run(
-                ["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True
-            ).stdout
-            if "app:1.0" in screen:
-                break
-        assert "app:1.0" in screen
+        assert "$ guix-image inspect" in screen_showing(session, "$ guix-image inspect")
+        keys = ["app.tar --image ", "Tab", "Tab"]
+        subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True)
+        assert "app:1.0" in screen_showing(session, "app:1.0")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 

@@ -4,7 +4,6 @@ last, which pins down a property that already held (the umask).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -70,7 +69,7 @@ def test_waste_efficiency_is_measured_on_uncompressed_bytes(tmp_path: Path) -> N
     lower = layer_tar([("big", b"\0" * 1_000_000)])
     upper = layer_tar([("big", b"small")])
     compressed = [gzip.compress(lower, mtime=0), gzip.compress(upper, mtime=0)]
-    archive = archive_with_diff_ids(compressed, [lower, upper], tmp_path / "g.tar")
+    archive = archive_of([lower, upper], tmp_path / "g.tar", stored=compressed)
     result = cli("inspect", str(archive), "--json")
     assert result.exit_code == 0, result.stderr
     waste = json.loads(result.stdout)["waste"]
@@ -81,32 +80,6 @@ def test_waste_efficiency_is_measured_on_uncompressed_bytes(tmp_path: Path) -> N
 def read_manifest_config(archive: Path) -> dict[str, Any]:
     with tarfile.open(archive) as tar:
         return json.load(tar.extractfile("manifest.json"))[0]  # type: ignore[arg-type, no-any-return]
-
-
-def archive_with_diff_ids(blobs: list[bytes], tars: list[bytes], target: Path) -> Path:
-    import hashlib
-
-    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
-    config = json.dumps(
-        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}
-    ).encode()
-    members = {f"{i}/layer.tar": blob for i, blob in enumerate(blobs)}
-    members["c.json"] = config
-    members["manifest.json"] = json.dumps(
-        [
-            {
-                "Config": "c.json",
-                "RepoTags": [],
-                "Layers": [f"{i}/layer.tar" for i in range(len(blobs))],
-            }
-        ]
-    ).encode()
-    with tarfile.open(target, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return target
 
 
 def test_a_small_layer_that_starts_like_json_is_still_a_layer(tmp_path: Path) -> None:

@@ -11,45 +11,24 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
-from .conftest import BuildFn, StoreTree, docker_answers, is_root, read_archive, require
+from .conftest import (
+    BuildFn,
+    StoreTree,
+    docker_answers,
+    is_root,
+    podman,
+    read_archive,
+    require,
+    run,
+)
 from .test_build import disk_tree, populate
 
 BUSYBOX = "/bin/busybox"
-
-
-def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)  # type: ignore[call-overload]
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
-    return result  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def podman_storage() -> Path:
-    """A private podman storage (its runroot path must stay under 50 characters)."""
-    require("podman")
-    storage = Path(tempfile.mkdtemp(prefix="gi-podman-"))
-    yield storage
-    subprocess.run(["chmod", "-R", "u+w", str(storage)], capture_output=True)
-    shutil.rmtree(storage, ignore_errors=True)
-
-
-def podman(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(
-        "podman",
-        "--storage-driver",
-        "vfs",
-        "--root",
-        str(storage / "root"),
-        "--runroot",
-        str(storage / "run"),
-        *args,
-    )
 
 
 def to_oci(tmp_path: Path, image: Path, name: str) -> Path:
