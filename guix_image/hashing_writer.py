@@ -114,15 +114,14 @@ class HashingWriter:
         self._idle = idle
         self._block_size = block_size
         self._free: queue.Queue[_Block] = queue.Queue()
-        for _ in range(blocks):
-            self._free.put(_Block(block_size))
+        self._unallocated = blocks  # allocated when first needed: a small build needs few
         self._to_hash: queue.Queue[_Block | None] = queue.Queue()
         self._to_write: queue.Queue[_Block | None] = queue.Queue()
         self._error: BaseException | None = None
         self._digest: Digest | None = None
         self._span_start = 0
         self._submitted = 0  # bytes already handed to the threads
-        self._block = self._free.get()
+        self._block = self._get_free()
         self._threads = [
             threading.Thread(target=self._hash_loop, name="guix-image-hash", daemon=True),
             threading.Thread(target=self._write_loop, name="guix-image-write", daemon=True),
@@ -302,6 +301,9 @@ class HashingWriter:
             try:
                 block = self._free.get_nowait()
             except queue.Empty:
+                if self._unallocated:
+                    self._unallocated -= 1
+                    return _Block(self._block_size)
                 if self._idle is not None and self._idle():
                     continue
                 try:
