@@ -293,3 +293,31 @@ def test_a_full_disk_is_one_line_and_exit_1(workspace: Path) -> None:
         )
     assert result.returncode == 1
     assert result.stderr == "Error: cannot write the output: No space left on device\n"
+
+
+def test_the_quick_exit_flushes_everything_first(
+    store: StoreTree, build: BuildFn, tmp_path: Path
+) -> None:
+    # The console entry point ends with os._exit: whatever was written to
+    # stdout and stderr must be out by then, and the exit code kept.
+    many = store.item("many", {f"file-{i:05d}": str(i) for i in range(3000)})
+    archive, _ = build(store.config([[many]]))
+    expected = CliRunner().invoke(main, ["inspect", str(archive), "--files", "--json"])
+    assert expected.exit_code == 0
+    listing = subprocess.run(
+        [*GUIX_IMAGE, "inspect", str(archive), "--files", "--json"], capture_output=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout) == json.loads(expected.stdout)
+    with (tmp_path / "listing.txt").open("wb") as file:  # a file, not a pipe
+        code = subprocess.run([*GUIX_IMAGE, "inspect", str(archive), "--files"], stdout=file)
+    assert code.returncode == 0
+    assert (tmp_path / "listing.txt").read_text().count("file-0") == 3000
+    (tmp_path / "broken.tar").write_bytes(archive.read_bytes()[:-5000])
+    failed = subprocess.run(
+        [*GUIX_IMAGE, "verify", str(tmp_path / "broken.tar")], capture_output=True
+    )
+    assert failed.returncode == 2
+    assert failed.stdout == b""
+    assert "truncated archive" in failed.stderr.decode()
+    assert failed.stderr.decode().count("\n") == 1

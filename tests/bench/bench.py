@@ -17,6 +17,7 @@ each as a ratio to the floor measured in the same run:
 
 Peak RSS is the process's maximum resident set size (getrusage). The startup
 rows are absolute: `guix-image --help` and one shell-completion request.
+The package's bytecode is compiled first, as `pip install` does.
 
     python3 tests/bench/bench.py                  # the 1.2 GB store
     python3 tests/bench/bench.py --size small     # about 100 MB, under a minute
