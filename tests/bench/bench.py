@@ -26,7 +26,9 @@ The package's bytecode is compiled first, as `pip install` does.
 from __future__ import annotations
 
 import argparse
+import compileall
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -214,9 +216,6 @@ def precompile_guix_image() -> None:
     An editable install in an environment with PYTHONDONTWRITEBYTECODE set
     (this machine's) would otherwise compile every module on every run.
     """
-    import compileall
-    import importlib.util
-
     spec = importlib.util.find_spec("guix_image")
     if spec is not None and spec.origin is not None:
         compileall.compile_dir(Path(spec.origin).parent, quiet=1)
