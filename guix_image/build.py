@@ -71,6 +71,7 @@ class BuiltLayer:
     size: int
     description: str
     cached: bool = False  # its digest came from the cache (and was confirmed)
+    listed: bool = False  # streamed from the cached member list, without a walk
 
 
 @dataclass
@@ -145,6 +146,8 @@ def build_image(
             image_config = _image_config(config, base, layers, diff_ids)
             report.message("Adding manifests...")
             image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
+        if cache is not None:
+            cache.commit_member_lists()  # before the entries that they go with
     except StaleCacheEntry:
         # Whatever else this build predicted from the cache is suspect too.
         if cache is not None:
@@ -152,6 +155,9 @@ def build_image(
                 if layer.cached is not None and layer.cache_key:
                     cache.drop(layer.cache_key)
         raise
+    finally:
+        if cache is not None:
+            cache.discard_member_lists()  # those of a failed build
     if cache is not None:
         for layer, diff_id, digest in zip(layers, diff_ids, digests, strict=True):
             if isinstance(layer, StoreLayer) and layer.cache_key and layer.cached is None:
@@ -165,6 +171,7 @@ def build_image(
             digest.size,
             layer.description,
             isinstance(layer, StoreLayer) and layer.cached is not None,
+            isinstance(layer, StoreLayer) and layer.member_list is not None,
         )
         for number, (layer, diff_id, digest) in enumerate(
             zip(layers, diff_ids, digests, strict=True), 1
@@ -174,7 +181,7 @@ def build_image(
 
 
 class _ScanAhead:
-    """Scans and encodes the next store layers while the writer waits for hashing.
+    """Scans the next store layers (or checks their member lists) while the writer waits.
 
     Most of a layer's scan then costs no time at all; `LOOKAHEAD_MEMBERS`
     bounds how much of it is held in memory ahead of the layer being written.
@@ -207,8 +214,15 @@ def _consult_cache(
     database = StoreDatabase.find(store_dir, root)
     try:
         for layer in layers:
-            layer.cache_key = cache_key(layer.recipe(database))
+            recipe = layer.recipe(database)
+            layer.cache = cache
+            layer.cache_key = cache_key(recipe)
             layer.cached = cache.get(layer.cache_key)
+            members = cache.member_list(layer.cache_key) if layer.cached else None
+            if members is not None:
+                # The store database's NAR hashes vouch for the contents.
+                trusted = all(i.startswith("nar:") for i in recipe["identity"])
+                layer.use_member_list(members, trusted=trusted)
     finally:
         if database is not None:
             database.close()

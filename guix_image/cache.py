@@ -7,7 +7,10 @@ key hashes all of that. An entry is only a prediction: the build still hashes
 every byte and fails, dropping the entry, if the prediction was wrong.
 
 Entries are small JSON files written atomically (temporary file + rename),
-so builds running at once never see half an entry.
+so builds running at once never see half an entry. Next to an entry, the
+layer's member list (member_list.py) lets a rebuild skip the walk of the
+store; lists are larger (about 650 bytes per file), so the least recently
+used go first when they take more than MEMBER_LISTS_BUDGET.
 """
 
 from __future__ import annotations
@@ -17,18 +20,24 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .image import canonical_json, sha256_hex
+from .member_list import MemberList, MemberListError, MemberListWriter
 
 ENTRY_VERSION = 1
 # Bump when the bytes written for the same inputs change (tar encoding, ordering...).
 LAYER_FORMAT = "guix-image/layer-tar/1"
 
 _DIFF_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+MEMBER_LISTS_BUDGET = 512 << 20
+_MEMBERS = ".members"
+_TEMPORARY_PREFIXES = (".entry-", ".members-")
+_ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed build's
 
 
 def default_directory() -> Path:
@@ -49,11 +58,16 @@ class CachedLayer:
 class LayerCache:
     def __init__(self, directory: Path, warn: Callable[[str], None]) -> None:
         self.directory = directory / "layers"
-        self._warn = warn
+        self.warn = warn
         self._writable = True
+        # Member lists being written: (key, temporary path, file, writer).
+        self._pending: list[tuple[str, str, Any, MemberListWriter]] = []
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
+
+    def _members_path(self, key: str) -> Path:
+        return self.directory / f"{key}{_MEMBERS}"
 
     def get(self, key: str) -> CachedLayer | None:
         path = self._path(key)
@@ -62,11 +76,11 @@ class LayerCache:
         except FileNotFoundError:
             return None
         except OSError as error:
-            self._warn(f"cannot read cache entry {path}: {error.strerror}; ignoring it")
+            self.warn(f"cannot read cache entry {path}: {error.strerror}; ignoring it")
             return None
         entry = _parse_entry(data, key)
         if entry is None:
-            self._warn(f"ignoring unreadable cache entry {path}")
+            self.warn(f"ignoring unreadable cache entry {path}")
         return entry
 
     def put(self, key: str, layer: CachedLayer) -> None:
@@ -90,12 +104,87 @@ class LayerCache:
                     os.unlink(temporary)
                 raise
         except OSError as error:
-            self._writable = False
-            self._warn(f"cannot write the layer cache in {self.directory}: {error.strerror}")
+            self._unwritable(error)
+
+    def _unwritable(self, error: OSError) -> None:
+        self._writable = False
+        self.warn(f"cannot write the layer cache in {self.directory}: {error.strerror}")
 
     def drop(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+        for path in (self._path(key), self._members_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def member_list(self, key: str) -> MemberList | None:
+        """The member list recorded with entry `key`, if there is a readable one."""
+        path = self._members_path(key)
+        try:
+            members = MemberList(str(path))
+        except FileNotFoundError:
+            return None
+        except MemberListError as error:
+            self.warn(f"ignoring unreadable member list {path}: {error}")
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: trimmed last
+        return members
+
+    def start_member_list(self, key: str) -> MemberListWriter | None:
+        """A writer for entry `key`'s member list, kept only if `commit_member_lists` follows."""
+        if not self._writable:
+            return None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".members-", dir=self.directory)
+        except OSError as error:
+            self._unwritable(error)
+            return None
+        file = os.fdopen(fd, "wb")
+        writer = MemberListWriter(file)
+        self._pending.append((key, temporary, file, writer))
+        return writer
+
+    def commit_member_lists(self) -> None:
+        """Keep every member list written completely since the last commit or discard."""
+        try:
+            for key, temporary, file, writer in self._pending:
+                file.close()
+                if writer.finished:
+                    os.replace(temporary, self._members_path(key))
+        except OSError as error:
+            self._unwritable(error)
+        self.discard_member_lists()
+        self._trim()
+
+    def discard_member_lists(self) -> None:
+        for _, temporary, file, _ in self._pending:
+            file.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        self._pending.clear()
+
+    def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
+        """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers."""
+        lists: list[tuple[int, int, str]] = []
+        now = time.time()
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    abandoned = now - st.st_mtime > _ABANDONED
+                    if entry.name.endswith(_MEMBERS):
+                        lists.append((st.st_mtime_ns, st.st_size, entry.path))
+                    elif entry.name.startswith(_TEMPORARY_PREFIXES) and abandoned:
+                        os.unlink(entry.path)
+        except OSError:
+            return  # trimming is housekeeping: never a reason to fail
+        total = sum(size for _, size, _ in lists)
+        for _, size, path in sorted(lists):
+            if total <= budget:
+                break
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            total -= size
 
 
 def _parse_entry(data: bytes, key: str) -> CachedLayer | None:

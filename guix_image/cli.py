@@ -304,6 +304,8 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
         _note(f"warning: {warning}")
     for layer in result.layers:
         state = "cached digest confirmed" if layer.cached else "hashed"
+        if layer.listed:
+            state += ", files from the cached member list"
         _verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
     where = f" to {output}" if output not in (None, "-") else ""
     _note(

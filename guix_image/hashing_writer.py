@@ -27,8 +27,9 @@ BLOCK_SIZE = 2 << 20
 BLOCK_COUNT = 8  # blocks in flight: one filling, the others hashing and writing
 
 _ZEROS = memoryview(bytes(BLOCK_SIZE))
-# Never follow a symlink that replaced a file since the scan.
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Never follow a symlink that replaced a file since the scan, nor wait for a
+# fifo's writer.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 Sink = int | Callable[[memoryview], Any]
 
@@ -57,6 +58,14 @@ def _is_regular(fd: int) -> bool:
         return stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
         return False
+
+
+def _check_mode(fd: int, path: bytes, mode: int) -> None:
+    st_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(st_mode):
+        raise FileChanged(f"{os.fsdecode(path)}: no longer a regular file")
+    if st_mode & 0o7777 != mode:
+        raise FileChanged(f"{os.fsdecode(path)}: its mode is now {st_mode & 0o7777:o}")
 
 
 def _changed(got: int, expected: int) -> str:
@@ -154,7 +163,7 @@ class HashingWriter:
         self._digest = None
         return digest
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         block = self._block
         start = block.length
         end = start + len(data)
@@ -178,12 +187,15 @@ class HashingWriter:
             block.length += n
             count -= n
 
-    def write_file(self, header: bytes, path: bytes, size: int) -> None:
+    def write_file(
+        self, header: bytes | memoryview, path: bytes, size: int, mode: int | None = None
+    ) -> None:
         """Write a tar member: `header`, the `size` bytes of the file at `path`, padding.
 
         The hot path of a build: a small file is read straight into the block
         with one system call. Raises OSError if the file cannot be read and
-        FileChanged if its size is not `size`.
+        FileChanged if its size is not `size`, or, given a `mode`, if it is
+        not a regular file with those permission bits.
         """
         block = self._block
         start = block.length
@@ -192,6 +204,8 @@ class HashingWriter:
         if content + size + padding < self._block_size:  # it all fits, with a byte to spare
             fd = os.open(path, _OPEN_FLAGS)
             try:
+                if mode is not None:
+                    _check_mode(fd, path, mode)
                 got = os.readv(fd, [block.view[content : content + size + 1]])
             finally:
                 os.close(fd)
@@ -207,6 +221,8 @@ class HashingWriter:
         self.write(header)
         fd = os.open(path, _OPEN_FLAGS)
         try:
+            if mode is not None:
+                _check_mode(fd, path, mode)
             self.copy_from_fd(fd, size, os.fsdecode(path))
         finally:
             os.close(fd)

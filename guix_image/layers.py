@@ -3,8 +3,9 @@
 A layer's tar size is known before a byte of it is written, so the archive
 can put the layer's header first and stream its contents once, hashing on
 the way. The size comes from a scan of the store paths (headers plus padded
-contents), or, for a layer in the cache, from the cache: then the store is
-walked while it streams, and the result is checked against the prediction.
+contents), or, for a layer in the cache, from the cache: then the layer is
+streamed from its cached member list, or else walked while it streams, and
+the result is checked against the prediction.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
-from .cache import CachedLayer
+from .cache import CachedLayer, LayerCache
 from .errors import InputError, OperationError
 from .hashing_writer import FileChanged, HashingWriter
 from .image import LayerRef
+from .member_list import MemberList, MemberListError
 from .store import Store
 from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
@@ -33,6 +35,10 @@ _PROGRESS_EVERY = 256  # entries between progress callbacks
 # Encoded headers kept per layer (about 0.7 kB each). A bigger layer is sized
 # by a scan that keeps nothing, then walked again while it streams.
 MAX_PLANNED = 24_000
+_CHECKS_PER_STEP = 512  # member list entries checked per idle step
+
+# A member: its header, content size, name, mode, and identity on disk (inode, ctime).
+Member = tuple[bytes, int, bytes, int, int, int]
 
 
 class StaleCacheEntry(OperationError):
@@ -55,7 +61,21 @@ class Layer:
 
 
 class StoreLayer(Layer):
-    """A tar of store paths, made from the files on disk."""
+    """A tar of store paths, made from the files on disk.
+
+    A layer in the cache may come with a member list (see member_list.py):
+    then it is streamed from the list instead of a walk of the store. The
+    list is checked first, in the writer's idle time if it has any: each
+    directory, symlink and empty file must have the inode and ctime recorded
+    (a directory's ctime changes when entries come or go); at the first
+    difference the list is dropped and the layer is walked as if it had
+    none. Files with contents are checked as they are opened: still regular
+    files with the recorded mode, exactly as long, and hashed. Where the
+    store database vouches for every path's contents (its NAR hash is in the
+    cache key) the list is trusted without these checks: deduplication
+    relinks store files, which changes their ctime but never their contents.
+    Either way the layer's digest must be the cached one.
+    """
 
     def __init__(self, store: Store, paths: Sequence[str], encoder: HeaderEncoder, where: str):
         self.store = store
@@ -64,14 +84,18 @@ class StoreLayer(Layer):
         self.where = where
         self.description = f"from paths: {json.dumps(list(self.paths))}"
         self.comment = f"store paths: {json.dumps(list(self.paths))}"
-        # The layer's members as (header bytes, content size, member name),
-        # scanned and encoded ahead of streaming when the writer has time.
-        self.planned: list[tuple[bytes, int, bytes]] = []
-        self._scan: Iterator[tuple[bytes, int, bytes]] | None = None
+        # The layer's members, scanned and encoded ahead of streaming when the
+        # writer has time.
+        self.planned: list[Member] = []
+        self._scan: Iterator[Member] | None = None
         self._scanned = False
         self._walk_again: int | None = None  # the size a second walk must find
+        self.cache: LayerCache | None = None  # where to record the member list
         self.cache_key: str | None = None
         self.cached: CachedLayer | None = None  # the cache's prediction, if any
+        self.member_list: MemberList | None = None  # streamed instead of a walk
+        self._checks: Iterator[None] | None = None  # the member list's pending check
+        self._check_modes = False  # check each listed file's mode as it is opened
 
     def recipe(self, database: StoreDatabase | None) -> dict[str, Any]:
         """Everything the layer's bytes depend on, cheaply: the cache key's input."""
@@ -85,14 +109,29 @@ class StoreLayer(Layer):
             "mtime": self.encoder.mtime,
         }
 
-    def members(self) -> Iterator[tuple[bytes, int, bytes]]:
-        """Walk the store paths, yielding each member's header, content size and name."""
+    def use_member_list(self, members: MemberList, *, trusted: bool) -> None:
+        """Stream from `members`, after checking it against the disk unless `trusted`."""
+        self.member_list = members
+        self._checks = None if trusted else self._check_members(members)
+        self._check_modes = not trusted
+
+    def members(self) -> Iterator[Member]:
+        """Walk the store paths, yielding each member's header, size, name, mode, identity."""
         encode = self.encoder.encode
-        for name, typeflag, mode, size, linkname in self.store.iter_layer(self.paths, self.where):
-            yield encode(name, typeflag, mode, size, linkname), size, name
+        for name, typeflag, mode, size, linkname, inode, ctime in self.store.iter_layer(
+            self.paths, self.where
+        ):
+            yield encode(name, typeflag, mode, size, linkname), size, name, mode, inode, ctime
 
     def scan_step(self, count: int) -> bool:
-        """Scan up to `count` more members ahead of time; False when it may not go on."""
+        """Scan (or check) up to `count` more members ahead of time; False when it may not go on."""
+        if self.member_list is not None:
+            if self._checks is None:
+                return False
+            if next(self._checks, StopIteration) is StopIteration:
+                self._checks = None
+                return False
+            return True
         room = MAX_PLANNED - len(self.planned)
         if self._scanned or room <= 0 or self._walk_again is not None:
             return False
@@ -105,21 +144,32 @@ class StoreLayer(Layer):
         return not self._scanned and len(self.planned) < MAX_PLANNED
 
     def prepare(self) -> int:
+        while self._checks is not None:  # finish checking the member list
+            self.scan_step(0)
         if self.cached is not None:
             return self.cached.size
         if self._walk_again is not None:
             return self._walk_again
         while self.scan_step(4096):
             pass
-        size = sum(len(header) + padded(size) for header, size, _ in self.planned)
+        size = sum(len(header) + padded(size) for header, size, *_ in self.planned)
         size += len(END_OF_ARCHIVE)
         if not self._scanned:  # too many members to keep: count the rest, keep nothing
             assert self._scan is not None
-            size += sum(len(header) + padded(size) for header, size, _ in self._scan)
+            size += sum(len(header) + padded(size) for header, size, *_ in self._scan)
             self.planned, self._scan, self._walk_again = [], None, size
         return size
 
     def write_to(self, writer: HashingWriter, progress: ProgressCallback) -> None:
+        if self.member_list is not None:
+            written = self._write_listed(self.member_list, writer, progress)
+        else:
+            written = self._write_walked(writer, progress)
+        writer.write(END_OF_ARCHIVE)
+        progress(written + len(END_OF_ARCHIVE))
+        self.planned = []  # only needed once; free it
+
+    def _write_walked(self, writer: HashingWriter, progress: ProgressCallback) -> int:
         # Whatever was scanned ahead, then the rest of the scan as it streams
         # (only a cached layer is streamed before its scan is complete).
         if self._scan is None:
@@ -127,10 +177,14 @@ class StoreLayer(Layer):
         members = chain(self.planned, self._scan)
         expected = self.cached.size if self.cached is not None else self._walk_again
         budget = None if expected is None else expected - len(END_OF_ARCHIVE)
+        recorder = None
+        if self.cache is not None and self.cache_key is not None:
+            recorder = self.cache.start_member_list(self.cache_key)
+        record = recorder.add if recorder is not None else None
         write, write_file = writer.write, writer.write_file
         root = self.store.root + b"/"
         written = 0
-        for count, (header, size, name) in enumerate(members, 1):
+        for count, (header, size, name, mode, inode, ctime) in enumerate(members, 1):
             written += len(header) + size + (-size % 512)
             if budget is not None and written > budget:
                 raise self.stale(f"its tar is now bigger than the {budget} bytes expected")
@@ -143,13 +197,84 @@ class StoreLayer(Layer):
                     ) from None
             else:
                 write(header)
+            if record is not None:
+                record(header, size, name, mode, inode, ctime)
             if count % _PROGRESS_EVERY == 0:
                 progress(written)
         if budget is not None and written != budget:
             raise self.stale(f"its tar is now smaller than the {budget} bytes expected")
-        write(END_OF_ARCHIVE)
-        progress(written + len(END_OF_ARCHIVE))
-        self.planned = []  # only needed once; free it
+        if recorder is not None:
+            recorder.finish()
+        return written
+
+    def _write_listed(
+        self, members: MemberList, writer: HashingWriter, progress: ProgressCallback
+    ) -> int:
+        assert self.cached is not None
+        budget = self.cached.size - len(END_OF_ARCHIVE)
+        write, write_file = writer.write, writer.write_file
+        root = self.store.root + b"/"
+        check_modes = self._check_modes
+        written = count = 0
+        name = b""
+        try:
+            for chunk in members.chunks():
+                headers = chunk.headers
+                start = 0
+                for name, size, mode, end in zip(
+                    chunk.names, chunk.sizes, chunk.modes, chunk.ends, strict=True
+                ):
+                    written += end - start + size + (-size % 512)
+                    if written > budget:
+                        raise self.stale(f"its tar is now bigger than the {budget} bytes expected")
+                    if size:
+                        header = headers[start:end]
+                        write_file(header, root + name, size, mode if check_modes else None)
+                    else:
+                        write(headers[start:end])
+                    start = end
+                    count += 1
+                    if count % _PROGRESS_EVERY == 0:
+                        progress(written)
+        except MemberListError as error:
+            raise self.stale(f"its member list is unreadable: {error}") from None
+        except OSError as error:
+            raise self.stale(f"cannot read {os.fsdecode(root + name)}: {error.strerror}") from None
+        except FileChanged as error:
+            raise self.stale(str(error)) from None
+        if written != budget:
+            raise self.stale(f"its tar is now smaller than the {budget} bytes expected")
+        return written
+
+    def _check_members(self, members: MemberList) -> Iterator[None]:
+        """Compare listed members' identities with the disk's, a slice at a time.
+
+        Only members without contents: files with contents are checked as
+        they are opened. At the first difference (or an unreadable list) the
+        list is dropped.
+        """
+        root = self.store.root + b"/"
+        lstat = os.lstat
+        try:
+            for chunk in members.chunks(headers=False):
+                for count, (name, size, inode, ctime) in enumerate(
+                    zip(chunk.names, chunk.sizes, chunk.inodes, chunk.ctimes, strict=True), 1
+                ):
+                    if inode and not size:
+                        try:
+                            st = lstat(root + name)
+                        except OSError:
+                            self.member_list = None
+                            return
+                        if st.st_ino != inode or st.st_ctime_ns != ctime:
+                            self.member_list = None
+                            return
+                    if count % _CHECKS_PER_STEP == 0:
+                        yield
+        except MemberListError as error:
+            if self.cache is not None:
+                self.cache.warn(f"ignoring an unreadable member list: {error}")
+            self.member_list = None
 
     def stale(self, why: str) -> OperationError:
         if self.cached is None:  # walked twice, and the two walks disagree

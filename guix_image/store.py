@@ -39,6 +39,8 @@ class FileEntry(NamedTuple):
     mode: int
     size: int
     linkname: bytes
+    inode: int = 0  # with ctime, its identity on disk (0: not on disk)
+    ctime: int = 0  # nanoseconds
 
 
 class Store:
@@ -146,11 +148,15 @@ class Store:
                 st = lstat(disk)
                 mode = st.st_mode
                 if S_ISREG(mode):
-                    yield FileEntry(name, REGTYPE, mode & 0o7777, st.st_size, b"")
+                    yield FileEntry(
+                        name, REGTYPE, mode & 0o7777, st.st_size, b"", st.st_ino, st.st_ctime_ns
+                    )
                     continue
                 if S_ISDIR(mode):
                     children = listdir(disk)
-                    yield FileEntry(name + b"/", DIRTYPE, mode & 0o7777, 0, b"")
+                    yield FileEntry(
+                        name + b"/", DIRTYPE, mode & 0o7777, 0, b"", st.st_ino, st.st_ctime_ns
+                    )
                     if children:
                         children.sort(reverse=True)
                         prefix = name + b"/"
@@ -165,12 +171,13 @@ class Store:
 def _make_entry(name: bytes, st: os.stat_result, disk: bytes, where: str) -> FileEntry:
     mode = st.st_mode
     kind = stat.S_IFMT(mode)
+    identity = (st.st_ino, st.st_ctime_ns)
     if kind == stat.S_IFREG:
-        return FileEntry(name, REGTYPE, mode & 0o7777, st.st_size, b"")
+        return FileEntry(name, REGTYPE, mode & 0o7777, st.st_size, b"", *identity)
     if kind == stat.S_IFDIR:
-        return FileEntry(name + b"/", DIRTYPE, mode & 0o7777, 0, b"")
+        return FileEntry(name + b"/", DIRTYPE, mode & 0o7777, 0, b"", *identity)
     if kind == stat.S_IFLNK:
-        return FileEntry(name, SYMTYPE, 0o777, 0, os.readlink(disk))
+        return FileEntry(name, SYMTYPE, 0o777, 0, os.readlink(disk), *identity)
     raise InputError(
         f"{where}: {os.fsdecode(disk)} is {_FILE_KINDS.get(kind, 'an unsupported file')}; "
         "an image layer holds only files, directories and symlinks"

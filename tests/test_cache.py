@@ -25,6 +25,11 @@ def entries(cache: Path) -> list[Path]:
     return sorted(layers.glob("*.json")) if layers.exists() else []
 
 
+def member_lists(cache: Path) -> list[Path]:
+    layers = cache / "layers"
+    return sorted(layers.glob("*.members")) if layers.exists() else []
+
+
 def build(config: Path, output: Path, *extra: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, ["build", str(config), "-o", str(output), *extra])
     return result.exit_code, result.stderr
@@ -46,7 +51,7 @@ def test_cold_warm_and_no_cache_give_the_same_bytes(
     assert len(entries(private_cache)) == 3
     code, stderr = build(config, outputs["warm"], "-v")
     assert code == 0
-    assert stderr.count("(cached digest confirmed)") == 3  # the cache was used
+    assert stderr.count("(cached digest confirmed, files from the cached member list)") == 3
     assert build(config, outputs["none"], "--no-cache")[0] == 0
     data = {name: path.read_bytes() for name, path in outputs.items()}
     assert data["cold"] == data["warm"] == data["none"]
@@ -125,7 +130,8 @@ def test_two_builds_at_once_share_the_cache(
     outputs = {(tmp_path / f"{i}.tar").read_bytes() for i in range(4)}
     assert len(outputs) == 1
     assert len(entries(private_cache)) == 3
-    assert not [p for p in (private_cache / "layers").iterdir() if not p.name.endswith(".json")]
+    assert len(member_lists(private_cache)) == 3
+    assert not [p for p in (private_cache / "layers").iterdir() if p.name.startswith(".")]
 
 
 def test_an_unwritable_cache_only_warns(

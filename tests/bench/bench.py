@@ -5,7 +5,8 @@ The store is built once under --work from copies of the interpreter's own
 standard library and site-packages (one store item per package, repeated
 under new names until the size is reached), with a config that layers it
 the way `guix pack --max-layers` does: largest items first, one per layer,
-the rest in the last layer.
+the rest in the last layer. Like a real store it has a database that
+registers each item's NAR hash.
 
 Every command runs --runs times, interleaved, and the table reports medians,
 each as a ratio to the floor measured in the same run:
@@ -13,6 +14,9 @@ each as a ratio to the floor measured in the same run:
     floor        tar -cf - PATHS | openssl dgst -sha256   (one read, one hash)
     cold         guix-image build, empty layer cache, to a pipe
     warm         guix-image build, layer digests cached, to a pipe
+    warm, no store database
+                 the same, with the database hidden: the cache then checks
+                 the files' identities (inode, ctime, mode) itself
     --reference  any 'COMMAND {config}' given, e.g. the seed script
 
 Peak RSS is the process's maximum resident set size (getrusage). The startup
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -34,6 +39,8 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
+import stat
 import statistics
 import subprocess
 import sys
@@ -41,6 +48,7 @@ import sysconfig
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
 SIZES = {"small": (100 << 20, 3_000), "large": (1200 << 20, 35_000), "huge": (2 << 30, 60_000)}
 MAX_LAYERS = 40
+UNREGISTERED = "guix-image warm, no store database"
 
 
 @dataclass
@@ -177,6 +186,95 @@ def make_store(work: Path, size: str) -> Path:
     return config_path
 
 
+def database_path(config: Path) -> Path:
+    """Where a Guix store's database is for the store under `config`'s directory."""
+    return config.parent / "var" / "guix" / "db" / "db.sqlite"
+
+
+def register_store(config: Path) -> None:
+    """Give the store its database, as a real one has: every item's NAR hash."""
+    database = database_path(config)
+    if database.exists():
+        return
+    paths = [p for layer in json.loads(config.read_text())["store_layers"] for p in layer]
+    database.parent.mkdir(parents=True, exist_ok=True)
+    temporary = database.with_suffix(".tmp")
+    temporary.unlink(missing_ok=True)
+    connection = sqlite3.connect(temporary)
+    with connection:
+        connection.execute(
+            "CREATE TABLE ValidPaths (id integer primary key autoincrement,"
+            " path text unique not null, hash text not null,"
+            " registrationTime integer not null, deriver text, narSize integer)"
+        )
+        for path in paths:
+            digest, size = nar_hash(path)
+            connection.execute(
+                "INSERT INTO ValidPaths (path, hash, registrationTime, narSize)"
+                " VALUES (?, ?, 1, ?)",
+                (path, f"sha256:{digest}", size),
+            )
+    connection.close()
+    temporary.rename(database)
+
+
+@contextlib.contextmanager
+def database_hidden(config: Path) -> Iterator[None]:
+    """The store without its database, as a directory of copies would be."""
+    database = database_path(config)
+    hidden = database.with_suffix(".hidden")
+    database.rename(hidden)
+    try:
+        yield
+    finally:
+        hidden.rename(database)
+
+
+def nar_hash(path: str) -> tuple[str, int]:
+    """SHA-256 and size of the Nix archive (NAR) serialisation of `path`."""
+    digest = hashlib.sha256()
+    size = 0
+
+    def put(data: bytes) -> None:
+        nonlocal size
+        digest.update(len(data).to_bytes(8, "little") + data + bytes(-len(data) % 8))
+        size += 8 + len(data) + -len(data) % 8
+
+    def node(disk: str) -> None:
+        nonlocal size
+        st = os.lstat(disk)
+        put(b"(")
+        put(b"type")
+        if stat.S_ISLNK(st.st_mode):
+            put(b"symlink")
+            put(b"target")
+            put(os.fsencode(os.readlink(disk)))
+        elif stat.S_ISDIR(st.st_mode):
+            put(b"directory")
+            for name in sorted(os.listdir(disk), key=os.fsencode):
+                for token in (b"entry", b"(", b"name", os.fsencode(name), b"node"):
+                    put(token)
+                node(os.path.join(disk, name))
+                put(b")")
+        else:
+            put(b"regular")
+            if st.st_mode & 0o100:
+                put(b"executable")
+                put(b"")
+            put(b"contents")
+            digest.update(st.st_size.to_bytes(8, "little"))
+            with open(disk, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            digest.update(bytes(-st.st_size % 8))
+            size += 8 + st.st_size + -st.st_size % 8
+        put(b")")
+
+    put(b"nix-archive-1")
+    node(path)
+    return digest.hexdigest(), size
+
+
 def run_timed(commands: list[list[str]], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run a pipeline of commands; wall seconds and the first command's peak RSS (KiB)."""
     start = time.perf_counter()
@@ -253,6 +351,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = make_store(args.work, args.size)
+    register_store(config)
     document = json.loads(config.read_text())
     paths = [p for layer in document["store_layers"] for p in layer]
     summary = (config.parent / "SUMMARY").read_text().strip()
@@ -262,8 +361,11 @@ def main() -> None:
     precompile_guix_image()
     cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
+    unregistered_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "unregistered")}
     build = [*guix_image, "build", "-q", str(config)]
     run_timed([build, ["cat"]], warm_env)  # fills the warm cache, and the page cache
+    with database_hidden(config):
+        run_timed([build, ["cat"]], unregistered_env)
 
     cases: dict[str, tuple[list[list[str]], dict[str, str] | None]] = {
         "floor": (
@@ -275,6 +377,7 @@ def main() -> None:
         ),
         "guix-image cold": ([build, ["cat"]], None),
         "guix-image warm": ([build, ["cat"]], warm_env),
+        UNREGISTERED: ([build, ["cat"]], unregistered_env),
         "guix-image --no-cache": ([[*build, "--no-cache"], ["cat"]], None),
     }
     for reference in args.reference:
@@ -289,7 +392,8 @@ def main() -> None:
             env = case_env
             if name == "guix-image cold":  # an empty cache every time
                 env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"cold-{run}")}
-            seconds, rss = run_timed(commands, env)
+            with database_hidden(config) if name == UNREGISTERED else contextlib.nullcontext():
+                seconds, rss = run_timed(commands, env)
             results[name].seconds.append(seconds)
             results[name].rss_kb.append(rss)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
