@@ -157,7 +157,7 @@ def build_image(
         raise
     finally:
         if cache is not None:
-            cache.discard_member_lists()  # those of a failed build
+            cache.release()
     if cache is not None:
         for layer, diff_id, digest in zip(layers, diff_ids, digests, strict=True):
             if isinstance(layer, StoreLayer) and layer.cache_key and layer.cached is None:

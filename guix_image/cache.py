@@ -9,7 +9,7 @@ every byte and fails, dropping the entry, if the prediction was wrong.
 Entries are small JSON files written atomically (temporary file + rename),
 so builds running at once never see half an entry. Next to an entry, the
 layer's member list (member_list.py) lets a rebuild skip the walk of the
-store; lists are larger (about 650 bytes per file), so the least recently
+store; lists are larger (about 800 bytes per file), so the least recently
 used go first when they take more than MEMBER_LISTS_BUDGET.
 """
 
@@ -60,8 +60,10 @@ class LayerCache:
         self.directory = directory / "layers"
         self.warn = warn
         self._writable = True
-        # Member lists being written: (key, temporary path, file, writer).
+        # This build's member lists: those being written, as (key, temporary
+        # path, file, writer), and those read.
         self._pending: list[tuple[str, str, Any, MemberListWriter]] = []
+        self._read: list[MemberList] = []
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -127,10 +129,11 @@ class LayerCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: trimmed last
+        self._read.append(members)
         return members
 
     def start_member_list(self, key: str) -> MemberListWriter | None:
-        """A writer for entry `key`'s member list, kept only if `commit_member_lists` follows."""
+        """A writer for entry `key`'s member list, kept if `commit_member_lists` follows."""
         if not self._writable:
             return None
         try:
@@ -153,15 +156,19 @@ class LayerCache:
                     os.replace(temporary, self._members_path(key))
         except OSError as error:
             self._unwritable(error)
-        self.discard_member_lists()
+        self.release()
         self._trim()
 
-    def discard_member_lists(self) -> None:
+    def release(self) -> None:
+        """Close the member lists read, and delete those written but not committed."""
         for _, temporary, file, _ in self._pending:
             file.close()
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
         self._pending.clear()
+        for members in self._read:
+            members.close()
+        self._read.clear()
 
     def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
         """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers."""
@@ -170,11 +177,10 @@ class LayerCache:
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
-                    st = entry.stat(follow_symlinks=False)
-                    abandoned = now - st.st_mtime > _ABANDONED
                     if entry.name.endswith(_MEMBERS):
+                        st = entry.stat(follow_symlinks=False)
                         lists.append((st.st_mtime_ns, st.st_size, entry.path))
-                    elif entry.name.startswith(_TEMPORARY_PREFIXES) and abandoned:
+                    elif entry.name.startswith(_TEMPORARY_PREFIXES) and _abandoned(entry, now):
                         os.unlink(entry.path)
         except OSError:
             return  # trimming is housekeeping: never a reason to fail
@@ -185,6 +191,10 @@ class LayerCache:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             total -= size
+
+
+def _abandoned(entry: os.DirEntry[str], now: float) -> bool:
+    return now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED
 
 
 def _parse_entry(data: bytes, key: str) -> CachedLayer | None:

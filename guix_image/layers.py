@@ -21,7 +21,7 @@ from .cache import CachedLayer, LayerCache
 from .errors import InputError, OperationError
 from .hashing_writer import FileChanged, HashingWriter
 from .image import LayerRef
-from .member_list import MemberList, MemberListError
+from .member_list import Member, MemberList, MemberListError
 from .store import Store
 from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
@@ -36,9 +36,6 @@ _PROGRESS_EVERY = 256  # entries between progress callbacks
 # by a scan that keeps nothing, then walked again while it streams.
 MAX_PLANNED = 24_000
 _CHECKS_PER_STEP = 512  # member list entries checked per idle step
-
-# A member: its header, content size, name, mode, and identity on disk (inode, ctime).
-Member = tuple[bytes, int, bytes, int, int, int]
 
 
 class StaleCacheEntry(OperationError):
@@ -184,7 +181,8 @@ class StoreLayer(Layer):
         write, write_file = writer.write, writer.write_file
         root = self.store.root + b"/"
         written = 0
-        for count, (header, size, name, mode, inode, ctime) in enumerate(members, 1):
+        for count, member in enumerate(members, 1):
+            header, size, name, _, _, _ = member
             written += len(header) + size + (-size % 512)
             if budget is not None and written > budget:
                 raise self.stale(f"its tar is now bigger than the {budget} bytes expected")
@@ -198,7 +196,7 @@ class StoreLayer(Layer):
             else:
                 write(header)
             if record is not None:
-                record(header, size, name, mode, inode, ctime)
+                record(member)
             if count % _PROGRESS_EVERY == 0:
                 progress(written)
         if budget is not None and written != budget:

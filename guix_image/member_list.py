@@ -39,6 +39,11 @@ _MAX_CHUNK_BYTES = 64 << 20
 _USABLE = sys.byteorder == "little"  # the arrays are read in native order
 
 
+# A member: its tar header(s), content size, name, mode, and identity on disk
+# (inode, ctime in nanoseconds; 0 and 0 for what is not on disk).
+Member = tuple[bytes, int, bytes, int, int, int]
+
+
 class MemberListError(Exception):
     """A member list that cannot be read as one: it is ignored or the build fails."""
 
@@ -62,22 +67,12 @@ class MemberListWriter:
         self._file = file
         self._file.write(MAGIC + _FILE_HEADER.pack(0, 0))  # rewritten by finish()
         self._count = 0
+        self._members: list[Member] = []
         self.finished = False
-        self._names: list[bytes] = []
-        self._sizes: list[int] = []
-        self._modes: list[int] = []
-        self._inodes: list[int] = []
-        self._ctimes: list[int] = []
-        self._headers: list[bytes] = []
 
-    def add(self, header: bytes, size: int, name: bytes, mode: int, inode: int, ctime: int) -> None:
-        self._headers.append(header)
-        self._sizes.append(size)
-        self._names.append(name)
-        self._modes.append(mode)
-        self._inodes.append(inode)
-        self._ctimes.append(ctime)
-        if len(self._names) == CHUNK_MEMBERS:
+    def add(self, member: Member) -> None:
+        self._members.append(member)
+        if len(self._members) == CHUNK_MEMBERS:
             self._write_chunk()
 
     def finish(self) -> None:
@@ -91,100 +86,110 @@ class MemberListWriter:
         self.finished = True
 
     def _write_chunk(self) -> None:
-        if not self._names:
+        if not self._members:
             return
-        names = b"\0".join(self._names)
-        headers = b"".join(self._headers)
-        ends = array("I", accumulate(map(len, self._headers)))
-        self._file.write(_CHUNK_HEADER.pack(len(self._names), len(names), len(headers)))
-        for values in (self._sizes, self._inodes):
-            self._file.write(array("Q", values).tobytes())
-        self._file.write(array("q", self._ctimes).tobytes())
-        self._file.write(array("I", self._modes).tobytes())
-        self._file.write(ends.tobytes())
-        self._file.write(names)
-        self._file.write(headers)
-        self._count += len(self._names)
-        for items in (
-            self._names,
-            self._sizes,
-            self._modes,
-            self._inodes,
-            self._ctimes,
-            self._headers,
-        ):
-            items.clear()
+        headers, sizes, names, modes, inodes, ctimes = zip(*self._members, strict=True)
+        joined_names = b"\0".join(names)
+        joined_headers = b"".join(headers)
+        write = self._file.write
+        write(_CHUNK_HEADER.pack(len(names), len(joined_names), len(joined_headers)))
+        write(array("Q", sizes).tobytes())
+        write(array("Q", inodes).tobytes())
+        write(array("q", ctimes).tobytes())
+        write(array("I", modes).tobytes())
+        write(array("I", accumulate(map(len, headers))).tobytes())
+        write(joined_names)
+        write(joined_headers)
+        self._count += len(names)
+        self._members.clear()
 
 
 class MemberList:
-    """A member list read from `path`, chunk by chunk; each reading opens it anew."""
+    """A member list, read chunk by chunk from a file held open.
+
+    Holding the file keeps it readable while another build replaces or
+    trims it; positional reads let two readings go on at once.
+    """
 
     def __init__(self, path: str) -> None:
-        """Check what can be checked without reading the chunks: the header and length."""
+        """Open `path` and check its header and length; FileNotFoundError if it is not there."""
         if not _USABLE:
             raise MemberListError("member lists are only used on little-endian machines")
         self.path = path
         try:
-            with open(path, "rb") as file:
-                head = file.read(len(MAGIC) + _FILE_HEADER.size)
-                length = os.fstat(file.fileno()).st_size
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise
         except OSError as error:
             raise MemberListError(error.strerror) from None
-        if len(head) != len(MAGIC) + _FILE_HEADER.size or not head.startswith(MAGIC):
-            raise MemberListError("not a member list")
-        self.count, recorded_length = _FILE_HEADER.unpack_from(head, len(MAGIC))
-        if recorded_length != length:
-            raise MemberListError(f"{length} bytes long where {recorded_length} were written")
+        try:
+            head = self._pread(len(MAGIC) + _FILE_HEADER.size, 0)
+            if not head.startswith(MAGIC):
+                raise MemberListError("not a member list")
+            self.count, recorded_length = _FILE_HEADER.unpack_from(head, len(MAGIC))
+            length = os.fstat(self._fd).st_size
+            if recorded_length != length:
+                raise MemberListError(f"{length} bytes long where {recorded_length} were written")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def chunks(self, *, headers: bool = True) -> Iterator[Chunk]:
         """The chunks in order; without `headers`, their headers are skipped, not read."""
-        try:
-            with open(self.path, "rb") as file:
-                file.seek(len(MAGIC) + _FILE_HEADER.size)
-                seen = 0
-                while chunk := _read_chunk(file, headers):
-                    seen += len(chunk.names)
-                    yield chunk
-        except OSError as error:
-            raise MemberListError(f"{self.path}: {error.strerror}") from None
+        offset = len(MAGIC) + _FILE_HEADER.size
+        seen = 0
+        while True:
+            chunk, offset = self._read_chunk(offset, headers)
+            if chunk is None:
+                break
+            seen += len(chunk.names)
+            yield chunk
         if seen != self.count:
             raise MemberListError(f"{self.path}: {seen} members where {self.count} were written")
 
+    def _pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as error:
+            raise MemberListError(f"{self.path}: {error.strerror}") from None
+        if len(data) != length:
+            raise MemberListError(f"{self.path}: ends inside a chunk")
+        return data
 
-def _read_chunk(file: BinaryIO, with_headers: bool) -> Chunk | None:
-    fixed = file.read(_CHUNK_HEADER.size)
-    if len(fixed) != _CHUNK_HEADER.size:
-        raise MemberListError(f"{file.name}: ends inside a chunk")
-    count, names_length, headers_length = _CHUNK_HEADER.unpack(fixed)
-    if count == 0:
-        return None
-    arrays_length = count * 32  # three 8-byte and two 4-byte values per member
-    if count > CHUNK_MEMBERS or arrays_length + names_length + headers_length > _MAX_CHUNK_BYTES:
-        raise MemberListError(f"{file.name}: a chunk is larger than any we write")
-    wanted = arrays_length + names_length
-    data = file.read(wanted)
-    if with_headers:
-        headers = file.read(headers_length)
-    else:
-        file.seek(headers_length, os.SEEK_CUR)
-        headers = b""
-    if len(data) != wanted or (with_headers and len(headers) != headers_length):
-        raise MemberListError(f"{file.name}: ends inside a chunk")
-    view = memoryview(data)
-    wide = 8 * count
-    narrow = 4 * count
-    ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
-    names = bytes(view[arrays_length:]).split(b"\0")
-    if len(names) != count or ends[-1] != headers_length:
-        raise MemberListError(f"{file.name}: a chunk does not add up")
-    return Chunk(
-        names=names,
-        sizes=view[:wide].cast("Q"),
-        inodes=view[wide : 2 * wide].cast("Q"),
-        ctimes=view[2 * wide : 3 * wide].cast("q"),
-        modes=view[3 * wide : 3 * wide + narrow].cast("I"),
-        ends=ends,
-        headers=memoryview(headers),
-    )
+    def _read_chunk(self, offset: int, with_headers: bool) -> tuple[Chunk | None, int]:
+        """The chunk at `offset`, or None at the end; and the next chunk's offset."""
+        fixed = self._pread(_CHUNK_HEADER.size, offset)
+        offset += _CHUNK_HEADER.size
+        count, names_length, headers_length = _CHUNK_HEADER.unpack(fixed)
+        if count == 0:
+            return None, offset
+        arrays_length = count * 32  # three 8-byte and two 4-byte values per member
+        chunk_length = arrays_length + names_length + headers_length
+        if count > CHUNK_MEMBERS or chunk_length > _MAX_CHUNK_BYTES:
+            raise MemberListError(f"{self.path}: a chunk is larger than any we write")
+        data = self._pread(arrays_length + names_length, offset)
+        offset += arrays_length + names_length
+        headers = self._pread(headers_length, offset) if with_headers else b""
+        offset += headers_length
+        view = memoryview(data)
+        wide = 8 * count
+        narrow = 4 * count
+        ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
+        names = bytes(view[arrays_length:]).split(b"\0")
+        if len(names) != count or ends[-1] != headers_length:
+            raise MemberListError(f"{self.path}: a chunk does not add up")
+        chunk = Chunk(
+            names=names,
+            sizes=view[:wide].cast("Q"),
+            inodes=view[wide : 2 * wide].cast("Q"),
+            ctimes=view[2 * wide : 3 * wide].cast("q"),
+            modes=view[3 * wide : 3 * wide + narrow].cast("I"),
+            ends=ends,
+            headers=memoryview(headers),
+        )
+        return chunk, offset

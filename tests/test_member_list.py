@@ -24,7 +24,7 @@ def record(path: Path, members: list[tuple[bytes, int, bytes, int, int, int]]) -
     with path.open("wb") as file:
         writer = MemberListWriter(file)
         for member in members:
-            writer.add(*member)
+            writer.add(member)
         writer.finish()
 
 
@@ -211,7 +211,7 @@ def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
     for age, key in enumerate(["old", "middle", "new"]):
         writer = cache.start_member_list(key)
         assert writer is not None
-        writer.add(b"\0" * 512 * 100, 0, b"name", 0o755, 1, 1)
+        writer.add((b"\0" * 512 * 100, 0, b"name", 0o755, 1, 1))
         writer.finish()
         cache.commit_member_lists()
         path = tmp_path / "layers" / f"{key}.members"
