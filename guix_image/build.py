@@ -114,8 +114,9 @@ def build_image(
     """Stream the image `config` describes, as a Docker archive, to `sink`.
 
     `sink` is a file descriptor or a function that takes each block of bytes.
-    With a `cache`, layers built before are streamed without waiting for
-    their scan, and their digests are checked against the cached ones.
+    With a `cache`, layers built before are streamed from their member
+    lists, or without waiting for their scan, and their digests are checked
+    against the cached ones.
     `favour_hashing` lowers the calling thread's priority for good (see
     HashingWriter); the command line sets it.
     """
@@ -127,10 +128,10 @@ def build_image(
             f"the image has {len(layers)} layers; `docker load` refuses more than {MOBY_MAX_LAYERS}"
         )
     store_layers = [layer for layer in layers if isinstance(layer, StoreLayer)]
-    if cache is not None:
-        _consult_cache(store_layers, cache, config.store_dir, root)
     scan_ahead = _ScanAhead(layers)
     try:
+        if cache is not None:
+            _consult_cache(store_layers, cache, config.store_dir, root)
         with HashingWriter(sink, idle=scan_ahead.step, favour_hashing=favour_hashing) as writer:
             archive = DockerArchiveWriter(writer, mtime=config.mtime)
             digests: list[Digest] = []
@@ -200,7 +201,7 @@ class _ScanAhead:
                 continue
             if ahead >= self.LOOKAHEAD_MEMBERS:
                 return False
-            if layer.scan_step(256):
+            if layer.ahead_step():
                 return True
             ahead += len(layer.planned)
         return False
@@ -214,15 +215,12 @@ def _consult_cache(
     database = StoreDatabase.find(store_dir, root)
     try:
         for layer in layers:
-            recipe = layer.recipe(database)
             layer.cache = cache
-            layer.cache_key = cache_key(recipe)
+            layer.cache_key = cache_key(layer.recipe(database))
             layer.cached = cache.get(layer.cache_key)
             members = cache.member_list(layer.cache_key) if layer.cached else None
             if members is not None:
-                # The store database's NAR hashes vouch for the contents.
-                trusted = all(i.startswith("nar:") for i in recipe["identity"])
-                layer.use_member_list(members, trusted=trusted)
+                layer.use_member_list(members)
     finally:
         if database is not None:
             database.close()

@@ -26,17 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import __version__, member_list
 from .image import canonical_json, sha256_hex
-from .member_list import MemberList, MemberListError, MemberListWriter
+from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
 
 ENTRY_VERSION = 1
 # Bump when the bytes written for the same inputs change (tar encoding, ordering...).
 LAYER_FORMAT = "guix-image/layer-tar/1"
+# Member lists hold encoded headers: only the code that wrote one replays it.
+_LIST_TAG = f"{LAYER_FORMAT} {__version__}".encode()
 
 _DIFF_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 MEMBER_LISTS_BUDGET = 512 << 20
 _MEMBERS = ".members"
-_TEMPORARY_PREFIXES = (".entry-", ".members-")
+_TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
 _ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed build's
 
 
@@ -60,9 +63,8 @@ class LayerCache:
         self.directory = directory / "layers"
         self.warn = warn
         self._writable = True
-        # This build's member lists: those being written, as (key, temporary
-        # path, file, writer), and those read.
-        self._pending: list[tuple[str, str, Any, MemberListWriter]] = []
+        # This build's member lists: those being written, by key, and those read.
+        self._pending: list[tuple[str, MemberListWriter]] = []
         self._read: list[MemberList] = []
 
     def _path(self, key: str) -> Path:
@@ -109,8 +111,9 @@ class LayerCache:
             self._unwritable(error)
 
     def _unwritable(self, error: OSError) -> None:
+        if self._writable:
+            self.warn(f"cannot write the layer cache in {self.directory}: {error.strerror}")
         self._writable = False
-        self.warn(f"cannot write the layer cache in {self.directory}: {error.strerror}")
 
     def drop(self, key: str) -> None:
         for path in (self._path(key), self._members_path(key)):
@@ -118,12 +121,14 @@ class LayerCache:
                 path.unlink()
 
     def member_list(self, key: str) -> MemberList | None:
-        """The member list recorded with entry `key`, if there is a readable one."""
+        """The member list recorded with entry `key`, if there is a usable one."""
+        if not member_list.USABLE:
+            return None
         path = self._members_path(key)
         try:
-            members = MemberList(str(path))
-        except FileNotFoundError:
-            return None
+            members = MemberList(str(path), _LIST_TAG)
+        except (FileNotFoundError, OtherWriter):
+            return None  # none, or one from another version: walked and recorded again
         except MemberListError as error:
             self.warn(f"ignoring unreadable member list {path}: {error}")
             return None
@@ -134,56 +139,56 @@ class LayerCache:
 
     def start_member_list(self, key: str) -> MemberListWriter | None:
         """A writer for entry `key`'s member list, kept if `commit_member_lists` follows."""
-        if not self._writable:
+        if not self._writable or not member_list.USABLE:
             return None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".members-", dir=self.directory)
+            writer = MemberListWriter(self.directory, _LIST_TAG, self._unwritable)
         except OSError as error:
             self._unwritable(error)
             return None
-        file = os.fdopen(fd, "wb")
-        writer = MemberListWriter(file)
-        self._pending.append((key, temporary, file, writer))
+        self._pending.append((key, writer))
         return writer
 
     def commit_member_lists(self) -> None:
-        """Keep every member list written completely since the last commit or discard."""
-        try:
-            for key, temporary, file, writer in self._pending:
-                file.close()
-                if writer.finished:
-                    os.replace(temporary, self._members_path(key))
-        except OSError as error:
-            self._unwritable(error)
+        """Keep every complete member list written since the last commit or release."""
+        for key, writer in self._pending:
+            try:
+                writer.commit(self._members_path(key))
+            except OSError as error:
+                self._unwritable(error)
+        self._pending.clear()
         self.release()
         self._trim()
 
     def release(self) -> None:
         """Close the member lists read, and delete those written but not committed."""
-        for _, temporary, file, _ in self._pending:
-            file.close()
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+        for _, writer in self._pending:
+            writer.abort()
         self._pending.clear()
         for members in self._read:
             members.close()
         self._read.clear()
 
     def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
-        """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers."""
+        """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers.
+
+        Housekeeping, never a reason to fail: another build may be renaming
+        or trimming the same files.
+        """
         lists: list[tuple[int, int, str]] = []
         now = time.time()
         try:
             with os.scandir(self.directory) as entries:
                 for entry in entries:
-                    if entry.name.endswith(_MEMBERS):
-                        st = entry.stat(follow_symlinks=False)
-                        lists.append((st.st_mtime_ns, st.st_size, entry.path))
-                    elif entry.name.startswith(_TEMPORARY_PREFIXES) and _abandoned(entry, now):
-                        os.unlink(entry.path)
+                    with contextlib.suppress(OSError):
+                        if entry.name.endswith(_MEMBERS):
+                            st = entry.stat(follow_symlinks=False)
+                            lists.append((st.st_mtime_ns, st.st_size, entry.path))
+                        elif entry.name.startswith(_TEMPORARY_PREFIXES) and _abandoned(entry, now):
+                            os.unlink(entry.path)
         except OSError:
-            return  # trimming is housekeeping: never a reason to fail
+            return
         total = sum(size for _, size, _ in lists)
         for _, size, path in sorted(lists):
             if total <= budget:

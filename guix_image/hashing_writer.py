@@ -53,6 +53,19 @@ class FileChanged(OperationError):
     """A file changed between the scan that planned the archive and its copy."""
 
 
+class SourceError(OperationError):
+    """A file being copied into the stream could not be opened or read.
+
+    Kept apart from the errors of the output (a closed pipe, a full disk),
+    which pass through as they are.
+    """
+
+    def __init__(self, path: bytes | str, error: OSError) -> None:
+        self.path = os.fsdecode(path)
+        self.errno = error.errno
+        super().__init__(f"cannot read {self.path}: {error.strerror}")
+
+
 def _is_regular(fd: int) -> bool:
     try:
         return stat.S_ISREG(os.fstat(fd).st_mode)
@@ -61,7 +74,10 @@ def _is_regular(fd: int) -> bool:
 
 
 def _check_mode(fd: int, path: bytes, mode: int) -> None:
-    st_mode = os.fstat(fd).st_mode
+    try:
+        st_mode = os.fstat(fd).st_mode
+    except OSError as error:
+        raise SourceError(path, error) from None
     if not stat.S_ISREG(st_mode):
         raise FileChanged(f"{os.fsdecode(path)}: no longer a regular file")
     if st_mode & 0o7777 != mode:
@@ -193,22 +209,25 @@ class HashingWriter:
         """Write a tar member: `header`, the `size` bytes of the file at `path`, padding.
 
         The hot path of a build: a small file is read straight into the block
-        with one system call. Raises OSError if the file cannot be read and
-        FileChanged if its size is not `size`, or, given a `mode`, if it is
-        not a regular file with those permission bits.
+        with one system call. Raises SourceError if the file cannot be read
+        and FileChanged if its size is not `size`, or, given a `mode`, if it
+        is not a regular file with those permission bits.
         """
         block = self._block
         start = block.length
         content = start + len(header)
         padding = -size % 512
         if content + size + padding < self._block_size:  # it all fits, with a byte to spare
-            fd = os.open(path, _OPEN_FLAGS)
             try:
-                if mode is not None:
-                    _check_mode(fd, path, mode)
-                got = os.readv(fd, [block.view[content : content + size + 1]])
-            finally:
-                os.close(fd)
+                fd = os.open(path, _OPEN_FLAGS)
+                try:
+                    if mode is not None:
+                        _check_mode(fd, path, mode)
+                    got = os.readv(fd, [block.view[content : content + size + 1]])
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                raise SourceError(path, error) from None
             if got != size:
                 raise FileChanged(
                     f"{os.fsdecode(path)}: file {_changed(got, size)} while it was being read"
@@ -219,7 +238,10 @@ class HashingWriter:
             block.length = end + padding
             return
         self.write(header)
-        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as error:
+            raise SourceError(path, error) from None
         try:
             if mode is not None:
                 _check_mode(fd, path, mode)
@@ -231,8 +253,9 @@ class HashingWriter:
     def copy_from_fd(self, fd: int, size: int, name: str, *, at_eof: bool = True) -> None:
         """Copy exactly `size` bytes from `fd`'s current offset.
 
-        Raises FileChanged, naming `name`, if the file is shorter, or (when
-        `at_eof`: the file should end there) longer.
+        Raises SourceError, naming `name`, if it cannot be read, FileChanged
+        if the file is shorter, or (when `at_eof`: the file should end there)
+        longer.
         """
         remaining = size
         slack = 1 if at_eof else 0
@@ -243,7 +266,10 @@ class HashingWriter:
             # Ask for one byte more than we need when there is room: a regular
             # file at EOF returns short, so growth is caught without a second read.
             want = min(self._block_size - start, remaining + slack)
-            got = readv(fd, [block.view[start : start + want]])
+            try:
+                got = readv(fd, [block.view[start : start + want]])
+            except OSError as error:
+                raise SourceError(name, error) from None
             if got > remaining or (got == 0 and remaining):
                 raise FileChanged(
                     f"{name}: file {_changed(got, remaining)} while it was being read"

@@ -10,16 +10,18 @@ the result is checked against the prediction.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from typing import TYPE_CHECKING, Any
 
-from .cache import CachedLayer, LayerCache
+from .cache import CachedLayer
 from .errors import InputError, OperationError
-from .hashing_writer import FileChanged, HashingWriter
+from .hashing_writer import FileChanged, HashingWriter, SourceError
 from .image import LayerRef
 from .member_list import Member, MemberList, MemberListError
 from .store import Store
@@ -27,6 +29,7 @@ from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
 if TYPE_CHECKING:
     from .archive import Source
+    from .cache import LayerCache
     from .storedb import StoreDatabase
 
 # Called with the number of bytes of the layer written so far.
@@ -36,6 +39,8 @@ _PROGRESS_EVERY = 256  # entries between progress callbacks
 # by a scan that keeps nothing, then walked again while it streams.
 MAX_PLANNED = 24_000
 _CHECKS_PER_STEP = 512  # member list entries checked per idle step
+# Errors opening a listed file that mean the store is not as listed.
+_GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENXIO}
 
 
 class StaleCacheEntry(OperationError):
@@ -67,11 +72,8 @@ class StoreLayer(Layer):
     (a directory's ctime changes when entries come or go); at the first
     difference the list is dropped and the layer is walked as if it had
     none. Files with contents are checked as they are opened: still regular
-    files with the recorded mode, exactly as long, and hashed. Where the
-    store database vouches for every path's contents (its NAR hash is in the
-    cache key) the list is trusted without these checks: deduplication
-    relinks store files, which changes their ctime but never their contents.
-    Either way the layer's digest must be the cached one.
+    files with the recorded mode, exactly as long, and hashed: the layer's
+    digest must be the cached one.
     """
 
     def __init__(self, store: Store, paths: Sequence[str], encoder: HeaderEncoder, where: str):
@@ -85,14 +87,14 @@ class StoreLayer(Layer):
         # writer has time.
         self.planned: list[Member] = []
         self._scan: Iterator[Member] | None = None
+        self._scan_started = 0  # time.time_ns() before the first walk read anything
         self._scanned = False
         self._walk_again: int | None = None  # the size a second walk must find
         self.cache: LayerCache | None = None  # where to record the member list
         self.cache_key: str | None = None
         self.cached: CachedLayer | None = None  # the cache's prediction, if any
         self.member_list: MemberList | None = None  # streamed instead of a walk
-        self._checks: Iterator[None] | None = None  # the member list's pending check
-        self._check_modes = False  # check each listed file's mode as it is opened
+        self._checks: Iterator[bool] | None = None  # the member list's pending check
 
     def recipe(self, database: StoreDatabase | None) -> dict[str, Any]:
         """Everything the layer's bytes depend on, cheaply: the cache key's input."""
@@ -106,29 +108,39 @@ class StoreLayer(Layer):
             "mtime": self.encoder.mtime,
         }
 
-    def use_member_list(self, members: MemberList, *, trusted: bool) -> None:
-        """Stream from `members`, after checking it against the disk unless `trusted`."""
+    def use_member_list(self, members: MemberList) -> None:
+        """Stream from `members` if it passes its check (see `check_step`)."""
         self.member_list = members
-        self._checks = None if trusted else self._check_members(members)
-        self._check_modes = not trusted
+        self._checks = self._check_members(members)
 
     def members(self) -> Iterator[Member]:
         """Walk the store paths, yielding each member's header, size, name, mode, identity."""
+        if not self._scan_started:
+            self._scan_started = time.time_ns()
         encode = self.encoder.encode
         for name, typeflag, mode, size, linkname, inode, ctime in self.store.iter_layer(
             self.paths, self.where
         ):
             yield encode(name, typeflag, mode, size, linkname), size, name, mode, inode, ctime
 
-    def scan_step(self, count: int) -> bool:
-        """Scan (or check) up to `count` more members ahead of time; False when it may not go on."""
+    def ahead_step(self) -> bool:
+        """Do a little of what streaming the layer needs, ahead of time: check its
+        member list, or else scan it. False when nothing more may be done now."""
         if self.member_list is not None:
-            if self._checks is None:
-                return False
-            if next(self._checks, StopIteration) is StopIteration:
-                self._checks = None
-                return False
-            return True
+            return self.check_step()
+        return self.scan_step(256)
+
+    def check_step(self) -> bool:
+        """Check a slice of the member list; False once it is checked (or dropped)."""
+        if self._checks is None:
+            return False
+        if next(self._checks, None) is None:
+            self._checks = None
+            return False
+        return True
+
+    def scan_step(self, count: int) -> bool:
+        """Scan up to `count` more members ahead of time; False when it may not go on."""
         room = MAX_PLANNED - len(self.planned)
         if self._scanned or room <= 0 or self._walk_again is not None:
             return False
@@ -141,8 +153,8 @@ class StoreLayer(Layer):
         return not self._scanned and len(self.planned) < MAX_PLANNED
 
     def prepare(self) -> int:
-        while self._checks is not None:  # finish checking the member list
-            self.scan_step(0)
+        while self.check_step():
+            pass
         if self.cached is not None:
             return self.cached.size
         if self._walk_again is not None:
@@ -189,10 +201,8 @@ class StoreLayer(Layer):
             if size:  # only regular files have contents
                 try:
                     write_file(header, root + name, size)
-                except OSError as error:
-                    raise OperationError(
-                        f"{self.where}: cannot read {os.fsdecode(root + name)}: {error.strerror}"
-                    ) from None
+                except SourceError as error:
+                    raise OperationError(f"{self.where}: {error}") from None
             else:
                 write(header)
             if record is not None:
@@ -202,7 +212,7 @@ class StoreLayer(Layer):
         if budget is not None and written != budget:
             raise self.stale(f"its tar is now smaller than the {budget} bytes expected")
         if recorder is not None:
-            recorder.finish()
+            recorder.finish(read_since=self._scan_started)
         return written
 
     def _write_listed(
@@ -212,9 +222,7 @@ class StoreLayer(Layer):
         budget = self.cached.size - len(END_OF_ARCHIVE)
         write, write_file = writer.write, writer.write_file
         root = self.store.root + b"/"
-        check_modes = self._check_modes
         written = count = 0
-        name = b""
         try:
             for chunk in members.chunks():
                 headers = chunk.headers
@@ -226,8 +234,7 @@ class StoreLayer(Layer):
                     if written > budget:
                         raise self.stale(f"its tar is now bigger than the {budget} bytes expected")
                     if size:
-                        header = headers[start:end]
-                        write_file(header, root + name, size, mode if check_modes else None)
+                        write_file(headers[start:end], root + name, size, mode)
                     else:
                         write(headers[start:end])
                     start = end
@@ -236,16 +243,18 @@ class StoreLayer(Layer):
                         progress(written)
         except MemberListError as error:
             raise self.stale(f"its member list is unreadable: {error}") from None
-        except OSError as error:
-            raise self.stale(f"cannot read {os.fsdecode(root + name)}: {error.strerror}") from None
+        except SourceError as error:
+            if error.errno not in _GONE:  # not a sign of a changed store
+                raise OperationError(f"{self.where}: {error}") from None
+            raise self.stale(str(error)) from None
         except FileChanged as error:
             raise self.stale(str(error)) from None
         if written != budget:
             raise self.stale(f"its tar is now smaller than the {budget} bytes expected")
         return written
 
-    def _check_members(self, members: MemberList) -> Iterator[None]:
-        """Compare listed members' identities with the disk's, a slice at a time.
+    def _check_members(self, members: MemberList) -> Iterator[bool]:
+        """Compare listed members' identities with the disk's, a slice per step.
 
         Only members without contents: files with contents are checked as
         they are opened. At the first difference (or an unreadable list) the
@@ -260,7 +269,7 @@ class StoreLayer(Layer):
                 ):
                     if inode and not size:
                         try:
-                            st = lstat(root + name)
+                            st = lstat(root + name.rstrip(b"/"))
                         except OSError:
                             self.member_list = None
                             return
@@ -268,7 +277,7 @@ class StoreLayer(Layer):
                             self.member_list = None
                             return
                     if count % _CHECKS_PER_STEP == 0:
-                        yield
+                        yield True
         except MemberListError as error:
             if self.cache is not None:
                 self.cache.warn(f"ignoring an unreadable member list: {error}")

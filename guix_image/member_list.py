@@ -11,11 +11,12 @@ A list is a prediction, like the digest next to it: see StoreLayer for how
 it is checked. The file is a sequence of chunks, so that reading or writing
 one holds a bounded amount in memory whatever the layer's size:
 
-    header:  MAGIC, then u64 member count and u64 file length
-    chunk:   u32 count, u32 names length, u32 headers length, then
-             count x u64 content size, u64 inode, i64 ctime (ns),
-             count x u32 mode, u32 end of the member's header in the chunk's headers,
-             the names joined by NUL, the headers
+    header:  MAGIC, u64 member count, u64 file length, and a 64-byte tag
+             naming the code that wrote it (a list from other code is unused)
+    chunk:   u32 member count, u32 names length, u32 headers length, then
+             the members' content sizes (u64 each), inodes (u64), ctimes in
+             ns (i64), modes (u32), the end of each member's headers in the
+             chunk's headers (u32), their names joined by NUL, their headers
     end:     a chunk of count 0
 
 Integers are little-endian; a list written elsewhere is only ever unusable.
@@ -23,21 +24,32 @@ Integers are little-endian; a list written elsewhere is only ever unusable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import sys
+import tempfile
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import accumulate
-from typing import BinaryIO, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"guix-image member list 1\n"
-_FILE_HEADER = struct.Struct("<QQ")
+_FILE_HEADER = struct.Struct("<QQ64s")
 _CHUNK_HEADER = struct.Struct("<III")
-CHUNK_MEMBERS = 4096  # about 2.5 MiB of headers and names per chunk
-_MAX_CHUNK_BYTES = 64 << 20
-_USABLE = sys.byteorder == "little"  # the arrays are read in native order
-
+CHUNK_MEMBERS = 4096  # about 3 MiB of headers and names per chunk
+# Above what 4096 members can take: names and link targets are at most
+# PATH_MAX (4096) bytes, so a member's headers at most about 10 KiB.
+_MAX_CHUNK_BYTES = 128 << 20
+USABLE = sys.byteorder == "little"  # the arrays are read in native order
+TEMPORARY_PREFIX = ".members-"
+# A change in the same clock tick as the scan that read a ctime may leave the
+# ctime as it was (git's "racily clean" entries). A list holding a ctime that
+# recent is not kept. Nanosecond timestamps advance at least every 10 ms;
+# whole-second ones (ext3, FAT: 2 s) are told apart by their zero nanoseconds.
+RACY_NS = 100_000_000
+_RACY_COARSE_NS = 2_000_000_000
 
 # A member: its tar header(s), content size, name, mode, and identity on disk
 # (inode, ctime in nanoseconds; 0 and 0 for what is not on disk).
@@ -46,6 +58,10 @@ Member = tuple[bytes, int, bytes, int, int, int]
 
 class MemberListError(Exception):
     """A member list that cannot be read as one: it is ignored or the build fails."""
+
+
+class OtherWriter(MemberListError):
+    """A list written by other code (another version): not to be used, not an error."""
 
 
 class Chunk(NamedTuple):
@@ -61,47 +77,101 @@ class Chunk(NamedTuple):
 
 
 class MemberListWriter:
-    """Records a layer's members, in order, into `file` (open for writing, at offset 0)."""
+    """Records a layer's members, in order, into a new temporary file in `directory`.
 
-    def __init__(self, file: BinaryIO) -> None:
-        self._file = file
-        self._file.write(MAGIC + _FILE_HEADER.pack(0, 0))  # rewritten by finish()
-        self._count = 0
+    Creating it raises OSError if the file cannot be created. A later write
+    error does not stop the build: the first is passed to `on_error`, and
+    the list is not kept.
+    """
+
+    def __init__(self, directory: Path, tag: bytes, on_error: Callable[[OSError], None]) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=directory)
+        self._file = os.fdopen(fd, "wb")
+        self._tag = tag
+        self._on_error: Callable[[OSError], None] | None = on_error
         self._members: list[Member] = []
-        self.finished = False
+        self._count = 0
+        self._newest_ctime = 0
+        self.complete = False  # finished, and worth keeping
+        self._write(MAGIC + _FILE_HEADER.pack(0, 0, tag))  # rewritten by finish()
 
     def add(self, member: Member) -> None:
-        self._members.append(member)
-        if len(self._members) == CHUNK_MEMBERS:
+        members = self._members
+        members.append(member)
+        if len(members) == CHUNK_MEMBERS:
             self._write_chunk()
 
-    def finish(self) -> None:
-        """Write the last chunk, the end, and the header; the file is then complete."""
+    def finish(self, read_since: int) -> None:
+        """End the list. `read_since`: when (`time.time_ns()`) its first identity was read."""
         self._write_chunk()
-        self._file.write(_CHUNK_HEADER.pack(0, 0, 0))
-        length = self._file.tell()
-        self._file.seek(len(MAGIC))
-        self._file.write(_FILE_HEADER.pack(self._count, length))
-        self._file.flush()
-        self.finished = True
+        if self._on_error is None or _too_recent(self._newest_ctime, read_since):
+            return
+        self._write(_CHUNK_HEADER.pack(0, 0, 0))
+        try:
+            length = self._file.tell()
+            self._file.seek(len(MAGIC))
+        except OSError as error:
+            self._fail(error)
+        self._write(_FILE_HEADER.pack(self._count, length, self._tag))
+        try:
+            self._file.flush()
+        except OSError as error:
+            self._fail(error)
+        self.complete = self._on_error is not None
+
+    def commit(self, destination: Path) -> None:
+        """Put a complete list at `destination` (atomically), or delete it."""
+        if not self.complete:
+            self.abort()
+            return
+        self._file.close()
+        try:
+            os.replace(self.path, destination)
+        except OSError:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):  # a write failed before: the file goes anyway
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     def _write_chunk(self) -> None:
-        if not self._members:
+        if not self._members or self._on_error is None:
+            self._members.clear()
             return
         headers, sizes, names, modes, inodes, ctimes = zip(*self._members, strict=True)
+        self._members.clear()
+        self._newest_ctime = max(self._newest_ctime, *ctimes)
         joined_names = b"\0".join(names)
         joined_headers = b"".join(headers)
-        write = self._file.write
-        write(_CHUNK_HEADER.pack(len(names), len(joined_names), len(joined_headers)))
-        write(array("Q", sizes).tobytes())
-        write(array("Q", inodes).tobytes())
-        write(array("q", ctimes).tobytes())
-        write(array("I", modes).tobytes())
-        write(array("I", accumulate(map(len, headers))).tobytes())
-        write(joined_names)
-        write(joined_headers)
+        self._write(_CHUNK_HEADER.pack(len(names), len(joined_names), len(joined_headers)))
+        self._write(array("Q", sizes).tobytes())
+        self._write(array("Q", inodes).tobytes())
+        self._write(array("q", ctimes).tobytes())
+        self._write(array("I", modes).tobytes())
+        self._write(array("I", accumulate(map(len, headers))).tobytes())
+        self._write(joined_names)
+        self._write(joined_headers)
         self._count += len(names)
-        self._members.clear()
+
+    def _write(self, data: bytes) -> None:
+        if self._on_error is not None:
+            try:
+                self._file.write(data)
+            except OSError as error:
+                self._fail(error)
+
+    def _fail(self, error: OSError) -> None:
+        if self._on_error is not None:
+            on_error, self._on_error = self._on_error, None
+            on_error(error)
+
+
+def _too_recent(ctime: int, read_since: int) -> bool:
+    margin = _RACY_COARSE_NS if ctime % 1_000_000_000 == 0 else RACY_NS
+    return ctime >= read_since - margin
 
 
 class MemberList:
@@ -111,10 +181,8 @@ class MemberList:
     trims it; positional reads let two readings go on at once.
     """
 
-    def __init__(self, path: str) -> None:
-        """Open `path` and check its header and length; FileNotFoundError if it is not there."""
-        if not _USABLE:
-            raise MemberListError("member lists are only used on little-endian machines")
+    def __init__(self, path: str, tag: bytes) -> None:
+        """Open `path`, check its header, tag and length; FileNotFoundError if there is none."""
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -126,7 +194,10 @@ class MemberList:
             head = self._pread(len(MAGIC) + _FILE_HEADER.size, 0)
             if not head.startswith(MAGIC):
                 raise MemberListError("not a member list")
-            self.count, recorded_length = _FILE_HEADER.unpack_from(head, len(MAGIC))
+            self.count, recorded_length, recorded_tag = _FILE_HEADER.unpack_from(head, len(MAGIC))
+            if recorded_tag.rstrip(b"\0") != tag:
+                writer = recorded_tag.rstrip(b"\0").decode(errors="replace")
+                raise OtherWriter(f"written by {writer}, not {tag.decode()}")
             length = os.fstat(self._fd).st_size
             if recorded_length != length:
                 raise MemberListError(f"{length} bytes long where {recorded_length} were written")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,13 @@ class StoreTree:
         }
         document.update(fields)
         return document
+
+
+def settle() -> None:
+    """Let a new store age past the clock tick of a scan, so that member lists are kept."""
+    from guix_image import member_list
+
+    time.sleep(member_list.RACY_NS / 1e9 + 0.02)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from guix_image.cache import LayerCache, cache_key
 from guix_image.cli import main
 
-from .conftest import StoreTree, write_config
+from .conftest import StoreTree, settle, write_config
 
 GUIX_IMAGE = [sys.executable, "-m", "guix_image"]
 
@@ -39,6 +39,7 @@ def build(config: Path, output: Path, *extra: str) -> tuple[int, str]:
 def image_config(store: StoreTree, tmp_path: Path) -> tuple[StoreTree, Path]:
     a = store.item("a", {"bin/a": "#!/bin/sh\n", "share/doc/a.txt": "A" * 5000})
     b = store.item("b", {"lib/b.so": os.urandom(300_000).hex()})
+    settle()  # old enough for member lists
     return store, write_config(tmp_path / "c.json", store.config([[a], [b], [a, b]]))
 
 

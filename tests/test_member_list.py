@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import sqlite3
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,24 +15,33 @@ from click.testing import CliRunner
 from guix_image import layers, member_list
 from guix_image.cache import LayerCache
 from guix_image.cli import main
-from guix_image.member_list import MemberList, MemberListError, MemberListWriter
+from guix_image.member_list import (
+    Member,
+    MemberList,
+    MemberListError,
+    MemberListWriter,
+    OtherWriter,
+)
 from guix_image.store import Store
 
-from .conftest import StoreTree, write_config
-from .test_cache import make_database, member_lists
+from .conftest import StoreTree, settle, write_config
+from .test_cache import GUIX_IMAGE, entries, make_database, member_lists
+
+TAG = b"test-tag 1"
 
 
-def record(path: Path, members: list[tuple[bytes, int, bytes, int, int, int]]) -> None:
-    with path.open("wb") as file:
-        writer = MemberListWriter(file)
-        for member in members:
-            writer.add(member)
-        writer.finish()
+def record(path: Path, members: list[Member]) -> None:
+    writer = MemberListWriter(path.parent, TAG, on_error=pytest.fail)
+    for member in members:
+        writer.add(member)
+    writer.finish(read_since=time.time_ns())
+    writer.commit(path)
 
 
-def replay(path: Path, *, headers: bool = True) -> list[tuple[bytes, int, bytes, int, int, int]]:
+def replay(path: Path, *, headers: bool = True) -> list[Member]:
     found = []
-    for chunk in MemberList(str(path)).chunks(headers=headers):
+    members = MemberList(str(path), TAG)
+    for chunk in members.chunks(headers=headers):
         start = 0
         for i, name in enumerate(chunk.names):
             header = bytes(chunk.headers[start : chunk.ends[i]]) if headers else b""
@@ -38,6 +49,7 @@ def replay(path: Path, *, headers: bool = True) -> list[tuple[bytes, int, bytes,
             found.append(
                 (header, chunk.sizes[i], name, chunk.modes[i], chunk.inodes[i], chunk.ctimes[i])
             )
+    members.close()
     return found
 
 
@@ -55,7 +67,8 @@ def test_a_list_reads_back_what_was_written_across_chunks(
     assert replay(tmp_path / "m") == MEMBERS
     skipped = replay(tmp_path / "m", headers=False)
     assert [m[1:] for m in skipped] == [m[1:] for m in MEMBERS]
-    assert MemberList(str(tmp_path / "m")).count == 10
+    assert MemberList(str(tmp_path / "m"), TAG).count == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary file left
 
 
 def test_an_empty_list_is_a_list(tmp_path: Path) -> None:
@@ -63,15 +76,35 @@ def test_an_empty_list_is_a_list(tmp_path: Path) -> None:
     assert replay(tmp_path / "m") == []
 
 
+def test_a_list_from_other_code_is_not_used(tmp_path: Path) -> None:
+    record(tmp_path / "m", MEMBERS)
+    with pytest.raises(OtherWriter, match="written by test-tag 1, not test-tag 2"):
+        MemberList(str(tmp_path / "m"), b"test-tag 2")
+
+
+def test_a_list_holding_a_ctime_from_the_last_moments_is_not_kept(tmp_path: Path) -> None:
+    """A change in the clock tick of the scan may not change the ctime read."""
+    now = time.time_ns()
+    for ctime, kept in ((now - 10**9, True), (now - 10**6, False), (now // 10**9 * 10**9, False)):
+        writer = MemberListWriter(tmp_path, TAG, on_error=pytest.fail)
+        writer.add((b"\0" * 512, 0, b"d/", 0o755, 1, ctime))
+        writer.finish(read_since=now)
+        writer.commit(tmp_path / "m")
+        assert (tmp_path / "m").exists() == kept, ctime
+        (tmp_path / "m").unlink(missing_ok=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "extended", "not a list", "count", "chunk too long"],
+    ["truncated", "extended", "not a list", "count", "chunk too long", "names", "ends"],
 )
 def test_a_damaged_list_is_refused(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "m"
-    record(path, MEMBERS)
+    record(path, MEMBERS[:4])
     data = bytearray(path.read_bytes())
-    header = len(member_list.MAGIC) + 16  # magic, member count, file length
+    chunk = len(member_list.MAGIC) + 16 + 64  # magic, member count, file length, tag
+    arrays = chunk + 12 + 4 * 32  # the chunk header, then 32 bytes of arrays per member
     if damage == "truncated":
         del data[-20:]
     elif damage == "extended":
@@ -81,7 +114,11 @@ def test_a_damaged_list_is_refused(tmp_path: Path, damage: str) -> None:
     elif damage == "count":  # a member more than the header says
         data[len(member_list.MAGIC)] += 1
     elif damage == "chunk too long":
-        data[header : header + 4] = (1 << 30).to_bytes(4, "little")
+        data[chunk : chunk + 4] = (1 << 30).to_bytes(4, "little")
+    elif damage == "names":  # one more NUL: five names for four members
+        data[arrays + 2] = 0
+    elif damage == "ends":  # the last header ends before the headers do
+        data[arrays - 4] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(MemberListError):
         replay(path)
@@ -95,11 +132,17 @@ def build(config: Path, output: Path, *extra: str) -> tuple[int, str]:
     return result.exit_code, result.stderr
 
 
-@pytest.fixture
-def image(store: StoreTree, tmp_path: Path) -> tuple[StoreTree, Path]:
+@pytest.fixture(params=[False, True], ids=["no database", "database"])
+def image(
+    request: pytest.FixtureRequest, store: StoreTree, tmp_path: Path
+) -> tuple[StoreTree, Path]:
     a = store.item("a", {"bin/a": "#!/bin/sh\n", "share/doc/a.txt": "A" * 5000, "empty": ""})
     (a / "bin" / "link").symlink_to("a")
     b = store.item("b", {"lib/b.so": os.urandom(300_000), "lib/sub/c": "c"})
+    if request.param:
+        database = store.base / "var" / "guix" / "db" / "db.sqlite"
+        make_database(database, {str(a): "sha256:" + "a" * 64, str(b): "sha256:" + "b" * 64})
+    settle()
     return store, write_config(tmp_path / "c.json", store.config([[a], [b], [a, b]]))
 
 
@@ -110,18 +153,13 @@ def no_walks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Store, "_walk", walk)
 
 
-@pytest.mark.parametrize("registered", [False, True], ids=["no database", "database"])
 def test_a_rebuild_streams_from_the_member_lists_without_walking(
     image: tuple[StoreTree, Path],
     tmp_path: Path,
     private_cache: Path,
     monkeypatch: pytest.MonkeyPatch,
-    registered: bool,
 ) -> None:
-    store, config = image
-    if registered:
-        database = store.base / "var" / "guix" / "db" / "db.sqlite"
-        make_database(database, {str(store.path(n)): f"sha256:{n * 64}" for n in "ab"})
+    _, config = image
     monkeypatch.setattr(layers, "MAX_PLANNED", 4)  # the third layer is walked twice
     assert build(config, tmp_path / "cold.tar")[0] == 0
     assert len(member_lists(private_cache)) == 3
@@ -132,42 +170,72 @@ def test_a_rebuild_streams_from_the_member_lists_without_walking(
     assert (tmp_path / "cold.tar").read_bytes() == (tmp_path / "warm.tar").read_bytes()
 
 
-def test_a_directory_that_changed_is_walked_again(
-    image: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path
+def test_a_store_just_written_is_walked_again_next_time(
+    store: StoreTree, tmp_path: Path, private_cache: Path
+) -> None:
+    item = store.item("fresh", {"f": "x"})
+    config = write_config(tmp_path / "c.json", store.config([[item]]))
+    assert build(config, tmp_path / "1.tar")[0] == 0  # at once: too recent to list
+    assert member_lists(private_cache) == []
+    settle()
+    code, stderr = build(config, tmp_path / "2.tar")
+    assert code == 0 and "files from the cached member list" not in stderr
+    assert len(member_lists(private_cache)) == 1
+    code, stderr = build(config, tmp_path / "3.tar")
+    assert code == 0 and "files from the cached member list" in stderr
+
+
+@pytest.mark.parametrize("change", ["directory", "relinked file"])
+def test_a_change_that_keeps_the_bytes_means_one_walk(
+    image: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path, change: str
 ) -> None:
     store, config = image
     assert build(config, tmp_path / "cold.tar")[0] == 0
     before = {p: p.read_bytes() for p in member_lists(private_cache)}
-    time.sleep(0.01)  # a new ctime, even where the clock is coarse
-    directory = store.path("b") / "lib" / "sub"
-    os.chmod(directory, 0o755)  # the same mode: the layer's bytes do not change
+    if change == "directory":
+        os.chmod(store.path("b") / "lib" / "sub", 0o755)  # the same mode, a new ctime
+    else:  # what deduplicating a store does: the same file, a new inode
+        library = store.path("b") / "lib" / "b.so"
+        shutil.copy2(library, library.with_suffix(".new"))
+        os.replace(library.with_suffix(".new"), library)
+    settle()
     code, stderr = build(config, tmp_path / "warm.tar")
     assert code == 0, stderr
-    assert stderr.count("files from the cached member list") == 1  # layer 1: only a
+    assert stderr.count("files from the cached member list") == 1  # layer 1: a, unchanged
     assert (tmp_path / "cold.tar").read_bytes() == (tmp_path / "warm.tar").read_bytes()
     after = {p: p.read_bytes() for p in member_lists(private_cache)}
     assert after.keys() == before.keys()
-    assert sum(after[p] != before[p] for p in after) == 2  # recorded again, new ctime
+    assert sum(after[p] != before[p] for p in after) == 2  # recorded again
     code, stderr = build(config, tmp_path / "again.tar")
+    assert code == 0
     assert stderr.count("files from the cached member list") == 3
 
 
-@pytest.mark.parametrize("change", ["mode", "new file", "removed file", "same size"])
+@pytest.mark.parametrize(
+    "change",
+    ["mode", "new file", "removed file", "same size", "symlink target", "empty file written"],
+)
 def test_a_store_edited_under_a_member_list_fails_once(
     image: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path, change: str
 ) -> None:
     store, config = image
     assert build(config, tmp_path / "cold.tar")[0] == 0
-    time.sleep(0.01)
-    doc = store.path("a") / "share" / "doc" / "a.txt"
+    a = store.path("a")
+    doc = a / "share" / "doc" / "a.txt"
     if change == "mode":
         doc.chmod(0o600)  # checked as the file is opened
     elif change == "new file":
         (doc.parent / "new.txt").write_text("new")  # its directory's ctime changes
     elif change == "removed file":
         doc.unlink()
-    else:
+    elif change == "same size":
         doc.write_text("B" * 5000)  # only the digest can tell
+    elif change == "symlink target":
+        (a / "bin" / "link").unlink()
+        (a / "bin" / "link").symlink_to("elsewhere")
+    else:
+        (a / "empty").write_text("no longer empty")
+    settle()
     output = tmp_path / "warm.tar"
     code, stderr = build(config, output)
     assert code == 1
@@ -190,8 +258,71 @@ def test_an_unreadable_member_list_is_ignored_with_a_warning(
     assert stderr.count("warning: ignoring unreadable member list") == 3
     assert (tmp_path / "cold.tar").read_bytes() == (tmp_path / "warm.tar").read_bytes()
     code, stderr = build(config, tmp_path / "again.tar")  # recorded again
-    assert "warning" not in stderr
+    assert code == 0 and "warning" not in stderr
     assert stderr.count("files from the cached member list") == 3
+
+
+def test_a_cache_that_fills_up_only_warns(
+    image: tuple[StoreTree, Path],
+    tmp_path: Path,
+    private_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, config = image
+    opened = os.fdopen
+
+    class FullDisk:
+        """A file opened for writing on a disk with no room left."""
+
+        def __init__(self, fd: int, mode: str) -> None:
+            self._file = opened(fd, mode)
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._file, name)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *_: object) -> None:
+            self._file.close()
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)  # the cache's files, not the output
+    code, stderr = build(config, tmp_path / "o.tar")
+    assert code == 0
+    assert stderr.count("warning: cannot write the layer cache") == 1
+    assert "No space left on device" in stderr
+    assert member_lists(private_cache) == []
+    assert not [p for p in (private_cache / "layers").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert build(config, tmp_path / "p.tar", "--no-cache")[0] == 0
+    assert (tmp_path / "o.tar").read_bytes() == (tmp_path / "p.tar").read_bytes()
+
+
+def test_a_reader_that_goes_away_keeps_the_cache(
+    store: StoreTree, tmp_path: Path, private_cache: Path
+) -> None:
+    """A closed pipe ends a build with 141, as always: it says nothing about the store."""
+    files = {f"share/f{i:03d}": os.urandom(100_000) for i in range(250)}  # 25 MB: many blocks
+    item = store.item("many", files)
+    config = write_config(tmp_path / "c.json", store.config([[item]]))
+    settle()
+    assert build(config, tmp_path / "cold.tar")[0] == 0
+    assert len(member_lists(private_cache)) == 1
+    env = {**os.environ, "XDG_CACHE_HOME": str(private_cache.parent)}
+    process = subprocess.Popen(
+        [*GUIX_IMAGE, "build", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(100)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141, stderr
+    assert "changed" not in stderr
+    assert len(member_lists(private_cache)) == 1
+    assert len(entries(private_cache)) == 1
 
 
 def test_a_failed_build_keeps_no_member_list(
@@ -206,18 +337,19 @@ def test_a_failed_build_keeps_no_member_list(
 
 
 def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
-    cache = LayerCache(tmp_path, print)
+    cache = LayerCache(tmp_path, pytest.fail)
     sizes = {}
     for age, key in enumerate(["old", "middle", "new"]):
         writer = cache.start_member_list(key)
         assert writer is not None
         writer.add((b"\0" * 512 * 100, 0, b"name", 0o755, 1, 1))
-        writer.finish()
+        writer.finish(read_since=time.time_ns())
         cache.commit_member_lists()
         path = tmp_path / "layers" / f"{key}.members"
         os.utime(path, (1000 + age, 1000 + age))
         sizes[key] = path.stat().st_size
     assert cache.member_list("old") is not None  # used: now the most recent
+    cache.release()
     cache._trim(budget=sizes["old"] + sizes["new"])
     assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == [
         "new.members",
@@ -226,7 +358,7 @@ def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
 
 
 def test_a_crashed_builds_temporary_files_are_cleaned_up(tmp_path: Path) -> None:
-    cache = LayerCache(tmp_path, print)
+    cache = LayerCache(tmp_path, pytest.fail)
     (tmp_path / "layers").mkdir()
     stale, fresh = tmp_path / "layers" / ".members-abc", tmp_path / "layers" / ".entry-def"
     stale.write_bytes(b"x")
@@ -235,23 +367,3 @@ def test_a_crashed_builds_temporary_files_are_cleaned_up(tmp_path: Path) -> None
     cache._trim()
     assert not stale.exists()
     assert fresh.exists()  # perhaps a build running now
-
-
-def test_the_database_vouches_for_relinked_files(
-    store: StoreTree, tmp_path: Path, private_cache: Path
-) -> None:
-    """Deduplication relinks store files: new ctimes, same contents; still no walk."""
-    item = store.item("d", {"sub/f": "x" * 3000})
-    database = store.base / "var" / "guix" / "db" / "db.sqlite"
-    make_database(database, {str(item): "sha256:" + "3" * 64})
-    config = write_config(tmp_path / "c.json", store.config([[item]]))
-    assert build(config, tmp_path / "1.tar")[0] == 0
-    time.sleep(0.01)
-    os.link(item / "sub" / "f", tmp_path / "dedup-link")  # the file's ctime changes
-    code, stderr = build(config, tmp_path / "2.tar")
-    assert code == 0
-    assert "files from the cached member list" in stderr
-    assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()
-    with sqlite3.connect(database) as db:  # the database is only read
-        assert db.execute("SELECT count(*) FROM ValidPaths").fetchone() == (1,)
-    db.close()
