@@ -14,9 +14,6 @@ each as a ratio to the floor measured in the same run:
     floor        tar -cf - PATHS | openssl dgst -sha256   (one read, one hash)
     cold         guix-image build, empty layer cache, to a pipe
     warm         guix-image build, layer digests cached, to a pipe
-    warm, no store database
-                 the same, with the database hidden: the cache then checks
-                 the files' identities (inode, ctime, mode) itself
     --reference  any 'COMMAND {config}' given, e.g. the seed script
 
 Peak RSS is the process's maximum resident set size (getrusage). The startup
@@ -31,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -48,7 +44,6 @@ import sysconfig
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +51,6 @@ HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
 SIZES = {"small": (100 << 20, 3_000), "large": (1200 << 20, 35_000), "huge": (2 << 30, 60_000)}
 MAX_LAYERS = 40
-UNREGISTERED = "guix-image warm, no store database"
 
 
 @dataclass
@@ -218,18 +212,6 @@ def register_store(config: Path) -> None:
     temporary.rename(database)
 
 
-@contextlib.contextmanager
-def database_hidden(config: Path) -> Iterator[None]:
-    """The store without its database, as a directory of copies would be."""
-    database = database_path(config)
-    hidden = database.with_suffix(".hidden")
-    database.rename(hidden)
-    try:
-        yield
-    finally:
-        hidden.rename(database)
-
-
 def nar_hash(path: str) -> tuple[str, int]:
     """SHA-256 and size of the Nix archive (NAR) serialisation of `path`."""
     digest = hashlib.sha256()
@@ -361,11 +343,8 @@ def main() -> None:
     precompile_guix_image()
     cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
-    unregistered_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "unregistered")}
     build = [*guix_image, "build", "-q", str(config)]
     run_timed([build, ["cat"]], warm_env)  # fills the warm cache, and the page cache
-    with database_hidden(config):
-        run_timed([build, ["cat"]], unregistered_env)
 
     cases: dict[str, tuple[list[list[str]], dict[str, str] | None]] = {
         "floor": (
@@ -377,7 +356,6 @@ def main() -> None:
         ),
         "guix-image cold": ([build, ["cat"]], None),
         "guix-image warm": ([build, ["cat"]], warm_env),
-        UNREGISTERED: ([build, ["cat"]], unregistered_env),
         "guix-image --no-cache": ([[*build, "--no-cache"], ["cat"]], None),
     }
     for reference in args.reference:
@@ -392,8 +370,7 @@ def main() -> None:
             env = case_env
             if name == "guix-image cold":  # an empty cache every time
                 env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"cold-{run}")}
-            with database_hidden(config) if name == UNREGISTERED else contextlib.nullcontext():
-                seconds, rss = run_timed(commands, env)
+            seconds, rss = run_timed(commands, env)
             results[name].seconds.append(seconds)
             results[name].rss_kb.append(rss)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
