@@ -207,6 +207,9 @@ def is_climbing(name: str) -> bool:
     return False
 
 
+WINDOW = 32 << 10  # bytes read ahead with a header, when reads are positioned
+
+
 class TarReader:
     """Iterates the members of a tar stream.
 
@@ -232,6 +235,8 @@ class TarReader:
         self._pread: Callable[[int, int], bytes] | None = (
             getattr(stream, "pread", None) if self._end is not None else None
         )
+        self._window = b""  # bytes from _window_start, read ahead by a positioned read
+        self._window_start = 0
 
     @property
     def seekable(self) -> bool:
@@ -400,7 +405,7 @@ class TarReader:
     def _read_fully(self, size: int) -> bytes:
         """Up to `size` bytes from the current position: fewer only at the end."""
         if self._pread is not None:
-            return self._pread(size, self._position)
+            return self._read_through_window(self._pread, size)
         data = self._stream.read(size)
         while 0 < len(data) < size:
             more = self._stream.read(size - len(data))
@@ -408,6 +413,22 @@ class TarReader:
                 break
             data += more
         return data
+
+    def _read_through_window(self, pread: Callable[[int, int], bytes], size: int) -> bytes:
+        """A positioned read that reads ahead: small members' headers share one system call.
+
+        What is read ahead and not used costs a copy of at most WINDOW bytes
+        per header: nothing next to the contents that precede the header.
+        """
+        offset = self._position - self._window_start
+        window = self._window
+        if offset >= 0 and offset + size <= len(window):
+            return window[offset : offset + size]
+        if size > WINDOW // 2:
+            return pread(size, self._position)
+        self._window = window = pread(WINDOW, self._position)
+        self._window_start = self._position
+        return window[:size]
 
     def _read_block(self) -> bytes | None:
         """The next header block, or None at the end of the archive."""

@@ -1,0 +1,63 @@
+"""The tar reader's read-ahead: headers of small members share one positioned read."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from guix_image import tarreader
+from guix_image.streams import SliceReader
+from guix_image.tarreader import ArchiveError, TarReader
+
+
+def write_archive(path: Path) -> list[tuple[str, bytes]]:
+    """Members of many sizes, some with PAX headers (long names), in Python's tarfile."""
+    rng = random.Random(7)
+    members = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(300):
+            name = f"dir/{i:03d}" + ("-" + "n" * rng.randrange(80, 300) if i % 7 == 0 else "")
+            data = rng.randbytes(rng.choice([0, 1, 511, 512, 513, rng.randrange(3000)]))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            members.append((name, data))
+    return members
+
+
+def read_back(path: Path, *, contents: bool) -> list[tuple[str, bytes]]:
+    with path.open("rb") as file:
+        reader = TarReader(SliceReader(file, 0, path.stat().st_size), name="t")  # type: ignore[arg-type]
+        return [(m.name, reader.read() if contents else b"") for m in reader]
+
+
+@pytest.mark.parametrize("window", [0, 700, 1024, 4096, 32 << 10])
+@pytest.mark.parametrize("contents", [True, False], ids=["read", "skipped"])
+def test_any_window_reads_the_same_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int, contents: bool
+) -> None:
+    monkeypatch.setattr(tarreader, "WINDOW", window)  # 0: a read per header, as without
+    expected = write_archive(tmp_path / "a.tar")
+    found = read_back(tmp_path / "a.tar", contents=contents)
+    assert [name for name, _ in found] == [name for name, _ in expected]
+    if contents:
+        assert found == expected
+
+
+@pytest.mark.parametrize("window", [700, 32 << 10])
+def test_a_header_cut_short_is_truncation_whatever_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    monkeypatch.setattr(tarreader, "WINDOW", window)
+    archive = tmp_path / "a.tar"
+    write_archive(archive)
+    data = archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        last = tar.getmembers()[-1]
+    archive.write_bytes(data[: last.offset + 300])  # inside the last member's header
+    with pytest.raises(ArchiveError, match="the stream ends inside header"):
+        read_back(archive, contents=False)
