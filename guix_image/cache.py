@@ -16,6 +16,8 @@ used go first when they take more than MEMBER_LISTS_BUDGET.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import re
@@ -33,8 +35,6 @@ from .member_list import MemberList, MemberListError, MemberListWriter, OtherWri
 ENTRY_VERSION = 1
 # Bump when the bytes written for the same inputs change (tar encoding, ordering...).
 LAYER_FORMAT = "guix-image/layer-tar/1"
-# Member lists hold encoded headers: only the code that wrote one replays it.
-_LIST_TAG = f"{LAYER_FORMAT} {__version__}".encode()
 
 _DIFF_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
 MEMBER_LISTS_BUDGET = 512 << 20
@@ -46,6 +46,23 @@ _ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed buil
 def default_directory() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "guix-image"
+
+
+@functools.cache
+def list_tag() -> bytes:
+    """What a member list must have been written by to be replayed.
+
+    Lists hold encoded headers and the walk's order: only the same code may
+    replay them, even where a change forgot to bump LAYER_FORMAT (a checkout,
+    an editable install), so the tag hashes that code's source.
+    """
+    from . import layers, member_list, store, tarwriter
+
+    code = hashlib.sha256()
+    for module in (tarwriter, store, layers, member_list):
+        with contextlib.suppress(OSError, TypeError):
+            code.update(Path(module.__file__).read_bytes())  # type: ignore[arg-type]
+    return f"{LAYER_FORMAT} {__version__} {code.hexdigest()[:16]}".encode()
 
 
 def cache_key(recipe: dict[str, Any]) -> str:
@@ -63,9 +80,10 @@ class LayerCache:
         self.directory = directory / "layers"
         self.warn = warn
         self._writable = True
-        # This build's member lists: those being written, by key, and those read.
+        # This build's member lists: those being written, by key, and the
+        # paths of those it read or wrote, which trimming must leave alone.
         self._pending: list[tuple[str, MemberListWriter]] = []
-        self._read: list[MemberList] = []
+        self._in_use: set[str] = set()
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -126,7 +144,7 @@ class LayerCache:
             return None
         path = self._members_path(key)
         try:
-            members = MemberList(str(path), _LIST_TAG)
+            members = MemberList(str(path), list_tag())
         except (FileNotFoundError, OtherWriter):
             return None  # none, or one from another version: walked and recorded again
         except MemberListError as error:
@@ -134,7 +152,7 @@ class LayerCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: trimmed last
-        self._read.append(members)
+        self._in_use.add(str(path))
         return members
 
     def start_member_list(self, key: str) -> MemberListWriter | None:
@@ -143,7 +161,7 @@ class LayerCache:
             return None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            writer = MemberListWriter(self.directory, _LIST_TAG, self._unwritable)
+            writer = MemberListWriter(self.directory, list_tag(), self._unwritable)
         except OSError as error:
             self._unwritable(error)
             return None
@@ -155,20 +173,17 @@ class LayerCache:
         for key, writer in self._pending:
             try:
                 writer.commit(self._members_path(key))
+                self._in_use.add(str(self._members_path(key)))
             except OSError as error:
                 self._unwritable(error)
         self._pending.clear()
-        self.release()
         self._trim()
 
     def release(self) -> None:
-        """Close the member lists read, and delete those written but not committed."""
+        """Delete the member lists written but not committed."""
         for _, writer in self._pending:
             writer.abort()
         self._pending.clear()
-        for members in self._read:
-            members.close()
-        self._read.clear()
 
     def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
         """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers.
@@ -193,6 +208,8 @@ class LayerCache:
         for _, size, path in sorted(lists):
             if total <= budget:
                 break
+            if path in self._in_use:  # this build's: never thrash what it just used
+                continue
             with contextlib.suppress(OSError):
                 os.unlink(path)
             total -= size

@@ -23,7 +23,7 @@ from .cache import CachedLayer
 from .errors import InputError, OperationError
 from .hashing_writer import FileChanged, HashingWriter, SourceError
 from .image import LayerRef
-from .member_list import Member, MemberList, MemberListError
+from .member_list import Chunk, Member, MemberList, MemberListError, MemberListGone
 from .store import Store
 from .tarwriter import END_OF_ARCHIVE, HeaderEncoder, padded
 
@@ -170,8 +170,9 @@ class StoreLayer(Layer):
         return size
 
     def write_to(self, writer: HashingWriter, progress: ProgressCallback) -> None:
-        if self.member_list is not None:
-            written = self._write_listed(self.member_list, writer, progress)
+        chunks = self._open_member_list()
+        if chunks is not None:
+            written = self._write_listed(chunks, writer, progress)
         else:
             written = self._write_walked(writer, progress)
         writer.write(END_OF_ARCHIVE)
@@ -215,8 +216,24 @@ class StoreLayer(Layer):
             recorder.finish(read_since=self._scan_started)
         return written
 
+    def _open_member_list(self) -> Iterator[Chunk] | None:
+        """The member list's chunks, if there is a list and it can still be read."""
+        if self.member_list is None:
+            return None
+        try:
+            return self.member_list.chunks()
+        except MemberListError as error:
+            self._drop_member_list(error)
+            return None
+
+    def _drop_member_list(self, error: MemberListError | None = None) -> None:
+        """Walk the layer after all: its list does not match the disk or cannot be read."""
+        self.member_list = None
+        if error is not None and not isinstance(error, MemberListGone) and self.cache is not None:
+            self.cache.warn(f"ignoring an unreadable member list: {error}")
+
     def _write_listed(
-        self, members: MemberList, writer: HashingWriter, progress: ProgressCallback
+        self, chunks: Iterator[Chunk], writer: HashingWriter, progress: ProgressCallback
     ) -> int:
         assert self.cached is not None
         budget = self.cached.size - len(END_OF_ARCHIVE)
@@ -224,7 +241,7 @@ class StoreLayer(Layer):
         root = self.store.root + b"/"
         written = count = 0
         try:
-            for chunk in members.chunks():
+            for chunk in chunks:
                 headers = chunk.headers
                 start = 0
                 for name, size, mode, end in zip(
@@ -271,17 +288,15 @@ class StoreLayer(Layer):
                         try:
                             st = lstat(root + name.rstrip(b"/"))
                         except OSError:
-                            self.member_list = None
+                            self._drop_member_list()
                             return
                         if st.st_ino != inode or st.st_ctime_ns != ctime:
-                            self.member_list = None
+                            self._drop_member_list()
                             return
                     if count % _CHECKS_PER_STEP == 0:
                         yield True
         except MemberListError as error:
-            if self.cache is not None:
-                self.cache.warn(f"ignoring an unreadable member list: {error}")
-            self.member_list = None
+            self._drop_member_list(error)
 
     def stale(self, why: str) -> OperationError:
         if self.cached is None:  # walked twice, and the two walks disagree

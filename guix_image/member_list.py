@@ -64,6 +64,10 @@ class OtherWriter(MemberListError):
     """A list written by other code (another version): not to be used, not an error."""
 
 
+class MemberListGone(MemberListError):
+    """The list found was removed or replaced (by another build) before it was read."""
+
+
 class Chunk(NamedTuple):
     """Up to CHUNK_MEMBERS consecutive members of a layer."""
 
@@ -102,29 +106,30 @@ class MemberListWriter:
             self._write_chunk()
 
     def finish(self, read_since: int) -> None:
-        """End the list. `read_since`: when (`time.time_ns()`) its first identity was read."""
+        """End the list and close its file. `read_since`: when (`time.time_ns()`) its
+        first identity was read: a list holding a ctime too close to it is not kept."""
         self._write_chunk()
-        if self._on_error is None or _too_recent(self._newest_ctime, read_since):
-            return
-        self._write(_CHUNK_HEADER.pack(0, 0, 0))
+        if self._on_error is not None and not _too_recent(self._newest_ctime, read_since):
+            self._write(_CHUNK_HEADER.pack(0, 0, 0))
+            try:
+                length = self._file.tell()
+                self._file.seek(len(MAGIC))
+            except OSError as error:
+                self._fail(error)
+            else:
+                self._write(_FILE_HEADER.pack(self._count, length, self._tag))
+            self.complete = self._on_error is not None
         try:
-            length = self._file.tell()
-            self._file.seek(len(MAGIC))
+            self._file.close()
         except OSError as error:
+            self.complete = False
             self._fail(error)
-        self._write(_FILE_HEADER.pack(self._count, length, self._tag))
-        try:
-            self._file.flush()
-        except OSError as error:
-            self._fail(error)
-        self.complete = self._on_error is not None
 
     def commit(self, destination: Path) -> None:
         """Put a complete list at `destination` (atomically), or delete it."""
         if not self.complete:
             self.abort()
             return
-        self._file.close()
         try:
             os.replace(self.path, destination)
         except OSError:
@@ -132,9 +137,10 @@ class MemberListWriter:
             raise
 
     def abort(self) -> None:
+        """Delete the list (never raises: it is cleaning up)."""
         with contextlib.suppress(OSError):  # a write failed before: the file goes anyway
             self._file.close()
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(self.path)
 
     def _write_chunk(self) -> None:
@@ -175,92 +181,128 @@ def _too_recent(ctime: int, read_since: int) -> bool:
 
 
 class MemberList:
-    """A member list, read chunk by chunk from a file held open.
+    """A member list in the cache: checked when found, read chunk by chunk when used.
 
-    Holding the file keeps it readable while another build replaces or
-    trims it; positional reads let two readings go on at once.
+    No file stays open in between (a build may have hundreds of layers).
+    Each reading first checks that the file is still the one found, so a
+    list that another build replaced or trimmed meanwhile is never half-used.
     """
 
     def __init__(self, path: str, tag: bytes) -> None:
-        """Open `path`, check its header, tag and length; FileNotFoundError if there is none."""
+        """Check `path`'s header, tag and length; FileNotFoundError if there is none."""
         self.path = path
+        fd = _open(path)
         try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise
-        except OSError as error:
-            raise MemberListError(error.strerror) from None
-        try:
-            head = self._pread(len(MAGIC) + _FILE_HEADER.size, 0)
+            head = _pread(fd, path, len(MAGIC) + _FILE_HEADER.size, 0)
             if not head.startswith(MAGIC):
                 raise MemberListError("not a member list")
             self.count, recorded_length, recorded_tag = _FILE_HEADER.unpack_from(head, len(MAGIC))
             if recorded_tag.rstrip(b"\0") != tag:
                 writer = recorded_tag.rstrip(b"\0").decode(errors="replace")
                 raise OtherWriter(f"written by {writer}, not {tag.decode()}")
-            length = os.fstat(self._fd).st_size
-            if recorded_length != length:
-                raise MemberListError(f"{length} bytes long where {recorded_length} were written")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            st = os.fstat(fd)
+            if recorded_length != st.st_size:
+                raise MemberListError(
+                    f"{st.st_size} bytes long where {recorded_length} were written"
+                )
+            self._identity = (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
 
     def chunks(self, *, headers: bool = True) -> Iterator[Chunk]:
-        """The chunks in order; without `headers`, their headers are skipped, not read."""
-        offset = len(MAGIC) + _FILE_HEADER.size
-        seen = 0
-        while True:
-            chunk, offset = self._read_chunk(offset, headers)
-            if chunk is None:
-                break
-            seen += len(chunk.names)
-            yield chunk
-        if seen != self.count:
-            raise MemberListError(f"{self.path}: {seen} members where {self.count} were written")
+        """Open the list now and return its chunks, in order.
 
-    def _pread(self, length: int, offset: int) -> bytes:
+        Raises MemberListGone at once if the list is not the one found any
+        more. Without `headers`, the chunks' headers are skipped, not read.
+        """
         try:
-            data = os.pread(self._fd, length, offset)
-        except OSError as error:
-            raise MemberListError(f"{self.path}: {error.strerror}") from None
-        if len(data) != length:
-            raise MemberListError(f"{self.path}: ends inside a chunk")
-        return data
+            fd = _open(self.path)
+        except FileNotFoundError:
+            raise MemberListGone(f"{self.path}: removed since it was found") from None
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity:
+                raise MemberListGone(f"{self.path}: replaced since it was found")
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._chunks(fd, headers)
 
-    def _read_chunk(self, offset: int, with_headers: bool) -> tuple[Chunk | None, int]:
-        """The chunk at `offset`, or None at the end; and the next chunk's offset."""
-        fixed = self._pread(_CHUNK_HEADER.size, offset)
-        offset += _CHUNK_HEADER.size
-        count, names_length, headers_length = _CHUNK_HEADER.unpack(fixed)
-        if count == 0:
-            return None, offset
-        arrays_length = count * 32  # three 8-byte and two 4-byte values per member
-        chunk_length = arrays_length + names_length + headers_length
-        if count > CHUNK_MEMBERS or chunk_length > _MAX_CHUNK_BYTES:
-            raise MemberListError(f"{self.path}: a chunk is larger than any we write")
-        data = self._pread(arrays_length + names_length, offset)
-        offset += arrays_length + names_length
-        headers = self._pread(headers_length, offset) if with_headers else b""
-        offset += headers_length
-        view = memoryview(data)
-        wide = 8 * count
-        narrow = 4 * count
-        ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
-        names = bytes(view[arrays_length:]).split(b"\0")
-        if len(names) != count or ends[-1] != headers_length:
-            raise MemberListError(f"{self.path}: a chunk does not add up")
-        chunk = Chunk(
-            names=names,
-            sizes=view[:wide].cast("Q"),
-            inodes=view[wide : 2 * wide].cast("Q"),
-            ctimes=view[2 * wide : 3 * wide].cast("q"),
-            modes=view[3 * wide : 3 * wide + narrow].cast("I"),
-            ends=ends,
-            headers=memoryview(headers),
-        )
-        return chunk, offset
+    def _chunks(self, fd: int, headers: bool) -> Iterator[Chunk]:
+        try:
+            offset = len(MAGIC) + _FILE_HEADER.size
+            seen = 0
+            while True:
+                chunk, offset = _read_chunk(fd, self.path, offset, headers)
+                if chunk is None:
+                    break
+                seen += len(chunk.names)
+                yield chunk
+            if seen != self.count:
+                raise MemberListError(
+                    f"{self.path}: {seen} members where {self.count} were written"
+                )
+        finally:
+            os.close(fd)
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise MemberListError(f"{path}: {error.strerror}") from None
+
+
+def _pread(fd: int, path: str, length: int, offset: int) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as error:
+        raise MemberListError(f"{path}: {error.strerror}") from None
+    if len(data) != length:
+        raise MemberListError(f"{path}: ends inside a chunk")
+    return data
+
+
+def _read_chunk(fd: int, path: str, offset: int, with_headers: bool) -> tuple[Chunk | None, int]:
+    """The chunk at `offset`, or None at the end; and the next chunk's offset."""
+    count, names_length, headers_length = _CHUNK_HEADER.unpack(
+        _pread(fd, path, _CHUNK_HEADER.size, offset)
+    )
+    offset += _CHUNK_HEADER.size
+    if count == 0:
+        return None, offset
+    arrays_length = count * 32  # three 8-byte and two 4-byte values per member
+    if count > CHUNK_MEMBERS or arrays_length + names_length + headers_length > _MAX_CHUNK_BYTES:
+        raise MemberListError(f"{path}: a chunk is larger than any we write")
+    data = _pread(fd, path, arrays_length + names_length, offset)
+    offset += arrays_length + names_length
+    headers = _pread(fd, path, headers_length, offset) if with_headers else b""
+    offset += headers_length
+    view = memoryview(data)
+    wide, narrow = 8 * count, 4 * count
+    ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
+    names = bytes(view[arrays_length:]).split(b"\0")
+    if len(names) != count or ends[-1] != headers_length or not _whole_blocks(ends):
+        raise MemberListError(f"{path}: a chunk does not add up")
+    chunk = Chunk(
+        names=names,
+        sizes=view[:wide].cast("Q"),
+        inodes=view[wide : 2 * wide].cast("Q"),
+        ctimes=view[2 * wide : 3 * wide].cast("q"),
+        modes=view[3 * wide : 3 * wide + narrow].cast("I"),
+        ends=ends,
+        headers=memoryview(headers),
+    )
+    return chunk, offset
+
+
+def _whole_blocks(ends: memoryview) -> bool:
+    """Whether every member's headers are one or more whole 512-byte blocks."""
+    start = 0
+    for end in ends:
+        if end <= start or (end - start) % 512:
+            return False
+        start = end
+    return True

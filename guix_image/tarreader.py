@@ -207,7 +207,9 @@ def is_climbing(name: str) -> bool:
     return False
 
 
-WINDOW = 32 << 10  # bytes read ahead with a header, when reads are positioned
+# Bytes read ahead by a positioned read of a header (or of other small
+# reads: extended headers, short contents).
+WINDOW = 32 << 10
 
 
 class TarReader:

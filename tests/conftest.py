@@ -62,7 +62,11 @@ class StoreTree:
 
 
 def settle() -> None:
-    """Let a new store age past the clock tick of a scan, so that member lists are kept."""
+    """Let a new store age past the clock tick of a scan, so that member lists are kept.
+
+    Where timestamps have whole seconds (not on the ext4 and tmpfs the tests
+    run on) the margin is 2 s, and the tests that count lists would fail.
+    """
     from guix_image import member_list
 
     time.sleep(member_list.RACY_NS / 1e9 + 0.02)

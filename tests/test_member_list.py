@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -19,6 +20,7 @@ from guix_image.member_list import (
     Member,
     MemberList,
     MemberListError,
+    MemberListGone,
     MemberListWriter,
     OtherWriter,
 )
@@ -30,8 +32,12 @@ from .test_cache import GUIX_IMAGE, entries, make_database, member_lists
 TAG = b"test-tag 1"
 
 
+def fail(error: OSError) -> None:
+    pytest.fail(f"a member list could not be written: {error}")
+
+
 def record(path: Path, members: list[Member]) -> None:
-    writer = MemberListWriter(path.parent, TAG, on_error=pytest.fail)
+    writer = MemberListWriter(path.parent, TAG, on_error=fail)
     for member in members:
         writer.add(member)
     writer.finish(read_since=time.time_ns())
@@ -49,7 +55,6 @@ def replay(path: Path, *, headers: bool = True) -> list[Member]:
             found.append(
                 (header, chunk.sizes[i], name, chunk.modes[i], chunk.inodes[i], chunk.ctimes[i])
             )
-    members.close()
     return found
 
 
@@ -86,7 +91,7 @@ def test_a_list_holding_a_ctime_from_the_last_moments_is_not_kept(tmp_path: Path
     """A change in the clock tick of the scan may not change the ctime read."""
     now = time.time_ns()
     for ctime, kept in ((now - 10**9, True), (now - 10**6, False), (now // 10**9 * 10**9, False)):
-        writer = MemberListWriter(tmp_path, TAG, on_error=pytest.fail)
+        writer = MemberListWriter(tmp_path, TAG, on_error=fail)
         writer.add((b"\0" * 512, 0, b"d/", 0o755, 1, ctime))
         writer.finish(read_since=now)
         writer.commit(tmp_path / "m")
@@ -97,7 +102,7 @@ def test_a_list_holding_a_ctime_from_the_last_moments_is_not_kept(tmp_path: Path
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncated", "extended", "not a list", "count", "chunk too long", "names", "ends"],
+    ["truncated", "extended", "not a list", "count", "chunk too long", "names", "ends", "order"],
 )
 def test_a_damaged_list_is_refused(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "m"
@@ -119,6 +124,9 @@ def test_a_damaged_list_is_refused(tmp_path: Path, damage: str) -> None:
         data[arrays + 2] = 0
     elif damage == "ends":  # the last header ends before the headers do
         data[arrays - 4] ^= 0xFF
+    elif damage == "order":  # the first two members' headers swapped ends
+        ends = arrays - 16
+        data[ends : ends + 8] = data[ends + 4 : ends + 8] + data[ends : ends + 4]
     path.write_bytes(bytes(data))
     with pytest.raises(MemberListError):
         replay(path)
@@ -171,11 +179,13 @@ def test_a_rebuild_streams_from_the_member_lists_without_walking(
 
 
 def test_a_store_just_written_is_walked_again_next_time(
-    store: StoreTree, tmp_path: Path, private_cache: Path
+    store: StoreTree, tmp_path: Path, private_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     item = store.item("fresh", {"f": "x"})
     config = write_config(tmp_path / "c.json", store.config([[item]]))
-    assert build(config, tmp_path / "1.tar")[0] == 0  # at once: too recent to list
+    with monkeypatch.context() as patch:  # "at once" on a machine of any speed
+        patch.setattr(member_list, "RACY_NS", 600 * 10**9)
+        assert build(config, tmp_path / "1.tar")[0] == 0  # too recent to list
     assert member_lists(private_cache) == []
     settle()
     code, stderr = build(config, tmp_path / "2.tar")
@@ -296,7 +306,7 @@ def test_a_cache_that_fills_up_only_warns(
     assert "No space left on device" in stderr
     assert member_lists(private_cache) == []
     assert not [p for p in (private_cache / "layers").iterdir() if p.name.startswith(".")]
-    monkeypatch.undo()
+    monkeypatch.setattr(os, "fdopen", opened)
     assert build(config, tmp_path / "p.tar", "--no-cache")[0] == 0
     assert (tmp_path / "o.tar").read_bytes() == (tmp_path / "p.tar").read_bytes()
 
@@ -305,7 +315,8 @@ def test_a_reader_that_goes_away_keeps_the_cache(
     store: StoreTree, tmp_path: Path, private_cache: Path
 ) -> None:
     """A closed pipe ends a build with 141, as always: it says nothing about the store."""
-    files = {f"share/f{i:03d}": os.urandom(100_000) for i in range(250)}  # 25 MB: many blocks
+    # 25 MB in small files: many blocks, all in the member-list path
+    files: dict[str, str | bytes] = {f"share/f{i:03d}": os.urandom(100_000) for i in range(250)}
     item = store.item("many", files)
     config = write_config(tmp_path / "c.json", store.config([[item]]))
     settle()
@@ -336,25 +347,77 @@ def test_a_failed_build_keeps_no_member_list(
     assert not layers_directory.exists() or not list(layers_directory.iterdir())
 
 
-def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
-    cache = LayerCache(tmp_path, pytest.fail)
+def write_lists(directory: Path, keys: list[str]) -> dict[str, int]:
+    """A list per key, each older than the next; their sizes."""
     sizes = {}
-    for age, key in enumerate(["old", "middle", "new"]):
+    for age, key in enumerate(keys):
+        cache = LayerCache(directory, pytest.fail)
         writer = cache.start_member_list(key)
         assert writer is not None
         writer.add((b"\0" * 512 * 100, 0, b"name", 0o755, 1, 1))
         writer.finish(read_since=time.time_ns())
         cache.commit_member_lists()
-        path = tmp_path / "layers" / f"{key}.members"
+        path = directory / "layers" / f"{key}.members"
         os.utime(path, (1000 + age, 1000 + age))
         sizes[key] = path.stat().st_size
+    return sizes
+
+
+def remaining(directory: Path) -> list[str]:
+    return sorted(p.name for p in (directory / "layers").iterdir())
+
+
+def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
+    sizes = write_lists(tmp_path, ["old", "middle", "new"])
+    cache = LayerCache(tmp_path, pytest.fail)
     assert cache.member_list("old") is not None  # used: now the most recent
-    cache.release()
-    cache._trim(budget=sizes["old"] + sizes["new"])
-    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == [
-        "new.members",
-        "old.members",
-    ]
+    LayerCache(tmp_path, pytest.fail)._trim(budget=sizes["old"] + sizes["new"])
+    assert remaining(tmp_path) == ["new.members", "old.members"]
+
+
+def test_a_build_never_trims_the_lists_it_uses(tmp_path: Path) -> None:
+    write_lists(tmp_path, ["a", "b"])
+    cache = LayerCache(tmp_path, pytest.fail)
+    assert cache.member_list("a") is not None and cache.member_list("b") is not None
+    cache._trim(budget=0)  # one image's lists over the budget: kept, not thrashed
+    assert remaining(tmp_path) == ["a.members", "b.members"]
+    LayerCache(tmp_path, pytest.fail)._trim(budget=0)
+    assert remaining(tmp_path) == []
+
+
+def test_a_list_replaced_after_it_was_found_is_not_read(tmp_path: Path) -> None:
+    record(tmp_path / "m", MEMBERS)
+    found = MemberList(str(tmp_path / "m"), TAG)
+    record(tmp_path / "m", MEMBERS[:2])  # another build's, meanwhile
+    with pytest.raises(MemberListGone, match="replaced"):
+        found.chunks()
+    (tmp_path / "m").unlink()
+    with pytest.raises(MemberListGone, match="removed"):
+        found.chunks()
+
+
+def test_a_build_of_many_layers_holds_few_files_open(
+    store: StoreTree, tmp_path: Path, private_cache: Path
+) -> None:
+    items = [store.item(f"i{n}", {"bin/f": str(n), "share/g": "g"}) for n in range(80)]
+    config = write_config(tmp_path / "c.json", store.config([[item] for item in items]))
+    settle()
+    env = {**os.environ, "XDG_CACHE_HOME": str(private_cache.parent)}
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    for run in ("cold", "warm"):
+        done = subprocess.run(
+            [*GUIX_IMAGE, "build", "-v", str(config), "-o", str(tmp_path / f"{run}.tar")],
+            env=env,
+            preexec_fn=limited,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    assert done.stderr.count("files from the cached member list") == 80
+    assert (tmp_path / "cold.tar").read_bytes() == (tmp_path / "warm.tar").read_bytes()
 
 
 def test_a_crashed_builds_temporary_files_are_cleaned_up(tmp_path: Path) -> None:
