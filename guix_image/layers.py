@@ -124,8 +124,7 @@ class StoreLayer(Layer):
             yield encode(name, typeflag, mode, size, linkname), size, name, mode, inode, ctime
 
     def ahead_step(self) -> bool:
-        """Do a little of what streaming the layer needs, ahead of time: check its
-        member list, or else scan it. False when nothing more may be done now."""
+        """Check a little of the member list, or scan a little; False when nothing is left."""
         if self.member_list is not None:
             return self.check_step()
         return self.scan_step(256)
