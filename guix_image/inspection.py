@@ -40,8 +40,10 @@ def read_layers(
 ) -> list[LayerContents]:
     """Read layers (all by default), on two cores when it pays.
 
-    Hashing releases the GIL, so two threads share the work; parsing headers
-    does not, so two forked processes do, when there is enough to parse.
+    Two forked processes share the work when there is enough of it: parsing
+    headers holds the GIL, so threads would take turns. Only reads that keep
+    every file's record and digest use threads (hashing releases the GIL):
+    those records cost more to send back than the turns.
     """
     wanted = image.layers if refs is None else refs
     # Layers naming the same blob (as `docker save` writes repeated layers) are read once.
@@ -85,12 +87,15 @@ def _read(
         return [read(ref) for ref in chosen]
     # Biggest layers first, so that the workers end together.
     order = sorted(range(len(chosen)), key=lambda i: -chosen[i].size)
-    if hashing:
+    forking = sum(ref.size for ref in chosen) >= FORK_MIN_BYTES and _can_fork()
+    # Every file's record and digest costs more to send back from a process
+    # than the GIL costs threads; anything smaller is better forked.
+    if hashing and (options.keep_files or not forking):
         # Three threads on two cores: while one parses headers (holding the
         # GIL), the other two can hash.
         with ThreadPoolExecutor(3, "guix-image-read") as threads:
             done = list(threads.map(lambda i: read(chosen[i]), order))
-    elif sum(ref.size for ref in chosen) >= FORK_MIN_BYTES and _can_fork():
+    elif forking:
         _FORKED["work"] = (source, chosen, options)
         try:
             context = multiprocessing.get_context("fork")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,42 @@ def test_verify_catches_a_flipped_byte_in_any_layer(
     assert result.exit_code == 1, result.output
     failed = [check for check in json.loads(result.stdout)["checks"] if not check["ok"]]
     assert failed and all(check["name"].startswith(f"layer {layer + 1}") for check in failed)
+
+
+# Runs the command line with the size above which layers are read by two
+# forked processes: 0 forks for any archive, a huge one never does.
+FORKING = (
+    "import sys; from guix_image import inspection; "
+    "inspection.FORK_MIN_BYTES = int(sys.argv.pop(1)); "
+    "from guix_image.cli import run; sys.argv[0] = 'guix-image'; run()"
+)
+
+
+def run_forking(fork_min_bytes: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", FORKING, str(fork_min_bytes), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_forked_readers_report_what_threads_do(image: tuple[Path, Any], tmp_path: Path) -> None:
+    archive, _ = image
+    for command in (["verify", "--json"], ["inspect", "--json"]):
+        forked, threaded = (run_forking(n, *command, str(archive)) for n in (0, 1 << 62))
+        assert forked.returncode == threaded.returncode == 0, forked.stderr + threaded.stderr
+        assert json.loads(forked.stdout) == json.loads(threaded.stdout)
+    with tarfile.open(archive) as outer:
+        member = next(m for m in outer.getmembers() if m.name.endswith("/layer.tar"))
+    data = bytearray(archive.read_bytes())
+    flip_byte(data, member.offset_data + 1024, member.offset_data + member.size - 1024)
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(data)
+    forked = run_forking(0, "verify", "--json", str(broken))
+    assert forked.returncode == 1, forked.stderr
+    failed = [check["name"] for check in json.loads(forked.stdout)["checks"] if not check["ok"]]
+    assert failed == ["layer 1 diff_id"]
 
 
 @pytest.mark.parametrize("form", ["docker-archive", "oci-archive"])
