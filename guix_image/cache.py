@@ -56,7 +56,7 @@ def list_tag() -> bytes:
     replay them, even where a change forgot to bump LAYER_FORMAT (a checkout,
     an editable install), so the tag hashes that code's source.
     """
-    from . import layers, member_list, store, tarwriter
+    from . import layers, store, tarwriter  # layers imports this module: not at its top
 
     code = hashlib.sha256()
     for module in (tarwriter, store, layers, member_list):
@@ -171,9 +171,10 @@ class LayerCache:
     def commit_member_lists(self) -> None:
         """Keep every complete member list written since the last commit or release."""
         for key, writer in self._pending:
+            path = self._members_path(key)
             try:
-                writer.commit(self._members_path(key))
-                self._in_use.add(str(self._members_path(key)))
+                writer.commit(path)
+                self._in_use.add(str(path))
             except OSError as error:
                 self._unwritable(error)
         self._pending.clear()
