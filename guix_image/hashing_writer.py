@@ -2,9 +2,10 @@
 
 An image archive is one long stream in which each layer is a span whose
 SHA-256 must be known by the end. The calling thread fills pooled blocks
-(file contents are read straight into them); a hashing thread hashes each
-full block and a writing thread then writes it. `hashlib` and `os.write`
-release the GIL, so the three run on different cores.
+(file contents are read straight into them); a pipeline (see
+hashing_pipeline.py) hashes each full block's spans and writes it, on the
+other cores: `hashlib` and `os.write` release the GIL, and the pipeline runs
+in a forked child where it can.
 
 What is hashed is what is written: both read the same private copy of the
 bytes. (Mapping large files instead of copying them was measured faster but
@@ -13,15 +14,21 @@ rejected: a file truncated while mapped kills the process with SIGBUS.)
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import stat
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from .errors import GuixImageError, OperationError
+from .hashing_pipeline import (
+    Block,
+    Digest,
+    ForkedPipeline,
+    Sink,
+    ThreadedPipeline,
+    can_fork,
+    lower_priority,
+)
 
 BLOCK_SIZE = 2 << 20
 BLOCK_COUNT = 8  # blocks in flight: one filling, the others hashing and writing
@@ -31,22 +38,7 @@ _ZEROS = memoryview(bytes(BLOCK_SIZE))
 # fifo's writer.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-Sink = int | Callable[[memoryview], Any]
-
-
-class Digest:
-    """The SHA-256 of one span of the stream, complete once the writer is drained."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self.size = 0
-
-    def update(self, data: memoryview) -> None:
-        self._hash.update(data)
-        self.size += len(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+__all__ = ["Digest", "HashingWriter", "Sink"]
 
 
 class FileChanged(OperationError):
@@ -88,40 +80,20 @@ def _changed(got: int, expected: int) -> str:
     return "grew" if got > expected else "shrank"
 
 
-class _Block:
-    """A pooled buffer: filled by the caller's thread, then hashed, then written."""
-
-    __slots__ = ("buffer", "length", "spans", "view")
-
-    def __init__(self, size: int) -> None:
-        self.buffer = bytearray(size)
-        self.view = memoryview(self.buffer)
-        self.length = 0
-        self.spans: list[tuple[int, int, Digest]] = []
-
-
-def _lower_priority(step: int = 5) -> None:
-    """Make the calling thread yield the CPU to the others (Linux: a thread's nice value)."""
-    try:
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + step)
-    except (OSError, AttributeError):
-        pass  # not supported here: only slower
-
-
 class HashingWriter:
     """Writes a byte stream to `sink`, hashing the spans opened with `begin_digest`.
 
     `sink` is a file descriptor, or a function that consumes each block.
-    `idle` is called while the writer waits for the threads, until it
+    `idle` is called while the writer waits for the pipeline, until it
     returns False: the caller's chance to get ahead with other work.
-    Use as a context manager; leaving it normally drains and joins the
-    threads and re-raises their errors.
+    Use as a context manager; leaving it normally drains and stops the
+    pipeline and re-raises its errors. `fork` chooses the pipeline (see
+    hashing_pipeline.py); by default it is forked where it can be.
 
     Hashing is the critical path, so the writing thread runs at a lower
     scheduling priority; with `favour_hashing` the calling thread does too.
     That cannot be undone without privileges: it is meant for one-shot
-    processes such as the command line, where it saves about a tenth.
+    processes such as the command line.
     """
 
     def __init__(
@@ -132,29 +104,28 @@ class HashingWriter:
         block_size: int = BLOCK_SIZE,
         blocks: int = BLOCK_COUNT,
         favour_hashing: bool = False,
+        fork: bool | None = None,
     ) -> None:
         if block_size > len(_ZEROS):
             raise ValueError("block_size is larger than the zero buffer")
         self._sink = sink
         self._idle = idle
         self._block_size = block_size
-        self._free: queue.Queue[_Block] = queue.Queue()
-        self._unallocated = blocks  # allocated when first needed: a small build needs few
-        self._to_hash: queue.Queue[_Block | None] = queue.Queue()
-        self._to_write: queue.Queue[_Block | None] = queue.Queue()
-        self._error: BaseException | None = None
+        if fork is None:
+            fork = can_fork(sink)
+        self._pipeline: ThreadedPipeline | ForkedPipeline
+        if fork:
+            assert isinstance(sink, int)
+            self._pipeline = ForkedPipeline(sink, block_size, blocks)
+        else:
+            self._pipeline = ThreadedPipeline(sink, block_size, blocks)
+        self._digests = 0  # digests begun
         self._digest: Digest | None = None
         self._span_start = 0
-        self._submitted = 0  # bytes already handed to the threads
+        self._submitted = 0  # bytes already handed to the pipeline
         self._block = self._get_free()
-        self._threads = [
-            threading.Thread(target=self._hash_loop, name="guix-image-hash", daemon=True),
-            threading.Thread(target=self._write_loop, name="guix-image-write", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()  # threads inherit the creator's priority: lower it only now
-        if favour_hashing:
-            _lower_priority()
+        if favour_hashing:  # threads inherit their creator's priority: lower it only now
+            lower_priority()
 
     @property
     def position(self) -> int:
@@ -167,7 +138,8 @@ class HashingWriter:
         """Start hashing everything written from now until `end_digest`."""
         if self._digest is not None:
             raise RuntimeError("digest spans do not nest")
-        self._digest = Digest()
+        self._digest = Digest(self._digests)
+        self._digests += 1
         self._span_start = self._block.length
         return self._digest
 
@@ -285,28 +257,20 @@ class HashingWriter:
         """Wait until everything written so far is hashed (digests become final)."""
         self._submit()
         self._block = self._get_free()
-        self._to_hash.join()
-        self._raise_if_failed()
+        self._call(self._pipeline.drain)
 
     def close(self) -> None:
-        """Hash and write everything, stop the threads, re-raise their errors."""
+        """Hash and write everything, stop the pipeline, re-raise its errors."""
         self._submit()
-        self._block = _Block(0)  # nothing is being filled any more
-        self._to_hash.put(None)
-        for thread in self._threads:
-            thread.join()
-        self._raise_if_failed()
+        self._block = Block(bytearray(0))  # nothing is being filled any more
+        self._call(self._pipeline.close)
 
     def abort(self) -> None:
-        """Stop the threads without caring what was written."""
-        if self._error is None:
-            self._error = OperationError("aborted")
-        self._to_hash.put(None)
+        """Stop the pipeline without caring what was written."""
         # A write to a file ends; a pipe with nobody reading may not, and we
         # must not hang on SIGTERM: give up on it after a while.
         patience = None if isinstance(self._sink, int) and _is_regular(self._sink) else 5
-        for thread in self._threads:
-            thread.join(timeout=patience)
+        self._pipeline.abort(patience)
 
     def __enter__(self) -> HashingWriter:
         return self
@@ -317,7 +281,7 @@ class HashingWriter:
         else:
             self.abort()
 
-    def _room(self) -> _Block:
+    def _room(self) -> Block:
         """The current block, or a fresh one if it is full."""
         block = self._block
         if block.length < self._block_size:
@@ -335,75 +299,35 @@ class HashingWriter:
     def _submit(self) -> None:
         self._close_span()
         self._submitted += self._block.length
-        self._to_hash.put(self._block)
+        self._call(self._pipeline.submit, self._block)
 
-    def _get_free(self) -> _Block:
+    def _get_free(self) -> Block:
         while True:
             self._raise_if_failed()
-            try:
-                block = self._free.get_nowait()
-            except queue.Empty:
-                if self._unallocated:
-                    self._unallocated -= 1
-                    return _Block(self._block_size)
-                if self._idle is not None and self._idle():
-                    continue
-                try:
-                    block = self._free.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-            block.length = 0
-            block.spans = []
-            return block
+            block: Block | None = self._call(self._pipeline.free_block, 0)
+            if block is None and self._idle is not None and self._idle():
+                continue
+            if block is None:
+                block = self._call(self._pipeline.free_block, 0.5)
+            if block is not None:
+                block.length = 0
+                block.spans = []
+                return block
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Call the pipeline; what it fails with is raised as the caller should see it."""
+        try:
+            result = method(*args)
+        except BaseException as error:
+            if error is not self._pipeline.error:
+                raise
+            result = None
+        self._raise_if_failed()
+        return result
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            if isinstance(self._error, GuixImageError | BrokenPipeError):
-                raise self._error  # a closed pipe: the reader stopped, we stop too
-            raise OperationError(f"cannot write the output: {self._error}") from self._error
-
-    # -- the worker threads ---------------------------------------------------
-
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None:
-            self._error = error
-
-    def _hash_loop(self) -> None:
-        while True:
-            block = self._to_hash.get()
-            try:
-                if block is not None and self._error is None:
-                    for start, end, digest in block.spans:
-                        digest.update(block.view[start:end])
-            except BaseException as error:  # handed to the caller
-                self._fail(error)
-            finally:
-                self._to_write.put(block)
-                self._to_hash.task_done()
-            if block is None:
-                return
-
-    def _write_loop(self) -> None:
-        _lower_priority()
-        while True:
-            block = self._to_write.get()
-            try:
-                if block is None:
-                    return
-                try:
-                    if self._error is None:
-                        self._write_all(block.view[: block.length])
-                finally:
-                    self._free.put(block)
-            except BaseException as error:  # handed to the caller
-                self._fail(error)
-            finally:
-                self._to_write.task_done()
-
-    def _write_all(self, view: memoryview) -> None:
-        if not isinstance(self._sink, int):
-            self._sink(view)
-            return
-        while view:
-            written = os.write(self._sink, view)
-            view = view[written:]
+        error = self._pipeline.error
+        if error is not None:
+            if isinstance(error, GuixImageError | BrokenPipeError):
+                raise error  # a closed pipe: the reader stopped, we stop too
+            raise OperationError(f"cannot write the output: {error}") from error

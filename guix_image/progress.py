@@ -51,10 +51,15 @@ class BarProgress:
             console=console,
             transient=True,
         )
-        self._progress.start()
         self._task = self._progress.add_task("", total=None, label="starting")
+        self._started = False
 
     def layer_started(self, number: int, total: int, description: str) -> None:
+        if not self._started:
+            # Its refreshing thread starts only now, after the build forked
+            # its hashing process (see hashing_pipeline.py).
+            self._progress.start()
+            self._started = True
         self._progress.update(
             self._task,
             label=f"layer {number}/{total}",
@@ -73,7 +78,8 @@ class BarProgress:
         self._progress.update(self._task, description=text)
 
     def close(self) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
 
 def _shorten(text: str, width: int) -> str:

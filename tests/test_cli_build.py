@@ -171,10 +171,26 @@ def test_sigterm_and_sigint_leave_nothing(store: StoreTree, tmp_path: Path) -> N
             stderr=subprocess.PIPE,
         )
         wait_for_partial_file(out_dir)
+        helpers = children(process.pid)
+        assert helpers, "the build hashes in a forked process"
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode == code, stderr
         assert list(out_dir.iterdir()) == []
+        assert [pid for pid in helpers if Path(f"/proc/{pid}").exists()] == []
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def run_with_terminal_stderr(command: list[str]) -> tuple[int, str]:

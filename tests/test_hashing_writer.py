@@ -1,15 +1,20 @@
-"""The output stream: digests of spans, copied and mapped files, changes caught."""
+"""The output stream: digests of spans, copied files, changes caught, in both pipelines."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guix_image import hashing_writer
+from guix_image.hashing_pipeline import can_fork
 from guix_image.hashing_writer import FileChanged, HashingWriter
 from guix_image.tarwriter import padding
 
@@ -44,12 +49,12 @@ def test_spans_are_hashed_and_everything_is_written_in_order() -> None:
 
 
 def write_files(
-    tmp_path: Path, sizes: list[int], **writer_options: int
+    tmp_path: Path, sizes: list[int], *, sink: int | None = None, **writer_options: Any
 ) -> tuple[bytes, str, bytes]:
     rng = random.Random(7)
     expected = bytearray()
-    sink = Collect()
-    with HashingWriter(sink, **writer_options) as writer:
+    collected = Collect()
+    with HashingWriter(collected if sink is None else sink, **writer_options) as writer:
         digest = writer.begin_digest()
         for i, size in enumerate(sizes):
             path = tmp_path / f"f{i}"
@@ -59,7 +64,7 @@ def write_files(
             writer.write_file(header, os.fsencode(path), size)
             expected += header + content + bytes(padding(size))
         writer.end_digest()
-    return bytes(sink.data), digest.hexdigest(), bytes(expected)
+    return bytes(collected.data), digest.hexdigest(), bytes(expected)
 
 
 SIZES = [0, 1, 511, 512, 513, 100_000, (1 << 20) - 1, 1 << 20, (5 << 20) + 3, 9 << 20]
@@ -103,3 +108,121 @@ def test_a_closed_pipe_is_passed_on_as_such() -> None:
     ):
         for _ in range(10):
             writer.write(bytes(1 << 20))
+
+
+# -- the forked pipeline: the same stream through a child process -------------
+
+
+class FileSink:
+    """A file descriptor to write to, and what ended up in it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def data(self) -> bytes:
+        os.close(self.fd)
+        return self.path.read_bytes()
+
+
+@pytest.fixture
+def file_sink(tmp_path: Path) -> Iterator[FileSink]:
+    sink = FileSink(tmp_path / "out")
+    yield sink
+    assert_no_children()
+
+
+def assert_no_children() -> None:
+    """Every child the pipeline forked was waited for."""
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_both_pipelines_write_and_hash_the_same(file_sink: FileSink, fork: bool) -> None:
+    rng = random.Random(3)
+    parts = [rng.randbytes(n) for n in (10, 5000, (3 << 20) + 5, 7, 1 << 20, 0, 600)]
+    digests = []
+    with HashingWriter(file_sink.fd, block_size=1 << 20, blocks=3, fork=fork) as writer:
+        for part in parts:
+            writer.write(b"-" * 3)
+            digests.append(writer.begin_digest())
+            writer.write(part)
+            writer.end_digest()
+        writer.drain()
+        assert [d.hexdigest() for d in digests] == [hashlib.sha256(p).hexdigest() for p in parts]
+        assert [d.size for d in digests] == [len(p) for p in parts]
+        writer.write(b"tail")  # after a drain, as the manifests are
+    assert file_sink.data() == b"".join(b"---" + p for p in parts) + b"tail"
+
+
+def test_the_forked_pipeline_copies_files(tmp_path: Path, file_sink: FileSink) -> None:
+    _, digest, expected = write_files(
+        tmp_path, SIZES, block_size=1 << 20, blocks=2, fork=True, sink=file_sink.fd
+    )
+    assert file_sink.data() == expected
+    assert digest == hashlib.sha256(expected).hexdigest()
+
+
+def test_the_forked_pipeline_passes_on_a_closed_pipe() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        with (
+            pytest.raises(BrokenPipeError),
+            HashingWriter(write_end, block_size=1 << 20, blocks=2, fork=True) as writer,
+        ):
+            for _ in range(10):
+                writer.write(bytes(1 << 20))
+    finally:
+        os.close(write_end)
+    assert_no_children()
+
+
+def test_the_forked_pipeline_passes_on_write_errors(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "read-only", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        with (
+            pytest.raises(hashing_writer.OperationError, match=r"cannot write the output: .*"),
+            HashingWriter(fd, block_size=1 << 20, blocks=2, fork=True) as writer,
+        ):
+            for _ in range(10):
+                writer.write(bytes(1 << 20))
+    finally:
+        os.close(fd)
+    assert_no_children()
+
+
+def test_aborting_does_not_wait_for_a_reader_that_stopped_reading() -> None:
+    read_end, write_end = os.pipe()  # nobody reads: the child blocks in write
+    started = time.monotonic()
+    try:
+        with (
+            pytest.raises(FileChanged),
+            HashingWriter(write_end, block_size=1 << 20, blocks=4, fork=True) as writer,
+        ):
+            for _ in range(3):  # the child takes the first, and is stuck writing it
+                writer.write(bytes(1 << 20))
+            raise FileChanged("a file changed")  # what a build fails with mid-stream
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert time.monotonic() - started < 4  # a threaded pipeline would wait 5 s
+    assert_no_children()
+
+
+def test_the_pipeline_is_only_forked_from_a_single_thread(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert can_fork(fd)
+        assert not can_fork(Collect())  # a function cannot be called from a child
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        try:
+            assert not can_fork(fd)  # forking next to a running thread can deadlock
+        finally:
+            stop.set()
+            thread.join()
+    finally:
+        os.close(fd)
