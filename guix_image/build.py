@@ -128,16 +128,17 @@ def build_image(
             f"the image has {len(layers)} layers; `docker load` refuses more than {MOBY_MAX_LAYERS}"
         )
     store_layers = [layer for layer in layers if isinstance(layer, StoreLayer)]
-    scan_ahead = _ScanAhead(layers)
+    lookup = _CacheLookup(cache, config.store_dir, root) if cache is not None else None
+    scan_ahead = _ScanAhead(layers, lookup)
     try:
-        if cache is not None:
-            _consult_cache(store_layers, cache, config.store_dir, root)
         with HashingWriter(sink, idle=scan_ahead.step, favour_hashing=favour_hashing) as writer:
             archive = DockerArchiveWriter(writer, mtime=config.mtime)
             digests: list[Digest] = []
             for number, layer in enumerate(layers, 1):
                 scan_ahead.current = number - 1
                 report.layer_started(number, len(layers), layer.description)
+                if lookup is not None and isinstance(layer, StoreLayer):
+                    lookup.consult(layer)
                 size = layer.prepare()
                 report.layer_sized(size)
                 digests.append(archive.add_layer(layer, size, report.layer_progress))
@@ -150,13 +151,17 @@ def build_image(
         if cache is not None:
             cache.commit_member_lists()  # before the entries that they go with
     except StaleCacheEntry:
-        # Whatever else this build predicted from the cache is suspect too.
-        if cache is not None:
+        # Whatever else this build predicted from the cache is suspect too,
+        # including the layers it did not reach.
+        if cache is not None and lookup is not None:
             for layer in store_layers:
+                lookup.consult(layer)
                 if layer.cached is not None and layer.cache_key:
                     cache.drop(layer.cache_key)
         raise
     finally:
+        if lookup is not None:
+            lookup.close()
         if cache is not None:
             cache.release()
     if cache is not None:
@@ -190,8 +195,9 @@ class _ScanAhead:
 
     LOOKAHEAD_MEMBERS = 24_000  # about 17 MiB of encoded headers
 
-    def __init__(self, layers: list[Layer]) -> None:
+    def __init__(self, layers: list[Layer], lookup: _CacheLookup | None) -> None:
         self.layers = layers
+        self.lookup = lookup
         self.current = 0  # index of the layer being streamed
 
     def step(self) -> bool:
@@ -201,29 +207,43 @@ class _ScanAhead:
                 continue
             if ahead >= self.LOOKAHEAD_MEMBERS:
                 return False
+            if self.lookup is not None and self.lookup.consult(layer):
+                return True
             if layer.ahead_step():
                 return True
             ahead += len(layer.planned)
         return False
 
 
-def _consult_cache(
-    layers: list[StoreLayer], cache: LayerCache, store_dir: str, root: str | None
-) -> None:
-    from .storedb import StoreDatabase
+class _CacheLookup:
+    """Looks each store layer up in the cache, when it is first needed.
 
-    database = StoreDatabase.find(store_dir, root)
-    try:
-        for layer in layers:
-            layer.cache = cache
-            layer.cache_key = cache_key(layer.recipe(database))
-            layer.cached = cache.get(layer.cache_key)
-            members = cache.member_list(layer.cache_key) if layer.cached else None
-            if members is not None:
-                layer.use_member_list(members)
-    finally:
-        if database is not None:
-            database.close()
+    The first layer streams as soon as its own entry is read; the others are
+    looked up while the writer waits, or just before their turn.
+    """
+
+    def __init__(self, cache: LayerCache, store_dir: str, root: str | None) -> None:
+        from .storedb import StoreDatabase
+
+        self.cache = cache
+        self.database = StoreDatabase.find(store_dir, root)
+
+    def consult(self, layer: StoreLayer) -> bool:
+        """Look `layer` up unless that is done; whether it was done now."""
+        if layer.cache is not None:
+            return False
+        layer.cache = self.cache
+        layer.cache_key = cache_key(layer.recipe(self.database))
+        layer.cached = self.cache.get(layer.cache_key)
+        members = self.cache.member_list(layer.cache_key) if layer.cached else None
+        if members is not None:
+            layer.use_member_list(members)
+        return True
+
+    def close(self) -> None:
+        if self.database is not None:
+            self.database.close()
+            self.database = None
 
 
 def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
