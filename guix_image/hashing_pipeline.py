@@ -223,6 +223,8 @@ class ForkedPipeline:
                 os._exit(code)
         os.close(commands_in)
         os.close(messages_out)
+        self._poll = select.poll()  # not select(): it fails on descriptors over 1023
+        self._poll.register(self._messages, select.POLLIN)
 
     def free_block(self, timeout: float | None) -> Block | None:
         if not self._free:
@@ -285,10 +287,8 @@ class ForkedPipeline:
 
     def _receive(self, timeout: float | None) -> None:
         """Read and act on what the child said, waiting up to `timeout` seconds for it."""
-        if timeout is not None:
-            ready, _, _ = select.select([self._messages], [], [], timeout)
-            if not ready:
-                return
+        if timeout is not None and not self._poll.poll(timeout * 1000):
+            return
         data = os.read(self._messages, 4096)
         if not data:
             self._fail(ChildFailed("the hashing process stopped"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import resource
 import threading
 import time
 from collections.abc import Iterator
@@ -226,3 +227,23 @@ def test_the_pipeline_is_only_forked_from_a_single_thread(tmp_path: Path) -> Non
             thread.join()
     finally:
         os.close(fd)
+
+
+def test_the_forked_pipeline_works_with_descriptors_over_1023(file_sink: FileSink) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip(f"the open files limit ({hard}) is too low to open 1100 files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1030)]  # select() fails past 1023
+    try:
+        part = bytes(range(256)) * 40_000  # 10 MB through 2 blocks: it waits for them
+        with HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2, fork=True) as writer:
+            digest = writer.begin_digest()
+            writer.write(part)
+            writer.end_digest()
+        assert digest.hexdigest() == hashlib.sha256(part).hexdigest()
+        assert file_sink.data() == part
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
