@@ -109,7 +109,6 @@ def build_image(
     root: str | None = None,
     progress: BuildProgress | None = None,
     cache: LayerCache | None = None,
-    favour_hashing: bool = False,
 ) -> BuildResult:
     """Stream the image `config` describes, as a Docker archive, to `sink`.
 
@@ -117,8 +116,6 @@ def build_image(
     With a `cache`, layers built before are streamed from their member
     lists, or without waiting for their scan, and their digests are checked
     against the cached ones.
-    `favour_hashing` lowers the calling thread's priority for good (see
-    HashingWriter); the command line sets it.
     """
     report = progress or SilentProgress()
     layers, base = plan_layers(config, root=root)
@@ -131,7 +128,7 @@ def build_image(
     lookup = _CacheLookup(cache, config.store_dir, root) if cache is not None else None
     scan_ahead = _ScanAhead(layers, lookup)
     try:
-        with HashingWriter(sink, idle=scan_ahead.step, favour_hashing=favour_hashing) as writer:
+        with HashingWriter(sink, idle=scan_ahead.step) as writer:
             archive = DockerArchiveWriter(writer, mtime=config.mtime)
             digests: list[Digest] = []
             for number, layer in enumerate(layers, 1):

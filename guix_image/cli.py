@@ -289,7 +289,7 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
 
     cache = LayerCache(default_directory(), warn) if use_cache else None
     progress = _build_progress()
-    options = {"root": root, "progress": progress, "cache": cache, "favour_hashing": True}
+    options = {"root": root, "progress": progress, "cache": cache}
     started = time.monotonic()
     try:
         with terminate_on_signals():

@@ -13,9 +13,9 @@ Two pipelines do this:
   the filling thread opens and reads thousands of small files, every hand
   over of that lock to the hashing or writing thread costs it a wake-up.
   In a child process they have their own lock and the filling thread runs
-  undisturbed (about a tenth faster on a store of small files). It needs
-  `fork`, a file descriptor to write to, and no other thread running when
-  it starts.
+  undisturbed (the benchmark's layer of 21,000 small files streams about a
+  tenth faster). It needs `fork`, a file descriptor to write to, and no
+  other thread running when it starts.
 """
 
 from __future__ import annotations

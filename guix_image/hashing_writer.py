@@ -27,7 +27,6 @@ from .hashing_pipeline import (
     Sink,
     ThreadedPipeline,
     can_fork,
-    lower_priority,
 )
 
 BLOCK_SIZE = 2 << 20
@@ -90,10 +89,9 @@ class HashingWriter:
     pipeline and re-raises its errors. `fork` chooses the pipeline (see
     hashing_pipeline.py); by default it is forked where it can be.
 
-    Hashing is the critical path, so the writing thread runs at a lower
-    scheduling priority; with `favour_hashing` the calling thread does too.
-    That cannot be undone without privileges: it is meant for one-shot
-    processes such as the command line.
+    Reading and hashing are the critical paths (reading while the store's
+    small files stream, hashing while its large ones do), so the writing
+    thread runs at a lower scheduling priority.
     """
 
     def __init__(
@@ -103,7 +101,6 @@ class HashingWriter:
         idle: Callable[[], bool] | None = None,
         block_size: int = BLOCK_SIZE,
         blocks: int = BLOCK_COUNT,
-        favour_hashing: bool = False,
         fork: bool | None = None,
     ) -> None:
         if block_size > len(_ZEROS):
@@ -124,8 +121,6 @@ class HashingWriter:
         self._span_start = 0
         self._submitted = 0  # bytes already handed to the pipeline
         self._block = self._get_free()
-        if favour_hashing:  # threads inherit their creator's priority: lower it only now
-            lower_priority()
 
     @property
     def position(self) -> int:
