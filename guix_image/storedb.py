@@ -56,5 +56,6 @@ def _connect_read_only(path: str) -> sqlite3.Connection:
     # either; "immutable" tells SQLite not to try.
     writable = os.access(path, os.W_OK) and os.access(os.path.dirname(path), os.W_OK)
     connection = sqlite3.connect(uri + ("?mode=ro" if writable else "?immutable=1"), uri=True)
-    connection.execute("SELECT count(*) FROM ValidPaths").fetchone()
+    # Fails now if it is not a store database; count(*) would read all of it.
+    connection.execute("SELECT 1 FROM ValidPaths LIMIT 1").fetchone()
     return connection
