@@ -211,7 +211,12 @@ class ForkedPipeline:
         self._closed = False
         commands_in, self._commands = os.pipe()
         self._messages, messages_out = os.pipe()
-        self._pid = os.fork()
+        try:
+            self._pid = os.fork()
+        except OSError:  # out of processes or memory: the caller uses threads
+            for end in (commands_in, self._commands, self._messages, messages_out):
+                os.close(end)
+            raise
         if self._pid == 0:  # the child: never returns
             code = 1
             try:
@@ -219,6 +224,8 @@ class ForkedPipeline:
                 os.close(self._messages)
                 _run_child(fd, commands_in, messages_out, whole, block_size)
                 code = 0
+            except BaseException:
+                os.write(messages_out, _MESSAGE.pack(_FAILED, 0))
             finally:
                 os._exit(code)
         os.close(commands_in)
@@ -305,7 +312,8 @@ class ForkedPipeline:
             elif kind == _DIGEST:
                 self._digests[value]._hex = payload.hex()
             elif kind == _FAILED:
-                self._fail(OSError(value, os.strerror(value)) if value else ChildFailed())
+                failure = OSError(value, os.strerror(value)) if value else None
+                self._fail(failure or ChildFailed("the hashing process failed"))
             else:
                 self._heard.add(kind)
         if self.error is not None:

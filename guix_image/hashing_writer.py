@@ -113,8 +113,11 @@ class HashingWriter:
         self._pipeline: ThreadedPipeline | ForkedPipeline
         if fork:
             assert isinstance(sink, int)
-            self._pipeline = ForkedPipeline(sink, block_size, blocks)
-        else:
+            try:
+                self._pipeline = ForkedPipeline(sink, block_size, blocks)
+            except OSError:  # fork failed: threads work too
+                fork = False
+        if not fork:
             self._pipeline = ThreadedPipeline(sink, block_size, blocks)
         self._digests = 0  # digests begun
         self._digest: Digest | None = None

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import resource
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -247,3 +248,32 @@ def test_the_forked_pipeline_works_with_descriptors_over_1023(file_sink: FileSin
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_build_goes_on_with_threads_when_fork_fails(
+    file_sink: FileSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fork", no_fork)
+        with HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2) as writer:
+            digest = writer.begin_digest()
+            writer.write(b"x" * 3_000_000)
+            writer.end_digest()
+        assert len(os.listdir("/proc/self/fd")) == descriptors  # the pipes were closed
+    assert digest.hexdigest() == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    assert file_sink.data() == b"x" * 3_000_000
+
+
+def test_a_hashing_process_that_dies_fails_the_build_at_once(file_sink: FileSink) -> None:
+    with (
+        pytest.raises(hashing_writer.OperationError, match="the hashing process stopped"),
+        HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2, fork=True) as writer,
+    ):
+        writer.write(b"x" * 3_000_000)
+        os.kill(writer._pipeline._pid, signal.SIGKILL)  # type: ignore[union-attr]
+        for _ in range(20):
+            writer.write(b"x" * 1_000_000)
