@@ -12,6 +12,7 @@ output has begun; with an output file, none is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -152,9 +153,9 @@ def build_image(
         # including the layers it did not reach.
         if cache is not None and lookup is not None:
             for layer in store_layers:
-                lookup.consult(layer)
-                if layer.cached is not None and layer.cache_key:
-                    cache.drop(layer.cache_key)
+                if layer.cache is None or layer.cached is not None:
+                    with contextlib.suppress(OSError):
+                        cache.drop(lookup.key(layer))
         raise
     finally:
         if lookup is not None:
@@ -230,12 +231,16 @@ class _CacheLookup:
         if layer.cache is not None:
             return False
         layer.cache = self.cache
-        layer.cache_key = cache_key(layer.recipe(self.database))
+        layer.cache_key = self.key(layer)
         layer.cached = self.cache.get(layer.cache_key)
         members = self.cache.member_list(layer.cache_key) if layer.cached else None
         if members is not None:
             layer.use_member_list(members)
         return True
+
+    def key(self, layer: StoreLayer) -> str:
+        """The layer's cache key, without looking it up."""
+        return layer.cache_key or cache_key(layer.recipe(self.database))
 
     def close(self) -> None:
         if self.database is not None:

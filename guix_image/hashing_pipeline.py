@@ -20,6 +20,7 @@ Two pipelines do this:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -30,6 +31,8 @@ import struct
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from .errors import OperationError
 
 Sink = int | Callable[[memoryview], Any]
 
@@ -78,7 +81,14 @@ def lower_priority(step: int = 5) -> None:
 
 def can_fork(sink: Sink) -> bool:
     # Forking a process that runs threads can deadlock its child.
-    return isinstance(sink, int) and hasattr(os, "fork") and threading.active_count() == 1
+    return isinstance(sink, int) and hasattr(os, "fork") and _only_thread()
+
+
+def _only_thread() -> bool:
+    try:  # also sees threads started without the threading module
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
 
 
 def write_all(fd: int, view: memoryview) -> None:
@@ -188,8 +198,8 @@ _FREE, _DIGEST, _DRAINED, _FAILED, _CLOSED = 1, 2, 3, 4, 5
 _DIGEST_SIZE = 32  # a _DIGEST message (value: the digest's number) carries one
 
 
-class ChildFailed(Exception):
-    """The forked child stopped without saying why."""
+class ChildFailed(OperationError):
+    """The forked hashing process stopped, or failed other than writing."""
 
 
 class ForkedPipeline:
@@ -210,7 +220,12 @@ class ForkedPipeline:
         self._heard: set[int] = set()  # kinds of message received (of those waited for)
         self._closed = False
         commands_in, self._commands = os.pipe()
-        self._messages, messages_out = os.pipe()
+        try:
+            self._messages, messages_out = os.pipe()
+        except OSError:
+            os.close(commands_in)
+            os.close(self._commands)
+            raise
         try:
             self._pid = os.fork()
         except OSError:  # out of processes or memory: the caller uses threads
@@ -281,7 +296,8 @@ class ForkedPipeline:
         self._closed = True
         os.close(self._commands)
         os.close(self._messages)
-        os.waitpid(self._pid, 0)
+        with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: already reaped
+            os.waitpid(self._pid, 0)
 
     def _send(self, command: bytes, spans: int = 0) -> None:
         if self.error is not None:
@@ -289,7 +305,7 @@ class ForkedPipeline:
         try:
             write_all(self._commands, memoryview(struct.pack("<I", spans) + command))
         except BrokenPipeError:
-            self._fail(ChildFailed("the hashing process stopped"))
+            self._fail(ChildFailed("the hashing process stopped unexpectedly"))
             raise self.error from None  # type: ignore[misc]
 
     def _receive(self, timeout: float | None) -> None:
@@ -298,7 +314,7 @@ class ForkedPipeline:
             return
         data = os.read(self._messages, 4096)
         if not data:
-            self._fail(ChildFailed("the hashing process stopped"))
+            self._fail(ChildFailed("the hashing process stopped unexpectedly"))
         self._received += data
         while len(self._received) >= _MESSAGE.size:
             kind, value = _MESSAGE.unpack_from(self._received)
@@ -328,6 +344,7 @@ def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: 
     """The forked child: hash and write blocks until told to close."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the parent decides, and kills us if need be
+    _die_with_parent()
     hashes: dict[int, Any] = {}
     to_write: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
     failed = False
@@ -343,9 +360,9 @@ def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: 
             if not failed:
                 try:
                     write_all(fd, memory[index * size : index * size + length])
-                except OSError as error:
+                except BaseException as error:
                     failed = True
-                    say(_FAILED, error.errno or 0)
+                    say(_FAILED, (error.errno or 0) if isinstance(error, OSError) else 0)
             say(_FREE, index)
 
     writer = threading.Thread(target=write_loop, daemon=True)
@@ -371,7 +388,27 @@ def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: 
             elif kind == _CLOSE:
                 to_write.put(None)
                 writer.join()
+                if failed:
+                    return  # the parent was told
                 for number, digest in hashes.items():
                     say(_DIGEST, number, digest.digest())
                 say(_CLOSED, 0)
                 return
+
+
+def _die_with_parent() -> None:
+    """Have the kernel kill this child if its parent dies without killing it (Linux).
+
+    Otherwise a parent killed with SIGKILL would leave it blocked, for ever,
+    writing to a reader that stopped reading.
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (ImportError, OSError, AttributeError):
+        return  # not Linux: it still ends once its parent's pipe closes
+    if os.getppid() != parent:  # the parent died before that took effect
+        os._exit(1)

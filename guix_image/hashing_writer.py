@@ -259,9 +259,13 @@ class HashingWriter:
 
     def close(self) -> None:
         """Hash and write everything, stop the pipeline, re-raise its errors."""
-        self._submit()
-        self._block = Block(bytearray(0))  # nothing is being filled any more
-        self._call(self._pipeline.close)
+        try:
+            self._submit()
+            self._block = Block(bytearray(0))  # nothing is being filled any more
+            self._call(self._pipeline.close)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Stop the pipeline without caring what was written."""

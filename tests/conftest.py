@@ -107,6 +107,19 @@ def build(tmp_path: Path) -> BuildFn:
     return run
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, zombies included (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def write_config(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(json.dumps(document))
     return path

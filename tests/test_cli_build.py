@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from guix_image.cli import main
 
-from .conftest import StoreTree, read_archive, write_config
+from .conftest import StoreTree, children, read_archive, write_config
 
 GUIX_IMAGE = [sys.executable, "-m", "guix_image"]
 
@@ -180,16 +180,40 @@ def test_sigterm_and_sigint_leave_nothing(store: StoreTree, tmp_path: Path) -> N
         assert [pid for pid in helpers if Path(f"/proc/{pid}").exists()] == []
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def test_a_signal_ends_a_build_whose_reader_stopped_reading(
+    store: StoreTree, tmp_path: Path
+) -> None:
+    item = store.item("big")
+    with open(item / "blob", "wb") as f:
+        f.truncate(1 << 30)
+    config = write_config(tmp_path / "c.json", store.config([[item]]))
+    for sig, code in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)):
+        process = subprocess.Popen(  # nobody reads its output: it fills the pipe and waits
+            [*GUIX_IMAGE, "build", str(config), "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        helpers = wait_for_children(process.pid)
+        time.sleep(0.5)  # long enough to fill the pipe and every block
+        process.send_signal(sig)
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it ended meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+            assert process.stdout is not None and process.stderr is not None
+            process.stdout.close()
+            stderr = process.stderr.read().decode()
+            process.stderr.close()
+        assert process.returncode == code, stderr
+        assert "Traceback" not in stderr
+        assert [pid for pid in helpers if Path(f"/proc/{pid}").exists()] == []
+
+
+def wait_for_children(pid: int) -> list[int]:
+    deadline = time.monotonic() + 30
+    while not (found := children(pid)):
+        assert time.monotonic() < deadline, "the build never forked its hashing process"
+        time.sleep(0.01)
     return found
 
 
