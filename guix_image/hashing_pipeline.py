@@ -53,6 +53,10 @@ class Digest:
     def hexdigest(self) -> str:
         return self._hex if self._hex is not None else self._hash.hexdigest()
 
+    def computed(self, digest: bytes) -> None:
+        """Take the digest computed by another process for the same bytes."""
+        self._hex = digest.hex()
+
 
 Span = tuple[int, int, Digest]  # start and end in the block, and whose span
 
@@ -188,8 +192,8 @@ class ThreadedPipeline:
 
 
 # The conversation between the forked child and its parent, over two pipes.
-# Parent to child: a command, with a block's spans (start, end, digest number).
-_COMMAND = struct.Struct("<III")  # kind, block index or 0, length or span count
+# Parent to child: a command, then a block's spans (start, end, digest number).
+_COMMAND = struct.Struct("<IIII")  # kind, and for a block: index, length, span count
 _SPAN = struct.Struct("<III")
 _BLOCK, _DRAIN, _CLOSE = 1, 2, 3
 # Child to parent: a message, each one written at once (atomic in a pipe).
@@ -264,15 +268,15 @@ class ForkedPipeline:
         for start, end, digest in block.spans:
             digest.size += end - start
             self._digests[digest.number] = digest
-        self._send(_COMMAND.pack(_BLOCK, block.index, block.length) + spans, len(block.spans))
+        self._send(_COMMAND.pack(_BLOCK, block.index, block.length, len(block.spans)) + spans)
 
     def drain(self) -> None:
-        self._send(_COMMAND.pack(_DRAIN, 0, 0))
+        self._send(_COMMAND.pack(_DRAIN, 0, 0, 0))
         self._wait_for(_DRAINED)
 
     def close(self) -> None:
         try:
-            self._send(_COMMAND.pack(_CLOSE, 0, 0))
+            self._send(_COMMAND.pack(_CLOSE, 0, 0, 0))
             self._wait_for(_CLOSED)
         except BaseException:
             self.abort(None)
@@ -285,6 +289,7 @@ class ForkedPipeline:
             self._receive(None)
 
     def abort(self, patience: float | None) -> None:
+        """Stop now (no `patience` needed: the child is killed)."""
         if self.error is None:
             self.error = InterruptedError("aborted")
         if not self._closed:
@@ -299,14 +304,15 @@ class ForkedPipeline:
         with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: already reaped
             os.waitpid(self._pid, 0)
 
-    def _send(self, command: bytes, spans: int = 0) -> None:
+    def _send(self, command: bytes) -> None:
         if self.error is not None:
             raise self.error
         try:
-            write_all(self._commands, memoryview(struct.pack("<I", spans) + command))
+            write_all(self._commands, memoryview(command))
         except BrokenPipeError:
             self._fail(ChildFailed("the hashing process stopped unexpectedly"))
-            raise self.error from None  # type: ignore[misc]
+            assert self.error is not None
+            raise self.error from None
 
     def _receive(self, timeout: float | None) -> None:
         """Read and act on what the child said, waiting up to `timeout` seconds for it."""
@@ -326,7 +332,7 @@ class ForkedPipeline:
             if kind == _FREE:
                 self._free.append(self._blocks[value])
             elif kind == _DIGEST:
-                self._digests[value]._hex = payload.hex()
+                self._digests[value].computed(payload)
             elif kind == _FAILED:
                 failure = OSError(value, os.strerror(value)) if value else None
                 self._fail(failure or ChildFailed("the hashing process failed"))
@@ -368,11 +374,10 @@ def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: 
     writer = threading.Thread(target=write_loop, daemon=True)
     writer.start()
     with os.fdopen(commands, "rb") as stream:
-        while header := stream.read(4 + _COMMAND.size):
-            if len(header) < 4 + _COMMAND.size:
+        while command := stream.read(_COMMAND.size):
+            if len(command) < _COMMAND.size:
                 return  # the parent went away
-            (spans,) = struct.unpack_from("<I", header)
-            kind, index, length = _COMMAND.unpack_from(header, 4)
+            kind, index, length, spans = _COMMAND.unpack(command)
             if kind == _BLOCK:
                 base = index * size
                 for start, end, number in _SPAN.iter_unpack(stream.read(spans * _SPAN.size)):
