@@ -89,9 +89,10 @@ class HashingWriter:
     pipeline and re-raises its errors. `fork` chooses the pipeline (see
     hashing_pipeline.py); by default it is forked where it can be.
 
-    Reading and hashing are the critical paths (reading while the store's
-    small files stream, hashing while its large ones do), so the writing
-    thread runs at a lower scheduling priority.
+    Reading is the critical path while the store's small files stream, so
+    the pipeline's threads run at a lower scheduling priority than the
+    caller's (in the forked pipeline; the threaded one lowers only the
+    writing thread).
     """
 
     def __init__(
