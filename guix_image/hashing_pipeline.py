@@ -230,6 +230,7 @@ class ForkedPipeline:
             os.close(commands_in)
             os.close(self._commands)
             raise
+        parent = os.getpid()
         try:
             self._pid = os.fork()
         except OSError:  # out of processes or memory: the caller uses threads
@@ -241,7 +242,7 @@ class ForkedPipeline:
             try:
                 os.close(self._commands)
                 os.close(self._messages)
-                _run_child(fd, commands_in, messages_out, whole, block_size)
+                _run_child(parent, fd, commands_in, messages_out, whole, block_size)
                 code = 0
             except BaseException:
                 os.write(messages_out, _MESSAGE.pack(_FAILED, 0))
@@ -294,15 +295,20 @@ class ForkedPipeline:
             self.error = InterruptedError("aborted")
         if not self._closed:
             # The child may be stuck writing to a reader that went away.
-            os.kill(self._pid, signal.SIGKILL)
-            self._reap()
+            try:
+                with contextlib.suppress(ProcessLookupError):  # SIGCHLD ignored: reaped
+                    os.kill(self._pid, signal.SIGKILL)
+            finally:
+                self._reap()
 
     def _reap(self) -> None:
-        self._closed = True
-        os.close(self._commands)
-        os.close(self._messages)
-        with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: already reaped
-            os.waitpid(self._pid, 0)
+        try:
+            os.close(self._commands)
+            os.close(self._messages)
+            with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored: already reaped
+                os.waitpid(self._pid, 0)
+        finally:
+            self._closed = True
 
     def _send(self, command: bytes) -> None:
         if self.error is not None:
@@ -346,11 +352,13 @@ class ForkedPipeline:
             self.error = error
 
 
-def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: int) -> None:
+def _run_child(
+    parent: int, fd: int, commands: int, messages: int, memory: memoryview, size: int
+) -> None:
     """The forked child: hash and write blocks until told to close."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the parent decides, and kills us if need be
-    _die_with_parent()
+    _die_with_parent(parent)
     hashes: dict[int, Any] = {}
     to_write: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
     failed = False
@@ -405,13 +413,12 @@ def _run_child(fd: int, commands: int, messages: int, memory: memoryview, size: 
                 return
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Have the kernel kill this child if its parent dies without killing it (Linux).
 
     Otherwise a parent killed with SIGKILL would leave it blocked, for ever,
     writing to a reader that stopped reading.
     """
-    parent = os.getppid()
     try:
         import ctypes
 

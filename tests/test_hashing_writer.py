@@ -287,3 +287,23 @@ def test_a_hashing_process_that_dies_fails_the_build_at_once(file_sink: FileSink
         os.kill(writer._pipeline._pid, signal.SIGKILL)  # type: ignore[union-attr]
         for _ in range(20):
             writer.write(b"x" * 1_000_000)
+
+
+def test_the_forked_pipeline_works_with_sigchld_ignored(file_sink: FileSink) -> None:
+    """A parent that ignores SIGCHLD has its children reaped by the system."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2, fork=True) as writer:
+            writer.write(b"x" * 3_000_000)
+        with (
+            pytest.raises(hashing_writer.OperationError, match="the hashing process stopped"),
+            HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2, fork=True) as writer,
+        ):
+            writer.write(b"x" * 3_000_000)
+            os.kill(writer._pipeline._pid, signal.SIGKILL)  # type: ignore[union-attr]
+            time.sleep(0.2)  # reaped by the system before the parent notices
+            for _ in range(20):
+                writer.write(b"x" * 1_000_000)
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+    assert file_sink.data()[:3_000_000] == b"x" * 3_000_000
