@@ -151,11 +151,11 @@ def build_image(
     except StaleCacheEntry:
         # Whatever else this build predicted from the cache is suspect too,
         # including the layers it did not reach.
-        if cache is not None and lookup is not None:
+        if lookup is not None:
             for layer in store_layers:
                 if layer.cache is None or layer.cached is not None:
                     with contextlib.suppress(OSError):
-                        cache.drop(lookup.key(layer))
+                        lookup.cache.drop(lookup.key(layer))
         raise
     finally:
         if lookup is not None:

@@ -84,11 +84,12 @@ def lower_priority(step: int = 5) -> None:
 
 
 def can_fork(sink: Sink) -> bool:
-    # Forking a process that runs threads can deadlock its child.
-    return isinstance(sink, int) and hasattr(os, "fork") and _only_thread()
+    return isinstance(sink, int) and hasattr(os, "fork") and only_thread()
 
 
-def _only_thread() -> bool:
+def only_thread() -> bool:
+    """Whether this process runs one thread: forking one that runs more can
+    deadlock its child."""
     try:  # also sees threads started without the threading module
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:
@@ -187,7 +188,6 @@ class ThreadedPipeline:
             except BaseException as error:  # handed to the caller
                 self._fail(error)
             finally:
-                block.length = 0
                 self._free.put(block)
 
 
@@ -200,6 +200,7 @@ _BLOCK, _DRAIN, _CLOSE = 1, 2, 3
 _MESSAGE = struct.Struct("<II")  # kind, value
 _FREE, _DIGEST, _DRAINED, _FAILED, _CLOSED = 1, 2, 3, 4, 5
 _DIGEST_SIZE = 32  # a _DIGEST message (value: the digest's number) carries one
+_STOPPED = "the hashing process stopped unexpectedly"
 
 
 class ChildFailed(OperationError):
@@ -210,7 +211,6 @@ class ForkedPipeline:
     """Hashes and writes blocks in a forked child, the blocks in shared memory."""
 
     def __init__(self, fd: int, block_size: int, blocks: int) -> None:
-        self._block_size = block_size
         # Shared, and only touched (so only resident) when first used.
         self._memory = mmap.mmap(-1, block_size * blocks)
         whole = memoryview(self._memory)
@@ -256,11 +256,7 @@ class ForkedPipeline:
     def free_block(self, timeout: float | None) -> Block | None:
         if not self._free:
             self._receive(timeout)
-        if not self._free:
-            return None
-        block = self._free.pop()
-        block.length = 0
-        return block
+        return self._free.pop() if self._free else None
 
     def submit(self, block: Block) -> None:
         spans = b"".join(
@@ -316,7 +312,7 @@ class ForkedPipeline:
         try:
             write_all(self._commands, memoryview(command))
         except BrokenPipeError:
-            self._fail(ChildFailed("the hashing process stopped unexpectedly"))
+            self._fail(ChildFailed(_STOPPED))
             assert self.error is not None
             raise self.error from None
 
@@ -326,7 +322,7 @@ class ForkedPipeline:
             return
         data = os.read(self._messages, 4096)
         if not data:
-            self._fail(ChildFailed("the hashing process stopped unexpectedly"))
+            self._fail(ChildFailed(_STOPPED))
         self._received += data
         while len(self._received) >= _MESSAGE.size:
             kind, value = _MESSAGE.unpack_from(self._received)
@@ -366,6 +362,11 @@ def _run_child(
     def say(kind: int, value: int, payload: bytes = b"") -> None:
         os.write(messages, _MESSAGE.pack(kind, value) + payload)
 
+    def say_digests(then: int) -> None:
+        for number, digest in hashes.items():
+            say(_DIGEST, number, digest.digest())
+        say(then, 0)
+
     def write_loop() -> None:
         nonlocal failed
         lower_priority()
@@ -399,17 +400,12 @@ def _run_child(
                     digest.update(memory[base + start : base + end])
                 to_write.put((index, length))
             elif kind == _DRAIN:
-                for number, digest in hashes.items():
-                    say(_DIGEST, number, digest.digest())
-                say(_DRAINED, 0)
+                say_digests(_DRAINED)
             elif kind == _CLOSE:
                 to_write.put(None)
                 writer.join()
-                if failed:
-                    return  # the parent was told
-                for number, digest in hashes.items():
-                    say(_DIGEST, number, digest.digest())
-                say(_CLOSED, 0)
+                if not failed:  # else the parent was told
+                    say_digests(_CLOSED)
                 return
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -120,8 +119,9 @@ def _read_forked(index: int) -> LayerContents:
 
 
 def _can_fork() -> bool:
-    # Forking a process that runs threads can deadlock its children.
-    return hasattr(os, "fork") and threading.active_count() == 1
+    from .hashing_pipeline import only_thread
+
+    return hasattr(os, "fork") and only_thread()
 
 
 class HasPath(Protocol):
