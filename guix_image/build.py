@@ -142,7 +142,7 @@ def build_image(
                 digests.append(archive.add_layer(layer, size, report.layer_progress))
             writer.drain()
             diff_ids = [SHA256_PREFIX + d.hexdigest() for d in digests]
-            _check_digests(layers, diff_ids)
+            _check_digests(layers, digests, diff_ids)
             image_config = _image_config(config, base, layers, diff_ids)
             report.message("Adding manifests...")
             image_id = archive.finish(image_config.to_bytes(), result.repo_tags)
@@ -164,8 +164,11 @@ def build_image(
             cache.release()
     if cache is not None:
         for layer, diff_id, digest in zip(layers, diff_ids, digests, strict=True):
-            if isinstance(layer, StoreLayer) and layer.cache_key and layer.cached is None:
-                cache.put(layer.cache_key, CachedLayer(digest.size, diff_id))
+            if not isinstance(layer, StoreLayer) or not layer.cache_key:
+                continue
+            # New entries, and checkpoints for an entry that had none (an older version's).
+            if layer.cached is None or (digest.checkpoints and not layer.cached.checkpoints):
+                cache.put(layer.cache_key, CachedLayer(digest.size, diff_id, digest.checkpoints))
     result.image_id = SHA256_PREFIX + image_id
     result.bytes_written = writer.position
     result.layers = [
@@ -248,8 +251,12 @@ class _CacheLookup:
             self.database = None
 
 
-def _check_digests(layers: list[Layer], diff_ids: list[str]) -> None:
-    for number, (layer, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
+def _check_digests(layers: list[Layer], digests: list[Digest], diff_ids: list[str]) -> None:
+    for number, (layer, digest, diff_id) in enumerate(
+        zip(layers, digests, diff_ids, strict=True), 1
+    ):
+        if isinstance(layer, StoreLayer) and layer.cached and digest.broken:
+            raise layer.stale("its bytes no longer reach the cached layer's checkpoints")
         if isinstance(layer, StoreLayer) and layer.cached and layer.cached.diff_id != diff_id:
             raise layer.stale(f"its digest is now {diff_id}, not {layer.cached.diff_id}")
         if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:

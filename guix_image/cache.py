@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, member_list
+from . import __version__, member_list, sha256
 from .image import canonical_json, sha256_hex
 from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
 
@@ -37,6 +37,7 @@ ENTRY_VERSION = 1
 LAYER_FORMAT = "guix-image/layer-tar/1"
 
 _DIFF_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HEX = re.compile(r"^(?:[0-9a-f]{2})*$")
 MEMBER_LISTS_BUDGET = 512 << 20
 _MEMBERS = ".members"
 _TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
@@ -73,6 +74,7 @@ def cache_key(recipe: dict[str, Any]) -> str:
 class CachedLayer:
     size: int
     diff_id: str
+    checkpoints: bytes = b""  # see sha256.py; none if they could not be taken
 
 
 class LayerCache:
@@ -114,6 +116,11 @@ class LayerCache:
             "size": layer.size,
             "diff_id": layer.diff_id,
         }
+        if layer.checkpoints:
+            document["checkpoints"] = {
+                "interval": sha256.CHECKPOINT_INTERVAL,
+                "states": layer.checkpoints.hex(),
+            }
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, temporary = tempfile.mkstemp(prefix=".entry-", dir=self.directory)
@@ -237,4 +244,22 @@ def _parse_entry(data: bytes, key: str) -> CachedLayer | None:
         return None
     if not isinstance(diff_id, str) or not _DIFF_ID.match(diff_id):
         return None
-    return CachedLayer(size, diff_id)
+    checkpoints = _parse_checkpoints(document.get("checkpoints", {}), size)
+    if checkpoints is None:
+        return None
+    return CachedLayer(size, diff_id, checkpoints)
+
+
+def _parse_checkpoints(field: Any, size: int) -> bytes | None:
+    """An entry's checkpoints; None if malformed, none if taken at another interval."""
+    if not isinstance(field, dict):
+        return None
+    interval, states = field.get("interval", sha256.CHECKPOINT_INTERVAL), field.get("states", "")
+    if not isinstance(states, str) or not _HEX.match(states):
+        return None
+    if interval != sha256.CHECKPOINT_INTERVAL:
+        return b""  # written by a version with another interval: hash in one chain
+    checkpoints = bytes.fromhex(states)
+    if checkpoints and len(checkpoints) != sha256.checkpoint_count(size) * sha256.STATE_SIZE:
+        return None
+    return checkpoints

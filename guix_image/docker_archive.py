@@ -39,7 +39,7 @@ class DockerArchiveWriter:
         name = layer_member_name(len(self.layer_names) + 1)
         self._writer.write(self._encoder.encode(name.encode(), REGTYPE, MEMBER_MODE, size))
         start = self._writer.position
-        digest = self._writer.begin_digest()
+        digest = self._writer.begin_digest(layer.expected_checkpoints)
         layer.write_to(self._writer, progress)
         self._writer.end_digest()
         written = self._writer.position - start

@@ -8,20 +8,28 @@ bytes, which is not reused before both are done with it.
 
 Two pipelines do this:
 - ThreadedPipeline: a hashing thread and a writing thread in this process.
-- ForkedPipeline: the same two threads in a forked child, the blocks in
-  memory shared with it. Python threads share one lock (the GIL): while
-  the filling thread opens and reads thousands of small files, every hand
-  over of that lock to the hashing or writing thread costs it a wake-up.
-  In a child process they have their own lock and the filling thread runs
-  undisturbed (the benchmark's layer of 21,000 small files streams about a
-  tenth faster). It needs `fork`, a file descriptor to write to, and no
-  other thread running when it starts.
+- ForkedPipeline: hashing threads and a writing thread in a forked child,
+  the blocks in memory shared with it. Python threads share one lock (the
+  GIL): while the filling thread opens and reads thousands of small files,
+  every hand over of that lock to the hashing or writing thread costs it a
+  wake-up. In a child process they have their own lock and the filling
+  thread runs undisturbed (the benchmark's layer of 21,000 small files
+  streams about a tenth faster). It needs `fork`, a file descriptor to
+  write to, and no other thread running when it starts.
+
+A digest records checkpoints as it goes (see sha256.py). A digest begun
+with the checkpoints of the same bytes, from the cache, is hashed by the
+forked pipeline a stretch per hashing thread, on as many cores; if its
+bytes do not reach a checkpoint, the digest is `broken` (not the cached
+layer's). The threaded pipeline hashes it in one chain and compares the
+checkpoints it records with those expected.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import mmap
 import os
 import queue
@@ -29,33 +37,90 @@ import select
 import signal
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import sha256
 from .errors import OperationError
+from .sha256 import STATE_SIZE, Sha256
 
 Sink = int | Callable[[memoryview], Any]
+# Of the forked pipeline: a rebuild's digests use this many cores.
+HASHING_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class Chain:
+    """One SHA-256 fed in order, taking a checkpoint every interval if it can (sha256.py)."""
+
+    def __init__(self) -> None:
+        self._hash: Any = Sha256() if sha256.resumable() else hashlib.sha256()
+        self._recording = isinstance(self._hash, Sha256)
+        self.length = 0
+        self._checkpoints = bytearray()
+
+    def update(self, view: memoryview) -> None:
+        if not self._recording:
+            self._hash.update(view)
+            self.length += len(view)
+            return
+        while view:
+            part = view[: sha256.CHECKPOINT_INTERVAL - self.length % sha256.CHECKPOINT_INTERVAL]
+            self._hash.update(part)
+            self.length += len(part)
+            view = view[len(part) :]
+            if self.length % sha256.CHECKPOINT_INTERVAL == 0:
+                self._checkpoints += self._hash.state()
+
+    def digest(self) -> bytes:
+        return bytes(self._hash.digest())
+
+    def checkpoints(self) -> bytes:
+        """The checkpoints before the end (none if they could not be taken)."""
+        return bytes(self._checkpoints[: sha256.checkpoint_count(self.length) * STATE_SIZE])
 
 
 class Digest:
-    """The SHA-256 of one span of the stream, complete once the writer is drained."""
+    """The SHA-256 of one span of the stream, complete once the writer is drained.
 
-    def __init__(self, number: int = 0) -> None:
+    `expected` holds the checkpoints of the same bytes, if known (a
+    rebuild): the forked pipeline then hashes their stretches in parallel.
+    """
+
+    def __init__(self, number: int = 0, expected: bytes = b"") -> None:
         self.number = number  # its place among the writer's digests
         self.size = 0
-        self._hash = hashlib.sha256()
-        self._hex: str | None = None  # set when it was computed elsewhere
+        self.expected = expected
+        self._chain: Chain | None = None  # when hashed in this process
+        self._computed: tuple[bytes, bytes, bool] | None = None  # digest, checkpoints, broken
 
     def update(self, data: memoryview) -> None:
-        self._hash.update(data)
+        if self._chain is None:
+            self._chain = Chain()
+        self._chain.update(data)
         self.size += len(data)
 
     def hexdigest(self) -> str:
-        return self._hex if self._hex is not None else self._hash.hexdigest()
+        if self._computed is not None:
+            return self._computed[0].hex()
+        return (self._chain or Chain()).digest().hex()
 
-    def computed(self, digest: bytes) -> None:
-        """Take the digest computed by another process for the same bytes."""
-        self._hex = digest.hex()
+    @property
+    def checkpoints(self) -> bytes:
+        """Those recorded while hashing (none when `expected` ones were checked in parallel)."""
+        if self._computed is not None:
+            return self._computed[1]
+        return self._chain.checkpoints() if self._chain is not None else b""
+
+    @property
+    def broken(self) -> bool:
+        """Whether the bytes missed an expected checkpoint: they are not the cached layer's."""
+        if self._computed is not None:
+            return self._computed[2]
+        return bool(self.expected and self.checkpoints and self.checkpoints != self.expected)
+
+    def computed(self, digest: bytes, checkpoints: bytes, broken: bool) -> None:
+        """Take what another process computed for the same bytes."""
+        self._computed = (digest, checkpoints, broken)
 
 
 Span = tuple[int, int, Digest]  # start and end in the block, and whose span
@@ -192,14 +257,16 @@ class ThreadedPipeline:
 
 
 # The conversation between the forked child and its parent, over two pipes.
-# Parent to child: a command, then a block's spans (start, end, digest number).
+# Parent to child: a command; a block's is followed by its spans (start, end,
+# digest number), a new digest's by the checkpoints expected, if any.
 _COMMAND = struct.Struct("<IIII")  # kind, and for a block: index, length, span count
 _SPAN = struct.Struct("<III")
-_BLOCK, _DRAIN, _CLOSE = 1, 2, 3
-# Child to parent: a message, each one written at once (atomic in a pipe).
+_BLOCK, _DRAIN, _CLOSE, _DIGEST_BEGINS = 1, 2, 3, 4  # _DIGEST_BEGINS: number, checkpoints
+# Child to parent: a message; a _DIGEST (value: its number) is followed by
+# the digest, whether it is broken, and the checkpoints recorded.
 _MESSAGE = struct.Struct("<II")  # kind, value
+_DIGEST_HEAD = struct.Struct("<32sII")  # digest, broken, length of the checkpoints
 _FREE, _DIGEST, _DRAINED, _FAILED, _CLOSED = 1, 2, 3, 4, 5
-_DIGEST_SIZE = 32  # a _DIGEST message (value: the digest's number) carries one
 _STOPPED = "the hashing process stopped unexpectedly"
 
 
@@ -259,13 +326,19 @@ class ForkedPipeline:
         return self._free.pop() if self._free else None
 
     def submit(self, block: Block) -> None:
+        begins = b""
+        for start, end, digest in block.spans:
+            digest.size += end - start
+            if digest.number not in self._digests:
+                self._digests[digest.number] = digest
+                count = len(digest.expected) // STATE_SIZE
+                begins += _COMMAND.pack(_DIGEST_BEGINS, digest.number, count, 0)
+                begins += digest.expected[: count * STATE_SIZE]
         spans = b"".join(
             _SPAN.pack(start, end, digest.number) for start, end, digest in block.spans
         )
-        for start, end, digest in block.spans:
-            digest.size += end - start
-            self._digests[digest.number] = digest
-        self._send(_COMMAND.pack(_BLOCK, block.index, block.length, len(block.spans)) + spans)
+        command = _COMMAND.pack(_BLOCK, block.index, block.length, len(block.spans))
+        self._send(begins + command + spans)
 
     def drain(self) -> None:
         self._send(_COMMAND.pack(_DRAIN, 0, 0, 0))
@@ -326,7 +399,11 @@ class ForkedPipeline:
         self._received += data
         while len(self._received) >= _MESSAGE.size:
             kind, value = _MESSAGE.unpack_from(self._received)
-            length = _MESSAGE.size + (_DIGEST_SIZE if kind == _DIGEST else 0)
+            length = _MESSAGE.size
+            if kind == _DIGEST:
+                length += _DIGEST_HEAD.size
+                if len(self._received) >= length:
+                    length += _DIGEST_HEAD.unpack_from(self._received, _MESSAGE.size)[2]
             if len(self._received) < length:
                 break
             payload = bytes(self._received[_MESSAGE.size : length])
@@ -334,7 +411,9 @@ class ForkedPipeline:
             if kind == _FREE:
                 self._free.append(self._blocks[value])
             elif kind == _DIGEST:
-                self._digests[value].computed(payload)
+                digest, broken, _ = _DIGEST_HEAD.unpack_from(payload)
+                checkpoints = payload[_DIGEST_HEAD.size :]
+                self._digests[value].computed(digest, checkpoints, bool(broken))
             elif kind == _FAILED:
                 failure = OSError(value, os.strerror(value)) if value else None
                 self._fail(failure or ChildFailed("the hashing process failed"))
@@ -348,6 +427,66 @@ class ForkedPipeline:
             self.error = error
 
 
+# Work for a hashing thread: the chain or stretch to feed, the bytes, their
+# block, and the checkpoint the stretch must then be at (None: no check).
+_Work = tuple["_ChildDigest", Any, memoryview, int, bytes | None]
+
+
+class _ChildDigest:
+    """A digest as the child hashes it.
+
+    Without expected checkpoints: one chain, on one thread, recording them.
+    With them: a stretch at a time, each on the next hashing thread, each
+    checked against the checkpoint where it ends.
+    """
+
+    def __init__(self, expected: bytes | None, turns: Iterator[int]) -> None:
+        self.expected = expected
+        self.broken = False
+        self._turns = turns
+        self._thread = next(turns)
+        self._offset = 0  # bytes handed out so far
+        self._chain = Chain() if expected is None else None
+        self._stretch: Sha256 | None = None  # the stretch being handed out
+
+    def share_out(self, view: memoryview, block: int) -> Iterator[tuple[int, _Work]]:
+        """The hashing of `view` (next in this digest), as (thread, work) pairs."""
+        if self._chain is not None or self.expected is None:
+            self._offset += len(view)
+            yield self._thread, (self, self._chain, view, block, None)
+            return
+        count = len(self.expected) // STATE_SIZE
+        while view:
+            stretch, into = divmod(self._offset, sha256.CHECKPOINT_INTERVAL)
+            if into == 0:  # a stretch starts, from the checkpoint before it
+                self._thread = next(self._turns)
+                if stretch == 0:
+                    self._stretch = Sha256()
+                elif stretch <= count:
+                    state = self.expected[(stretch - 1) * STATE_SIZE : stretch * STATE_SIZE]
+                    self._stretch = Sha256(state, self._offset)
+                else:  # longer than the bytes the checkpoints were taken of
+                    self.broken = True
+            part = view[: sha256.CHECKPOINT_INTERVAL - into]
+            ends = into + len(part) == sha256.CHECKPOINT_INTERVAL and stretch < count
+            check = (
+                self.expected[stretch * STATE_SIZE : (stretch + 1) * STATE_SIZE] if ends else None
+            )
+            if not self.broken:
+                yield self._thread, (self, self._stretch, part, block, check)
+            self._offset += len(part)
+            view = view[len(part) :]
+
+    def result(self) -> bytes:
+        """The digest, whether it is broken, and the checkpoints recorded: a _DIGEST's payload."""
+        if self._chain is not None:
+            digest, checkpoints = self._chain.digest(), self._chain.checkpoints()
+        else:
+            digest = self._stretch.digest() if self._stretch else hashlib.sha256().digest()
+            checkpoints = b""
+        return _DIGEST_HEAD.pack(digest, self.broken, len(checkpoints)) + checkpoints
+
+
 def _run_child(
     parent: int, fd: int, commands: int, messages: int, memory: memoryview, size: int
 ) -> None:
@@ -355,53 +494,100 @@ def _run_child(
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the parent decides, and kills us if need be
     _die_with_parent(parent)
-    hashes: dict[int, Any] = {}
+    digests: dict[int, _ChildDigest] = {}
     to_write: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    to_hash: list[queue.Queue[_Work | None]] = [queue.Queue() for _ in range(HASHING_THREADS)]
+    turns = itertools.cycle(range(HASHING_THREADS))
+    tasks_left: dict[int, int] = {}  # per block: hashing and writing before it is free
+    lock = threading.Lock()
     failed = False
 
     def say(kind: int, value: int, payload: bytes = b"") -> None:
-        os.write(messages, _MESSAGE.pack(kind, value) + payload)
+        with lock:  # a long message may take several writes: keep it whole
+            write_all(messages, memoryview(_MESSAGE.pack(kind, value) + payload))
+
+    def fail(error: BaseException) -> None:
+        nonlocal failed
+        if not failed:
+            failed = True
+            say(_FAILED, (error.errno or 0) if isinstance(error, OSError) else 0)
+
+    def task_done(block: int) -> None:
+        with lock:
+            tasks_left[block] -= 1
+            free = not tasks_left[block]
+        if free:
+            say(_FREE, block)
 
     def say_digests(then: int) -> None:
-        for number, digest in hashes.items():
-            say(_DIGEST, number, digest.digest())
+        for number, digest in digests.items():
+            say(_DIGEST, number, digest.result())
         say(then, 0)
 
+    def hash_loop(work: queue.Queue[_Work | None]) -> None:
+        lower_priority()  # see HashingWriter: the parent's reading comes first
+        while (item := work.get()) is not None:
+            digest, hasher, view, block, check = item
+            try:
+                if not failed:
+                    hasher.update(view)
+                    if check is not None and hasher.state() != check:
+                        digest.broken = True
+            except BaseException as error:
+                fail(error)
+            finally:
+                task_done(block)
+                work.task_done()
+        work.task_done()
+
     def write_loop() -> None:
-        nonlocal failed
         lower_priority()
         while (item := to_write.get()) is not None:
-            index, length = item
+            block, length = item
             if not failed:
                 try:
-                    write_all(fd, memory[index * size : index * size + length])
+                    write_all(fd, memory[block * size : block * size + length])
                 except BaseException as error:
-                    failed = True
-                    say(_FAILED, (error.errno or 0) if isinstance(error, OSError) else 0)
-            say(_FREE, index)
+                    fail(error)
+            task_done(block)
 
+    hashers = [threading.Thread(target=hash_loop, args=(q,), daemon=True) for q in to_hash]
     writer = threading.Thread(target=write_loop, daemon=True)
-    writer.start()
-    # Hashing too yields its core to the parent's reading thread: while small
-    # files stream, that thread is the slowest part and would otherwise wait
-    # for a core a quarter of the time; while large files stream, it is idle.
-    lower_priority()
+    for thread in (*hashers, writer):
+        thread.start()
     with os.fdopen(commands, "rb") as stream:
         while command := stream.read(_COMMAND.size):
             if len(command) < _COMMAND.size:
                 return  # the parent went away
-            kind, index, length, spans = _COMMAND.unpack(command)
-            if kind == _BLOCK:
-                base = index * size
-                for start, end, number in _SPAN.iter_unpack(stream.read(spans * _SPAN.size)):
-                    digest = hashes.get(number)
-                    if digest is None:
-                        digest = hashes[number] = hashlib.sha256()
-                    digest.update(memory[base + start : base + end])
-                to_write.put((index, length))
+            kind, first, second, third = _COMMAND.unpack(command)
+            if kind == _DIGEST_BEGINS:
+                expected = stream.read(second * STATE_SIZE)
+                usable = second and sha256.resumable()  # else hashed in one chain, as if unknown
+                digests[first] = _ChildDigest(expected if usable else None, turns)
+            elif kind == _BLOCK:
+                block, length, spans = first, second, third
+                base = block * size
+                work = [
+                    shared
+                    for start, end, number in _SPAN.iter_unpack(stream.read(spans * _SPAN.size))
+                    for shared in digests[number].share_out(
+                        memory[base + start : base + end], block
+                    )
+                ]
+                with lock:
+                    tasks_left[block] = len(work) + 1  # and the write
+                for which, item in work:
+                    to_hash[which].put(item)
+                to_write.put((block, length))
             elif kind == _DRAIN:
+                for work_queue in to_hash:
+                    work_queue.join()
                 say_digests(_DRAINED)
             elif kind == _CLOSE:
+                for work_queue in to_hash:
+                    work_queue.put(None)
+                for thread in hashers:
+                    thread.join()
                 to_write.put(None)
                 writer.join()
                 if not failed:  # else the parent was told

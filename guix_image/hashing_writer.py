@@ -133,11 +133,14 @@ class HashingWriter:
 
     # -- the filling side (caller's thread) ---------------------------------
 
-    def begin_digest(self) -> Digest:
-        """Start hashing everything written from now until `end_digest`."""
+    def begin_digest(self, expected: bytes = b"") -> Digest:
+        """Start hashing everything written from now until `end_digest`.
+
+        `expected`: the checkpoints of the same bytes, if known (see sha256.py).
+        """
         if self._digest is not None:
             raise RuntimeError("digest spans do not nest")
-        self._digest = Digest(self._digests)
+        self._digest = Digest(self._digests, expected)
         self._digests += 1
         self._span_start = self._block.length
         return self._digest

@@ -54,6 +54,11 @@ class Layer:
     comment: str  # history comment
     expected_diff_id: str | None = None  # known in advance, checked after streaming
 
+    @property
+    def expected_checkpoints(self) -> bytes:
+        """The checkpoints of the bytes to come, if known (see sha256.py)."""
+        return b""
+
     def prepare(self) -> int:
         """Do what is needed to know the layer's tar size, and return it."""
         raise NotImplementedError
@@ -107,6 +112,10 @@ class StoreLayer(Layer):
             "owner": list(self.encoder.owner),
             "mtime": self.encoder.mtime,
         }
+
+    @property
+    def expected_checkpoints(self) -> bytes:
+        return self.cached.checkpoints if self.cached is not None else b""
 
     def use_member_list(self, members: MemberList) -> None:
         """Stream from `members` if it passes its check (see `check_step`)."""

@@ -8,11 +8,13 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from guix_image.cache import LayerCache, cache_key
+from guix_image import sha256
+from guix_image.cache import CachedLayer, LayerCache, cache_key
 from guix_image.cli import main
 
 from .conftest import StoreTree, settle, write_config
@@ -206,3 +208,111 @@ def test_entries_are_validated(tmp_path: Path) -> None:
         (tmp_path / "layers" / f"{key}.json").write_text(json.dumps(bad))
         assert cache.get(key) is None
     assert len(warnings) == 4
+
+
+# -- checkpoints: a rebuild's digests checked on several cores ------------------
+
+
+@pytest.fixture
+def small_interval(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sha256, "CHECKPOINT_INTERVAL", 4096)
+    return 4096
+
+
+def checkpointed(cache: Path) -> dict[Path, dict[str, Any]]:
+    """The entries that have checkpoints, and their documents."""
+    documents = {path: json.loads(path.read_text()) for path in entries(cache)}
+    return {path: doc for path, doc in documents.items() if "checkpoints" in doc}
+
+
+@pytest.mark.usefixtures("small_interval")
+def test_a_first_build_records_checkpoints_and_a_rebuild_uses_them(
+    image_config: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path
+) -> None:
+    _, config = image_config
+    assert build(config, tmp_path / "cold.tar")[0] == 0
+    recorded = checkpointed(private_cache)
+    assert len(recorded) == 3  # every layer is longer than one interval
+    for document in recorded.values():
+        states = document["checkpoints"]["states"]
+        assert document["checkpoints"]["interval"] == 4096
+        assert len(states) == 64 * sha256.checkpoint_count(document["size"])
+    before = {path: path.read_bytes() for path in entries(private_cache)}
+    code, stderr = build(config, tmp_path / "warm.tar")
+    assert code == 0, stderr
+    assert (tmp_path / "cold.tar").read_bytes() == (tmp_path / "warm.tar").read_bytes()
+    assert {path: path.read_bytes() for path in entries(private_cache)} == before
+
+
+@pytest.mark.usefixtures("small_interval")
+def test_a_wrong_checkpoint_fails_drops_the_entry_and_leaves_no_output(
+    image_config: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path
+) -> None:
+    _, config = image_config
+    assert build(config, tmp_path / "1.tar")[0] == 0
+    for path, document in checkpointed(private_cache).items():
+        states = document["checkpoints"]["states"]
+        document["checkpoints"]["states"] = "0" * 64 + states[64:]
+        path.write_text(json.dumps(document))
+    code, stderr = build(config, tmp_path / "2.tar")
+    assert code == 1
+    assert "no longer reach the cached layer's checkpoints" in stderr
+    assert checkpointed(private_cache) == {}  # dropped
+    assert not (tmp_path / "2.tar").exists()
+    assert build(config, tmp_path / "2.tar")[0] == 0
+    assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("entry", ["without checkpoints", "another interval"])
+def test_an_entry_without_usable_checkpoints_gets_them_on_a_rebuild(
+    image_config: tuple[StoreTree, Path], tmp_path: Path, private_cache: Path, entry: str
+) -> None:
+    _, config = image_config
+    assert build(config, tmp_path / "1.tar")[0] == 0
+    recorded = checkpointed(private_cache)
+    for path, document in recorded.items():
+        if entry == "without checkpoints":  # as an older version wrote it
+            old = {key: value for key, value in document.items() if key != "checkpoints"}
+        else:
+            old = {**document, "checkpoints": {"interval": 8192, "states": "00" * 32}}
+        path.write_text(json.dumps(old))
+    code, stderr = build(config, tmp_path / "2.tar")
+    assert code == 0, stderr
+    assert "warning" not in stderr
+    assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()
+    assert checkpointed(private_cache) == recorded
+
+
+@pytest.mark.parametrize(
+    "checkpoints",
+    [
+        "no",
+        {"interval": sha256.CHECKPOINT_INTERVAL, "states": "zz"},
+        {"interval": sha256.CHECKPOINT_INTERVAL, "states": "00" * 33},
+        {"interval": sha256.CHECKPOINT_INTERVAL, "states": 7},
+    ],
+)
+def test_entries_with_malformed_checkpoints_are_ignored(
+    tmp_path: Path, checkpoints: object
+) -> None:
+    warnings: list[str] = []
+    cache = LayerCache(tmp_path, warnings.append)
+    key = cache_key({"x": 1})
+    (tmp_path / "layers").mkdir()
+    size = 3 * sha256.CHECKPOINT_INTERVAL  # two checkpoints: 64 bytes, 128 hex digits
+    document = {"version": 1, "key": key, "size": size, "diff_id": "sha256:" + "0" * 64}
+    (tmp_path / "layers" / f"{key}.json").write_text(
+        json.dumps(
+            {
+                **document,
+                "checkpoints": {"interval": sha256.CHECKPOINT_INTERVAL, "states": "ab" * 64},
+            }
+        )
+    )
+    assert cache.get(key) == CachedLayer(size, document["diff_id"], bytes.fromhex("ab" * 64))
+    (tmp_path / "layers" / f"{key}.json").write_text(
+        json.dumps({**document, "checkpoints": checkpoints})
+    )
+    assert cache.get(key) is None
+    assert len(warnings) == 1

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from guix_image import hashing_writer
-from guix_image.hashing_pipeline import can_fork
+from guix_image import hashing_writer, sha256
+from guix_image.hashing_pipeline import Digest, can_fork
 from guix_image.hashing_writer import FileChanged, HashingWriter
 from guix_image.tarwriter import padding
 
@@ -307,3 +307,116 @@ def test_the_forked_pipeline_works_with_sigchld_ignored(file_sink: FileSink) -> 
     finally:
         signal.signal(signal.SIGCHLD, previous)
     assert file_sink.data()[:3_000_000] == b"x" * 3_000_000
+
+
+# -- checkpoints: recorded on a first build, checked in parallel on a rebuild ---
+
+INTERVAL = 4096  # small enough that a test's digests span many stretches
+
+
+@pytest.fixture
+def small_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sha256, "CHECKPOINT_INTERVAL", INTERVAL)
+
+
+def true_checkpoints(data: bytes) -> bytes:
+    """The chain's state at every interval before the end, from prefixes hashed anew."""
+    states = b""
+    for end in range(INTERVAL, len(data), INTERVAL):
+        prefix = sha256.Sha256()
+        prefix.update(data[:end])
+        states += prefix.state()
+    return states
+
+
+def stream(data: bytes, fork: bool, sink: FileSink, expected: bytes = b"") -> Digest:
+    with HashingWriter(sink.fd, block_size=3000, blocks=4, fork=fork) as writer:
+        writer.write(b"header")  # the span does not start at a block's start
+        digest = writer.begin_digest(expected)
+        writer.write(data)
+        writer.end_digest()
+        writer.drain()
+    assert sink.data() == b"header" + data
+    return digest
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("fork", [True, False])
+@pytest.mark.parametrize("size", [0, 100, INTERVAL, INTERVAL + 1, 7 * INTERVAL + 99])
+def test_both_pipelines_record_the_chains_checkpoints(
+    file_sink: FileSink, fork: bool, size: int
+) -> None:
+    data = random.Random(size).randbytes(size)
+    digest = stream(data, fork, file_sink)
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert digest.checkpoints == true_checkpoints(data)
+    assert len(digest.checkpoints) == sha256.STATE_SIZE * sha256.checkpoint_count(size)
+    assert not digest.broken
+
+
+@pytest.mark.usefixtures("small_interval")
+def test_a_rebuild_is_checked_stretch_by_stretch_and_gives_the_digest(file_sink: FileSink) -> None:
+    data = random.Random(1).randbytes(9 * INTERVAL + 77)
+    digest = stream(data, True, file_sink, true_checkpoints(data))
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert not digest.broken
+    assert digest.checkpoints == b""  # checked, not recorded again
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("where", [0, 4, 8])
+def test_bytes_that_miss_a_checkpoint_break_the_digest(file_sink: FileSink, where: int) -> None:
+    data = random.Random(2).randbytes(9 * INTERVAL + 77)
+    edited = bytearray(data)
+    edited[where * INTERVAL + 10] ^= 1  # in the stretch that ends at checkpoint `where`
+    digest = stream(bytes(edited), True, file_sink, true_checkpoints(data))
+    assert digest.broken
+
+
+@pytest.mark.usefixtures("small_interval")
+def test_bytes_after_the_last_checkpoint_are_checked_by_the_digest(file_sink: FileSink) -> None:
+    data = random.Random(4).randbytes(3 * INTERVAL + 50)
+    edited = data[:-1] + bytes([data[-1] ^ 1])
+    digest = stream(edited, True, file_sink, true_checkpoints(data))
+    assert not digest.broken  # no checkpoint to miss: the digest tells
+    assert digest.hexdigest() == hashlib.sha256(edited).hexdigest()
+    assert digest.hexdigest() != hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("change", ["longer", "shorter"])
+def test_a_stream_of_another_length_is_never_given_a_wrong_digest(
+    file_sink: FileSink, change: str
+) -> None:
+    data = random.Random(5).randbytes(5 * INTERVAL + 50)
+    streamed = data + b"more" * INTERVAL if change == "longer" else data[: 2 * INTERVAL + 9]
+    digest = stream(streamed, True, file_sink, true_checkpoints(data))
+    if change == "longer":  # past the last checkpoint's stretch: nothing to resume from
+        assert digest.broken
+    else:
+        assert not digest.broken
+        assert digest.hexdigest() == hashlib.sha256(streamed).hexdigest()
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("fork", [True, False])
+def test_both_pipelines_catch_a_wrong_checkpoint(file_sink: FileSink, fork: bool) -> None:
+    data = random.Random(6).randbytes(4 * INTERVAL + 1)
+    checkpoints = bytearray(true_checkpoints(data))
+    checkpoints[-1] ^= 1  # a cache entry that does not match its bytes
+    digest = stream(data, fork, file_sink, bytes(checkpoints))
+    assert digest.broken
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize("fork", [True, False])
+def test_without_openssl_digests_come_from_one_chain(
+    file_sink: FileSink, fork: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(7).randbytes(5 * INTERVAL)
+    with monkeypatch.context() as patch:
+        patch.setattr(sha256, "resumable", lambda: False)
+        digest = stream(data, fork, file_sink, true_checkpoints(data)[:-1] + b"?")
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert digest.checkpoints == b""
+    assert not digest.broken
