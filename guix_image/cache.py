@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +122,8 @@ class LayerCache:
             }
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            import tempfile  # here: a rebuild adds no entry, and skips the import
+
             fd, temporary = tempfile.mkstemp(prefix=".entry-", dir=self.directory)
             try:
                 with os.fdopen(fd, "wb") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from stat import S_IFREG
 from typing import Any
 
 from .errors import GuixImageError, OperationError
@@ -33,6 +34,8 @@ BLOCK_SIZE = 2 << 20
 BLOCK_COUNT = 8  # blocks in flight: one filling, the others hashing and writing
 
 _ZEROS = memoryview(bytes(BLOCK_SIZE))
+_PADDING = [bytes(n) for n in range(512)]  # what follows a tar member's last byte
+_open, _fstat, _readv, _close = os.open, os.fstat, os.readv, os.close  # the hot path's calls
 # Never follow a symlink that replaced a file since the scan, nor wait for a
 # fifo's writer.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -190,16 +193,17 @@ class HashingWriter:
         block = self._block
         start = block.length
         content = start + len(header)
-        padding = -size % 512
-        if content + size + padding < self._block_size:  # it all fits, with a byte to spare
+        end = content + size
+        padded_end = end + -size % 512
+        if padded_end < self._block_size:  # it all fits, with a byte to spare
             try:
-                fd = os.open(path, _OPEN_FLAGS)
+                fd = _open(path, _OPEN_FLAGS)
                 try:
-                    if mode is not None:
-                        _check_mode(fd, path, mode)
-                    got = os.readv(fd, [block.view[content : content + size + 1]])
+                    if mode is not None and _fstat(fd).st_mode != S_IFREG | mode:
+                        _check_mode(fd, path, mode)  # says how it changed
+                    got = _readv(fd, [block.view[content : end + 1]])
                 finally:
-                    os.close(fd)
+                    _close(fd)
             except OSError as error:
                 raise SourceError(path, error) from None
             if got != size:
@@ -207,10 +211,10 @@ class HashingWriter:
                     f"{os.fsdecode(path)}: file {_changed(got, size)} while it was being read"
                 )
             block.buffer[start:content] = header
-            end = content + size
-            block.view[end : end + padding] = _ZEROS[:padding]
-            block.length = end + padding
+            block.buffer[end:padded_end] = _PADDING[padded_end - end]
+            block.length = padded_end
             return
+        padding = padded_end - end
         self.write(header)
         try:
             fd = os.open(path, _OPEN_FLAGS)

@@ -28,7 +28,6 @@ import contextlib
 import os
 import struct
 import sys
-import tempfile
 from array import array
 from collections.abc import Callable, Iterator
 from itertools import accumulate
@@ -89,6 +88,8 @@ class MemberListWriter:
     """
 
     def __init__(self, directory: Path, tag: bytes, on_error: Callable[[OSError], None]) -> None:
+        import tempfile  # here: a rebuild records no list, and skips the import
+
         fd, self.path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=directory)
         self._file = os.fdopen(fd, "wb")
         self._tag = tag

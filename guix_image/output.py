@@ -12,7 +12,6 @@ import fcntl
 import os
 import signal
 import stat
-import tempfile
 from collections.abc import Iterator
 from types import FrameType
 
@@ -66,6 +65,8 @@ def atomic_output(path: str) -> Iterator[int]:
     if not os.path.isdir(directory):
         raise InputError(f"output {path}: directory {directory} does not exist")
     try:
+        import tempfile  # here: a build to a pipe skips the import
+
         fd, temporary = tempfile.mkstemp(
             prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory
         )
