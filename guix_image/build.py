@@ -330,7 +330,7 @@ def _base_layer(source: Source, path: str, ref: LayerRef) -> Layer:
     return InflatedLayer(source, ref, description, expected_diff_id=ref.diff_id)
 
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def _customisation_layer(directory: str) -> BlobLayer:
@@ -343,7 +343,7 @@ def _customisation_layer(directory: str) -> BlobLayer:
             checksum = f.read().strip()
     except OSError as error:
         raise InputError(f"{where}: cannot read checksum: {error.strerror}") from None
-    if not _SHA256_HEX.match(checksum):
+    if not _SHA256_HEX.fullmatch(checksum):
         raise InputError(f"{where}: checksum file does not hold a sha256 hex digest")
     # Check the layer before writing anything, so that a wrong checksum is bad
     # input (exit 2, nothing written) rather than a broken archive. It is

@@ -35,8 +35,8 @@ ENTRY_VERSION = 1
 # Bump when the bytes written for the same inputs change (tar encoding, ordering...).
 LAYER_FORMAT = "guix-image/layer-tar/1"
 
-_DIFF_ID = re.compile(r"^sha256:[0-9a-f]{64}$")
-_HEX = re.compile(r"^(?:[0-9a-f]{2})*$")
+_DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 MEMBER_LISTS_BUDGET = 512 << 20
 _MEMBERS = ".members"
 _TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
@@ -243,7 +243,7 @@ def _parse_entry(data: bytes, key: str) -> CachedLayer | None:
         or size < 0
     ):
         return None
-    if not isinstance(diff_id, str) or not _DIFF_ID.match(diff_id):
+    if not isinstance(diff_id, str) or not _DIFF_ID.fullmatch(diff_id):
         return None
     checkpoints = _parse_checkpoints(document.get("checkpoints", {}), size)
     if checkpoints is None:
@@ -256,7 +256,7 @@ def _parse_checkpoints(field: Any, size: int) -> bytes | None:
     if not isinstance(field, dict):
         return None
     interval, states = field.get("interval", sha256.CHECKPOINT_INTERVAL), field.get("states", "")
-    if not isinstance(states, str) or not _HEX.match(states):
+    if not isinstance(states, str) or not _HEX.fullmatch(states):
         return None
     if interval != sha256.CHECKPOINT_INTERVAL:
         return b""  # written by a version with another interval: hash in one chain

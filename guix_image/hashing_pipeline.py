@@ -102,7 +102,9 @@ class Digest:
     def hexdigest(self) -> str:
         if self._computed is not None:
             return self._computed[0].hex()
-        return (self._chain or Chain()).digest().hex()
+        if self._chain is None:  # nothing was hashed
+            return hashlib.sha256().hexdigest()
+        return self._chain.digest().hex()
 
     @property
     def checkpoints(self) -> bytes:
@@ -508,9 +510,11 @@ def _run_child(
 
     def fail(error: BaseException) -> None:
         nonlocal failed
-        if not failed:
-            failed = True
-            say(_FAILED, (error.errno or 0) if isinstance(error, OSError) else 0)
+        code = (error.errno or 0) if isinstance(error, OSError) else 0
+        with lock:  # once `failed` is seen set, the parent has been told
+            if not failed:
+                write_all(messages, memoryview(_MESSAGE.pack(_FAILED, code)))
+                failed = True
 
     def task_done(block: int) -> None:
         with lock:
@@ -529,15 +533,17 @@ def _run_child(
         while (item := work.get()) is not None:
             digest, hasher, view, block, check = item
             try:
-                if not failed:
+                if failed:  # the output is lost anyway: no digest of it may pass
+                    digest.broken = True
+                else:
                     hasher.update(view)
                     if check is not None and hasher.state() != check:
                         digest.broken = True
             except BaseException as error:
                 fail(error)
             finally:
+                work.task_done()  # first: a drain must not wait on a message that failed
                 task_done(block)
-                work.task_done()
         work.task_done()
 
     def write_loop() -> None:
@@ -582,7 +588,8 @@ def _run_child(
             elif kind == _DRAIN:
                 for work_queue in to_hash:
                     work_queue.join()
-                say_digests(_DRAINED)
+                if not failed:  # else the parent was told, and gets no digest of lost bytes
+                    say_digests(_DRAINED)
             elif kind == _CLOSE:
                 for work_queue in to_hash:
                     work_queue.put(None)

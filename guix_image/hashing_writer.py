@@ -199,7 +199,7 @@ class HashingWriter:
             try:
                 fd = _open(path, _OPEN_FLAGS)
                 try:
-                    if mode is not None and _fstat(fd).st_mode != S_IFREG | mode:
+                    if mode is not None and _fstat(fd).st_mode ^ S_IFREG != mode:
                         _check_mode(fd, path, mode)  # says how it changed
                     got = _readv(fd, [block.view[content : end + 1]])
                 finally:

@@ -43,7 +43,7 @@ def resumable() -> bool:
 @functools.cache
 def _openssl() -> Any:
     """OpenSSL's SHA-256 functions and SHA256_CTX, loaded and self-tested once; None
-    if unusable. (ctypes is only imported here: a forked build's parent never needs it.)"""
+    if unusable. (ctypes is only imported here: a forked build's parent does not hash.)"""
     try:
         import ctypes
     except ImportError:  # a Python without it, or one whose files this user cannot read

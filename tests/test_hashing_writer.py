@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from guix_image import hashing_writer, sha256
-from guix_image.hashing_pipeline import Digest, can_fork
+from guix_image.errors import OperationError
+from guix_image.hashing_pipeline import Digest, ForkedPipeline, can_fork
 from guix_image.hashing_writer import FileChanged, HashingWriter
 from guix_image.tarwriter import padding
 
@@ -331,6 +332,7 @@ def true_checkpoints(data: bytes) -> bytes:
 
 def stream(data: bytes, fork: bool, sink: FileSink, expected: bytes = b"") -> Digest:
     with HashingWriter(sink.fd, block_size=3000, blocks=4, fork=fork) as writer:
+        assert isinstance(writer._pipeline, ForkedPipeline) == fork
         writer.write(b"header")  # the span does not start at a block's start
         digest = writer.begin_digest(expected)
         writer.write(data)
@@ -381,6 +383,62 @@ def test_bytes_after_the_last_checkpoint_are_checked_by_the_digest(file_sink: Fi
     assert not digest.broken  # no checkpoint to miss: the digest tells
     assert digest.hexdigest() == hashlib.sha256(edited).hexdigest()
     assert digest.hexdigest() != hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.usefixtures("small_interval")
+@pytest.mark.parametrize(
+    "size", [0, INTERVAL, 3 * INTERVAL, 3 * INTERVAL + 1, 3 * INTERVAL + 2000], ids=str
+)
+def test_a_rebuild_of_any_length_gives_the_true_digest(file_sink: FileSink, size: int) -> None:
+    # Checkpoints of the first 3 intervals and 1000 bytes: the stream ends on
+    # a checkpoint, after one, or goes on within the last stretch.
+    data = random.Random(8).randbytes(max(size, 3 * INTERVAL + 1000))
+    digest = stream(data[:size], True, file_sink, true_checkpoints(data[: 3 * INTERVAL + 1000]))
+    assert not digest.broken
+    assert digest.hexdigest() == hashlib.sha256(data[:size]).hexdigest()
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_long_digest_messages_arrive_whole(
+    file_sink: FileSink, fork: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sha256, "CHECKPOINT_INTERVAL", 64)  # 32 bytes of checkpoint per 64
+    data = random.Random(9).randbytes(40_000)  # 624 checkpoints: a 20 kB message
+    digest = stream(data, fork, file_sink)
+    assert len(digest.checkpoints) == 624 * sha256.STATE_SIZE
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_failed_write_never_gives_digests() -> None:
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+    try:
+        with (
+            pytest.raises(OperationError, match="No space left"),
+            HashingWriter(full, block_size=1 << 16, blocks=4, fork=True) as writer,
+        ):
+            digest = writer.begin_digest()
+            writer.write(os.urandom(1 << 20))
+            writer.end_digest()
+            writer.drain()
+            pytest.fail(f"drain gave {digest.hexdigest()} for bytes never written")
+    finally:
+        os.close(full)
+
+
+def test_resumed_lengths_past_512_mib_are_counted_right() -> None:
+    # The length, in bits, is two 32-bit words; past 2**32 bits the high one counts.
+    zeros = memoryview(bytearray(1 << 20))
+    length = (1 << 29) + 64
+    ours, theirs = sha256.Sha256(), hashlib.sha256()
+    for _ in range(512):
+        ours.update(zeros)
+        theirs.update(zeros)
+    ours.update(zeros[:64])
+    theirs.update(zeros[:64])
+    resumed = sha256.Sha256(ours.state(), length)
+    resumed.update(b"tail")
+    theirs.update(b"tail")
+    assert resumed.digest() == theirs.digest()
 
 
 @pytest.mark.usefixtures("small_interval")
