@@ -128,8 +128,10 @@ class Sha256:
         if view.readonly:
             view = memoryview(bytearray(view))  # only the self-test and tests hash bytes
         ctypes = self._openssl.ctypes
-        anchor = (ctypes.c_char * view.nbytes).from_buffer(view)
-        self._openssl.library.SHA256_Update(self._pointer, ctypes.addressof(anchor), view.nbytes)
+        # Its first byte (one ctypes type, not one per length), which keeps
+        # the buffer exported, so in place, until the call returns.
+        first = ctypes.c_char.from_buffer(view)
+        self._openssl.library.SHA256_Update(self._pointer, ctypes.addressof(first), view.nbytes)
         self.length += view.nbytes
 
     def state(self) -> bytes:
