@@ -398,7 +398,7 @@ def _strings(value: Any) -> bool:
 
 def digest_in_name(location: str) -> str | None:
     """The digest a member's name claims, as in `<hex>.json` or `blobs/sha256/<hex>`."""
-    match = re.search(r"(?:^|/)(?:sha256/)?([0-9a-f]{64})(?:\.json)?$", location)
+    match = re.search(r"(?:^|/)(?:sha256/)?([0-9a-f]{64})(?:\.json)?\Z", location)
     return "sha256:" + match.group(1) if match else None
 
 

@@ -45,8 +45,7 @@ from .errors import OperationError
 from .sha256 import STATE_SIZE, Sha256
 
 Sink = int | Callable[[memoryview], Any]
-# Of the forked pipeline: a rebuild's digests use this many cores.
-HASHING_THREADS = max(1, min(4, os.cpu_count() or 1))
+HASHING_THREADS = 2  # of the forked pipeline: a rebuild's digests use two cores
 
 
 class Chain:
@@ -497,8 +496,9 @@ def _run_child(
         signal.signal(signum, signal.SIG_IGN)  # the parent decides, and kills us if need be
     _die_with_parent(parent)
     digests: dict[int, _ChildDigest] = {}
-    to_write: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    to_write: queue.Queue[tuple[int, int] | None] = queue.Queue()
     to_hash: list[queue.Queue[_Work | None]] = [queue.Queue() for _ in range(HASHING_THREADS)]
+    all_work: list[queue.Queue[Any]] = [*to_hash, to_write]
     turns = itertools.cycle(range(HASHING_THREADS))
     tasks_left: dict[int, int] = {}  # per block: hashing and writing before it is free
     lock = threading.Lock()
@@ -513,7 +513,8 @@ def _run_child(
         code = (error.errno or 0) if isinstance(error, OSError) else 0
         with lock:  # once `failed` is seen set, the parent has been told
             if not failed:
-                write_all(messages, memoryview(_MESSAGE.pack(_FAILED, code)))
+                with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+                    write_all(messages, memoryview(_MESSAGE.pack(_FAILED, code)))
                 failed = True
 
     def task_done(block: int) -> None:
@@ -522,6 +523,12 @@ def _run_child(
             free = not tasks_left[block]
         if free:
             say(_FREE, block)
+
+    def finished(block: int, work: queue.Queue[Any]) -> None:
+        """One task of `block` is done: mark it so, then free the block if it was the last."""
+        work.task_done()  # first: a drain must not wait on a message that failed
+        with contextlib.suppress(OSError):  # the parent is gone: nobody to tell
+            task_done(block)
 
     def say_digests(then: int) -> None:
         for number, digest in digests.items():
@@ -540,22 +547,24 @@ def _run_child(
                     if check is not None and hasher.state() != check:
                         digest.broken = True
             except BaseException as error:
+                digest.broken = True
                 fail(error)
             finally:
-                work.task_done()  # first: a drain must not wait on a message that failed
-                task_done(block)
+                finished(block, work)
         work.task_done()
 
     def write_loop() -> None:
         lower_priority()
         while (item := to_write.get()) is not None:
             block, length = item
-            if not failed:
-                try:
+            try:
+                if not failed:
                     write_all(fd, memory[block * size : block * size + length])
-                except BaseException as error:
-                    fail(error)
-            task_done(block)
+            except BaseException as error:
+                fail(error)
+            finally:
+                finished(block, to_write)
+        to_write.task_done()
 
     hashers = [threading.Thread(target=hash_loop, args=(q,), daemon=True) for q in to_hash]
     writer = threading.Thread(target=write_loop, daemon=True)
@@ -585,8 +594,8 @@ def _run_child(
                 for which, item in work:
                     to_hash[which].put(item)
                 to_write.put((block, length))
-            elif kind == _DRAIN:
-                for work_queue in to_hash:
+            elif kind == _DRAIN:  # everything so far hashed and written
+                for work_queue in all_work:
                     work_queue.join()
                 if not failed:  # else the parent was told, and gets no digest of lost bytes
                     say_digests(_DRAINED)

@@ -285,14 +285,17 @@ def _read_chunk(fd: int, path: str, offset: int, with_headers: bool) -> tuple[Ch
     wide, narrow = 8 * count, 4 * count
     ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
     names = bytes(view[arrays_length:]).split(b"\0")
+    modes = view[3 * wide : 3 * wide + narrow].cast("I")
     if len(names) != count or ends[-1] != headers_length or not _whole_blocks(ends):
+        raise MemberListError(f"{path}: a chunk does not add up")
+    if max(modes) > 0o7777:  # permission bits only
         raise MemberListError(f"{path}: a chunk does not add up")
     chunk = Chunk(
         names=names,
         sizes=view[:wide].cast("Q"),
         inodes=view[wide : 2 * wide].cast("Q"),
         ctimes=view[2 * wide : 3 * wide].cast("q"),
-        modes=view[3 * wide : 3 * wide + narrow].cast("I"),
+        modes=modes,
         ends=ends,
         headers=memoryview(headers),
     )
