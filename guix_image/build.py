@@ -255,10 +255,11 @@ def _check_digests(layers: list[Layer], digests: list[Digest], diff_ids: list[st
     for number, (layer, digest, diff_id) in enumerate(
         zip(layers, digests, diff_ids, strict=True), 1
     ):
-        if isinstance(layer, StoreLayer) and layer.cached and digest.broken:
-            raise layer.stale("its bytes no longer reach the cached layer's checkpoints")
-        if isinstance(layer, StoreLayer) and layer.cached and layer.cached.diff_id != diff_id:
-            raise layer.stale(f"its digest is now {diff_id}, not {layer.cached.diff_id}")
+        if isinstance(layer, StoreLayer) and layer.cached:
+            if digest.broken:
+                raise layer.stale("its bytes no longer reach the cached layer's checkpoints")
+            if layer.cached.diff_id != diff_id:
+                raise layer.stale(f"its digest is now {diff_id}, not {layer.cached.diff_id}")
         if layer.expected_diff_id is not None and layer.expected_diff_id != diff_id:
             raise InputError(  # a broken base image or customisation layer
                 f"layer {number} ({layer.description}) has digest {diff_id}, "

@@ -452,7 +452,7 @@ class _ChildDigest:
 
     def share_out(self, view: memoryview, block: int) -> Iterator[tuple[int, _Work]]:
         """The hashing of `view` (next in this digest), as (thread, work) pairs."""
-        if self._chain is not None or self.expected is None:
+        if self.expected is None:  # one chain (self._chain), on one thread
             self._offset += len(view)
             yield self._thread, (self, self._chain, view, block, None)
             return

@@ -286,9 +286,12 @@ def _read_chunk(fd: int, path: str, offset: int, with_headers: bool) -> tuple[Ch
     ends = view[3 * wide + narrow : 3 * wide + 2 * narrow].cast("I")
     names = bytes(view[arrays_length:]).split(b"\0")
     modes = view[3 * wide : 3 * wide + narrow].cast("I")
-    if len(names) != count or ends[-1] != headers_length or not _whole_blocks(ends):
-        raise MemberListError(f"{path}: a chunk does not add up")
-    if max(modes) > 0o7777:  # permission bits only
+    if (
+        len(names) != count
+        or ends[-1] != headers_length
+        or not _whole_blocks(ends)
+        or max(modes) > 0o7777  # permission bits only
+    ):
         raise MemberListError(f"{path}: a chunk does not add up")
     chunk = Chunk(
         names=names,
