@@ -22,7 +22,7 @@ import stat
 from typing import Any, BinaryIO, cast
 
 from .errors import InputError
-from .image import ImageRecord, LayerRef, is_sha256_digest
+from .image import SHA256_PREFIX, ImageRecord, LayerRef, is_sha256_digest, sha256_hex
 from .layer_contents import LayerContents, ReadOptions, read_layer
 from .streams import SliceReader
 from .tarreader import ArchiveError, TarMember, TarReader, is_climbing, normalise_member_name
@@ -43,10 +43,11 @@ class ConfigReader:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self._seen: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self._seen: dict[str, tuple[bytes, dict[str, Any], str]] = {}
         self._total = 0
 
-    def read(self, location: str) -> tuple[bytes, dict[str, Any]]:
+    def read(self, location: str) -> tuple[bytes, dict[str, Any], str]:
+        """The config's bytes, parsed document and digest (each computed once)."""
         key = normalise_member_name(location)
         if key not in self._seen:
             data = self.source.read_bytes(location, MAX_CONFIG_SIZE, "config")
@@ -56,7 +57,8 @@ class ConfigReader:
                     f"{self.source.name}: more than {MAX_CONFIGS_BYTES} bytes of configs; refusing"
                 )
             where = f"{self.source.name}: config {location!r}"
-            self._seen[key] = (data, parse_image_config(data, where))
+            digest = SHA256_PREFIX + sha256_hex(data)
+            self._seen[key] = (data, parse_image_config(data, where), digest)
         return self._seen[key]
 
 

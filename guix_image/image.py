@@ -117,10 +117,11 @@ class ImageRecord:
     # What the archive's own metadata says that can be checked without
     # reading layers: config digest against its name or descriptor, and so on.
     expectations: list[Expectation] = field(default_factory=list)
+    config_digest: str = ""  # of config_bytes; computed if not given
 
-    @property
-    def config_digest(self) -> str:
-        return SHA256_PREFIX + sha256_hex(self.config_bytes)
+    def __post_init__(self) -> None:
+        if not self.config_digest:
+            self.config_digest = SHA256_PREFIX + sha256_hex(self.config_bytes)
 
     @property
     def settings(self) -> dict[str, Any]:

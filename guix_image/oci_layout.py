@@ -120,7 +120,7 @@ def _image(
     if len(layer_descriptors) > MAX_LAYERS:
         raise ArchiveError(f"{where} lists {len(layer_descriptors)} layers, over {MAX_LAYERS}")
     config_location = blob_location(config_descriptor, where)
-    config_bytes, config = configs.read(config_location)
+    config_bytes, config, config_digest = configs.read(config_location)
     diff_ids = config["rootfs"]["diff_ids"]
     image = ImageRecord(
         format=kind,
@@ -129,7 +129,8 @@ def _image(
         config_bytes=config_bytes,
         config=config,
         layers=[],
-        expectations=_descriptor_checks("config", config_descriptor, config_bytes),
+        expectations=_descriptor_checks("config", config_descriptor, config_bytes, config_digest),
+        config_digest=config_digest,
     )
     for number, descriptor in enumerate(layer_descriptors, 1):
         layer_location = blob_location(descriptor, f"{where} layers[{number - 1}]")
@@ -153,9 +154,13 @@ def _image(
     return image
 
 
-def _descriptor_checks(what: str, descriptor: dict[str, Any], data: bytes) -> list[Expectation]:
+def _descriptor_checks(
+    what: str, descriptor: dict[str, Any], data: bytes, digest: str | None = None
+) -> list[Expectation]:
+    """`digest`: that of `data`, when already known (a config many images share)."""
+    actual = digest or "sha256:" + sha256_hex(data)
     return [
-        Expectation(f"{what} digest", str(descriptor.get("digest")), "sha256:" + sha256_hex(data)),
+        Expectation(f"{what} digest", str(descriptor.get("digest")), actual),
         Expectation(f"{what} size", str(descriptor.get("size")), str(len(data))),
     ]
 
