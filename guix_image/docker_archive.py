@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import OperationError
-from .hashing_writer import Digest, HashingWriter
 from .image import Expectation, ImageRecord, LayerRef, canonical_json, sha256_hex
-from .layers import Layer, ProgressCallback
 from .tarwriter import END_OF_ARCHIVE, REGTYPE, HeaderEncoder, padding
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the readers of archives need none of the build's machinery
     from .archive import ConfigReader, Source
+    from .hashing_writer import Digest, HashingWriter
+    from .layers import Layer, ProgressCallback
 
 MEMBER_MODE = 0o644
 
@@ -125,7 +125,7 @@ def _image(source: Source, configs: ConfigReader, entry: Any, position: int) -> 
         raise ArchiveError(f"{where} lists {len(layer_names)} layers, over {MAX_LAYERS}; refusing")
     if not isinstance(repo_tags, list) or not all(isinstance(t, str) for t in repo_tags):
         raise ArchiveError(f"{where}.RepoTags is not a list of strings")
-    config_bytes, config = configs.read(config_name)
+    config_bytes, config, config_digest = configs.read(config_name)
     diff_ids = config["rootfs"]["diff_ids"]
     image = ImageRecord(
         format="docker-archive",
@@ -133,6 +133,7 @@ def _image(source: Source, configs: ConfigReader, entry: Any, position: int) -> 
         config_location=config_name,
         config_bytes=config_bytes,
         config=config,
+        config_digest=config_digest,
         layers=[
             LayerRef(
                 index=number,
