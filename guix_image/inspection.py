@@ -9,11 +9,13 @@ its filesystem: that is the waste dive reports.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
+import operator
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from .archive import Source
@@ -22,6 +24,8 @@ from .layer_contents import (
     MAX_ENTRIES,
     OPAQUE_WHITEOUT,
     WHITEOUT_PREFIX,
+    Entry,
+    FileRecord,
     LayerContents,
     ReadOptions,
 )
@@ -99,7 +103,7 @@ def _read(
         try:
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(2, mp_context=context) as processes:
-                done = list(processes.map(_read_forked, order, chunksize=1))
+                done = [_unpacked(*packed) for packed in processes.map(_read_forked, order)]
         finally:
             _FORKED.clear()
     else:
@@ -113,9 +117,32 @@ FORK_MIN_BYTES = 256 << 20
 _FORKED: dict[str, tuple[Source, list[LayerRef], ReadOptions]] = {}
 
 
-def _read_forked(index: int) -> LayerContents:
+def _read_forked(index: int) -> tuple[LayerContents, list[tuple[Any, ...]] | None]:
+    """A layer's contents, sent back with its entries as columns.
+
+    A list of named tuples or records pickles one object at a time: for the
+    20,000 entries of a layer, that took longer than reading half of them.
+    """
     source, refs, options = _FORKED["work"]
-    return source.read_layer(refs[index], options)
+    contents = source.read_layer(refs[index], options)
+    if contents.files is not None:
+        records, contents.files = contents.files, []
+        return contents, list(zip(*map(_RECORD_FIELDS, records), strict=True))
+    if contents.paths is not None:
+        entries, contents.paths = contents.paths, []
+        return contents, list(zip(*entries, strict=True))
+    return contents, None
+
+
+def _unpacked(contents: LayerContents, columns: list[tuple[Any, ...]] | None) -> LayerContents:
+    if columns is not None and contents.files is not None:
+        contents.files = list(itertools.starmap(FileRecord, zip(*columns, strict=True)))
+    elif columns is not None and contents.paths is not None:
+        contents.paths = list(map(Entry._make, zip(*columns, strict=True)))
+    return contents
+
+
+_RECORD_FIELDS = operator.attrgetter(*(f.name for f in fields(FileRecord)))
 
 
 def _can_fork() -> bool:
@@ -206,12 +233,17 @@ def merge_layers(layers: Sequence[Sequence[HasPath]]) -> tuple[dict[str, MergedE
 
 def duplicated_paths(layers: Sequence[Sequence[HasPath]]) -> dict[str, list[int]]:
     """Regular files present in more than one layer, with those layers."""
-    seen: dict[str, list[int]] = {}
+    first: dict[str, int] = {}  # a list only for the few paths seen again
+    again: dict[str, list[int]] = {}
     for number, records in enumerate(layers, 1):
         for record in records:
             if record.type == "file":
-                seen.setdefault(record.path, []).append(number)
-    return {path: numbers for path, numbers in seen.items() if len(numbers) > 1}
+                path = record.path
+                if path in first:
+                    again.setdefault(path, [first[path]]).append(number)
+                else:
+                    first[path] = number
+    return again
 
 
 def summarize(

@@ -164,6 +164,12 @@ def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveEr
 
 def _octal(field_bytes: bytes) -> int | None:
     """An octal text field, or None if it holds anything but octal digits."""
+    digits = field_bytes.rstrip(b"\0 ")
+    if digits.isdigit():  # what every writer stores: digits, then NULs or spaces
+        try:
+            return int(digits, 8)
+        except ValueError:  # an 8 or a 9
+            return None
     text = field_bytes.split(b"\0", 1)[0].strip(b" ")
     if field_bytes[0] & 0x80 or text.translate(None, b"01234567"):
         return None
@@ -434,12 +440,17 @@ class TarReader:
 
     def _read_block(self) -> bytes | None:
         """The next header block, or None at the end of the archive."""
-        block = self._read_fully(BLOCK)
-        if not block:
-            return None  # EOF at a block boundary: tolerated, as every tool does
-        if len(block) < BLOCK:
-            raise self._truncated("header")
-        self._position += BLOCK
+        position = self._position
+        offset = position - self._window_start
+        if 0 <= offset <= len(self._window) - BLOCK:  # read ahead already: the common case
+            block = self._window[offset : offset + BLOCK]
+        else:
+            block = self._read_fully(BLOCK)
+            if not block:
+                return None  # EOF at a block boundary: tolerated, as every tool does
+            if len(block) < BLOCK:
+                raise self._truncated("header")
+        self._position = position + BLOCK
         if block == _ZERO_BLOCK:  # the end-of-archive marker
             return None
         return block

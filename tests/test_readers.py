@@ -193,7 +193,7 @@ def run_forking(fork_min_bytes: int, *args: str) -> subprocess.CompletedProcess[
 
 def test_forked_readers_report_what_threads_do(image: tuple[Path, Any], tmp_path: Path) -> None:
     archive, _ = image
-    for command in (["verify", "--json"], ["inspect", "--json"]):
+    for command in (["verify", "--json"], ["inspect", "--json"], ["inspect", "--files", "--json"]):
         forked, threaded = (run_forking(n, *command, str(archive)) for n in (0, 1 << 62))
         assert forked.returncode == threaded.returncode == 0, forked.stderr + threaded.stderr
         assert json.loads(forked.stdout) == json.loads(threaded.stdout)
