@@ -72,6 +72,8 @@ class _Walk:
         self.source, self.kind, self.configs = source, kind, configs
         self.images: list[ImageRecord] = []
         self.walked = 0
+        # location -> bytes, digest and document: a manifest listed many times is read once
+        self._manifests: dict[str, tuple[bytes, str, dict[str, Any]]] = {}
 
     def index(self, index: Any, where: str, tags: list[str], depth: int) -> None:
         source = self.source
@@ -87,10 +89,9 @@ class _Walk:
             if not isinstance(descriptor, dict):
                 raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
             location = blob_location(descriptor, f"{source.name}: {here}")
-            data = source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
-            checks = _descriptor_checks(f"manifest {location}", descriptor, data)
+            data, digest, document = self._manifest(location)
+            checks = _descriptor_checks(f"manifest {location}", descriptor, data, digest)
             names = tags + _tags(descriptor)
-            document = parse_json(data, f"{source.name}: manifest {location}", want_object=True)
             media_type = descriptor.get("mediaType") or document.get("mediaType")
             if media_type in INDEX_TYPES or "manifests" in document:
                 self.index(document, location, names, depth + 1)
@@ -98,6 +99,14 @@ class _Walk:
             image = _image(source, self.configs, document, location, self.kind, names)
             image.expectations[:0] = checks
             self.images.append(image)
+
+    def _manifest(self, location: str) -> tuple[bytes, str, dict[str, Any]]:
+        if location not in self._manifests:
+            data = self.source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
+            where = f"{self.source.name}: manifest {location}"
+            document = parse_json(data, where, want_object=True)
+            self._manifests[location] = (data, "sha256:" + sha256_hex(data), document)
+        return self._manifests[location]
 
 
 def _image(
