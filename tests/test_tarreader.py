@@ -73,3 +73,42 @@ def test_a_header_cut_short_is_truncation_whatever_the_window(
     archive.write_bytes(data[: last.offset + 300])  # inside the last member's header
     with pytest.raises(ArchiveError, match="the stream ends inside header"):
         read_back(archive, contents=False)
+
+
+def _field_error(message: str) -> ArchiveError:
+    return ArchiveError(message)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (b"0000644\0", 0o644),  # as GNU tar and Python write it
+        (b"644 \0\0\0\0", 0o644),
+        (b"0012345 ", 0o12345),
+        (b"015353\0 ", 0o15353),  # a checksum field
+        (b" 644\0\0\0\0", 0o644),  # leading spaces: old writers
+        (b"644\0 999", 0o644),  # after the first NUL, nothing counts
+        (b"\0" * 8, 0),
+        (b" " * 8, 0),
+        (b"\x80\0\0\0\0\0\0\x2a", 42),  # GNU base-256
+    ],
+)
+def test_numeric_fields_parse_as_every_reader_does(field: bytes, value: int) -> None:
+    assert tarreader.parse_number(field, "mode", _field_error) == value
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"0009\0\0\0\0",
+        b"6 4\0\0\0\0",
+        b"-1\0\0\0\0\0\0",
+        b"0o17\0\0\0\0",
+        b"1_0\0\0\0\0\0",
+        b"+7\0\0\0\0\0\0",
+        b"12345678",
+    ],
+)
+def test_numeric_fields_other_readers_would_read_differently_are_refused(field: bytes) -> None:
+    with pytest.raises(ArchiveError, match="bad mode field"):
+        tarreader.parse_number(field, "mode", _field_error)
