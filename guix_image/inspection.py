@@ -15,7 +15,7 @@ import operator
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol
 
 from .archive import Source
@@ -126,11 +126,10 @@ def _read_forked(index: int) -> tuple[LayerContents, list[tuple[Any, ...]] | Non
     source, refs, options = _FORKED["work"]
     contents = source.read_layer(refs[index], options)
     if contents.files is not None:
-        records, contents.files = contents.files, []
-        return contents, list(zip(*map(_RECORD_FIELDS, records), strict=True))
+        columns = list(zip(*map(_RECORD_FIELDS, contents.files), strict=True))
+        return replace(contents, files=[]), columns
     if contents.paths is not None:
-        entries, contents.paths = contents.paths, []
-        return contents, list(zip(*entries, strict=True))
+        return replace(contents, paths=[]), list(zip(*contents.paths, strict=True))
     return contents, None
 
 
