@@ -173,9 +173,10 @@ def test_sigterm_and_sigint_leave_nothing(store: StoreTree, tmp_path: Path) -> N
         wait_for_partial_file(out_dir)
         helpers = children(process.pid)
         assert helpers, "the build hashes in a forked process"
+        masks = signal_masks(process.pid)
         process.send_signal(sig)
         _, stderr = process.communicate(timeout=60)
-        assert process.returncode == code, stderr
+        assert process.returncode == code, (stderr, masks)
         assert list(out_dir.iterdir()) == []
         assert [pid for pid in helpers if Path(f"/proc/{pid}").exists()] == []
 
@@ -195,9 +196,12 @@ def test_a_signal_ends_a_build_whose_reader_stopped_reading(
         )
         helpers = wait_for_children(process.pid)
         time.sleep(0.5)  # long enough to fill the pipe and every block
+        masks = signal_masks(process.pid)
         process.send_signal(sig)
         try:
             process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"signal {sig} did not end the build; {masks}") from None
         finally:
             process.kill()
             assert process.stdout is not None and process.stderr is not None
@@ -207,6 +211,13 @@ def test_a_signal_ends_a_build_whose_reader_stopped_reading(
         assert process.returncode == code, stderr
         assert "Traceback" not in stderr
         assert [pid for pid in helpers if Path(f"/proc/{pid}").exists()] == []
+
+
+def signal_masks(pid: int) -> str:
+    """What the process blocks, ignores and catches (for a failure's message)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    wanted = ("SigBlk", "SigIgn", "SigCgt")
+    return " ".join(line for line in status.splitlines() if line.startswith(wanted))
 
 
 def wait_for_children(pid: int) -> list[int]:
