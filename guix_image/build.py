@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,7 +23,15 @@ from .config import BuildConfig
 from .docker_archive import DockerArchiveWriter
 from .errors import InputError
 from .hashing_writer import Digest, HashingWriter, Sink
-from .image import SHA256_PREFIX, HistoryEntry, ImageConfig, ImageRecord, LayerRef, merge_env
+from .image import (
+    SHA256_PREFIX,
+    HistoryEntry,
+    ImageConfig,
+    ImageRecord,
+    LayerRef,
+    is_sha256_digest,
+    merge_env,
+)
 from .layers import BlobLayer, InflatedLayer, Layer, StaleCacheEntry, StoreLayer
 from .store import Store
 from .tarwriter import HeaderEncoder
@@ -331,9 +338,6 @@ def _base_layer(source: Source, path: str, ref: LayerRef) -> Layer:
     return InflatedLayer(source, ref, description, expected_diff_id=ref.diff_id)
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
 def _customisation_layer(directory: str) -> BlobLayer:
     """The prebuilt layer: `layer.tar` and its `checksum`, checked before use."""
     where = f"config field 'customisation_layer': {directory}"
@@ -344,7 +348,7 @@ def _customisation_layer(directory: str) -> BlobLayer:
             checksum = f.read().strip()
     except OSError as error:
         raise InputError(f"{where}: cannot read checksum: {error.strerror}") from None
-    if not _SHA256_HEX.fullmatch(checksum):
+    if not is_sha256_digest(SHA256_PREFIX + checksum):
         raise InputError(f"{where}: checksum file does not hold a sha256 hex digest")
     # Check the layer before writing anything, so that a wrong checksum is bad
     # input (exit 2, nothing written) rather than a broken archive. It is

@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, member_list, sha256
-from .image import canonical_json, sha256_hex
+from .image import canonical_json, is_sha256_digest, sha256_hex
 from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
 
 ENTRY_VERSION = 1
 # Bump when the bytes written for the same inputs change (tar encoding, ordering...).
 LAYER_FORMAT = "guix-image/layer-tar/1"
 
-_DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 MEMBER_LISTS_BUDGET = 512 << 20
 _MEMBERS = ".members"
@@ -243,7 +242,7 @@ def _parse_entry(data: bytes, key: str) -> CachedLayer | None:
         or size < 0
     ):
         return None
-    if not isinstance(diff_id, str) or not _DIFF_ID.fullmatch(diff_id):
+    if not is_sha256_digest(diff_id):
         return None
     checkpoints = _parse_checkpoints(document.get("checkpoints", {}), size)
     if checkpoints is None:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 SHA256_PREFIX = "sha256:"
 
@@ -71,7 +71,7 @@ class ImageConfig:
         return canonical_json(self.to_json())
 
 
-def is_sha256_digest(value: Any) -> bool:
+def is_sha256_digest(value: Any) -> TypeGuard[str]:
     """True for "sha256:" and 64 lowercase hex digits."""
     if not isinstance(value, str) or not value.startswith(SHA256_PREFIX):
         return False

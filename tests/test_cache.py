@@ -316,3 +316,20 @@ def test_entries_with_malformed_checkpoints_are_ignored(
     )
     assert cache.get(key) is None
     assert len(warnings) == 1
+
+
+@pytest.mark.parametrize(
+    "diff_id",
+    ["sha256:" + "0" * 64 + "\n", "sha256:" + "A" * 64, "0" * 64, "sha256:" + "0" * 63, 7],
+)
+def test_entries_with_a_malformed_digest_are_ignored(tmp_path: Path, diff_id: object) -> None:
+    warnings: list[str] = []
+    cache = LayerCache(tmp_path, warnings.append)
+    key = cache_key({"x": 1})
+    (tmp_path / "layers").mkdir()
+    document = {"version": 1, "key": key, "size": 10, "diff_id": "sha256:" + "0" * 64}
+    (tmp_path / "layers" / f"{key}.json").write_text(json.dumps(document))
+    assert cache.get(key) == CachedLayer(10, "sha256:" + "0" * 64)
+    (tmp_path / "layers" / f"{key}.json").write_text(json.dumps({**document, "diff_id": diff_id}))
+    assert cache.get(key) is None
+    assert len(warnings) == 1
