@@ -31,6 +31,9 @@ INDEX_TYPES = {
 }
 TAG_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
 MAX_INDEX_DEPTH = 4
+# Manifests kept for the listings that repeat them: up to 1,000 distinct ones
+# of up to 1 MiB each must not all stay in memory.
+MANIFESTS_KEPT_BYTES = 8 << 20
 
 
 def blob_location(descriptor: dict[str, Any], where: str) -> str:
@@ -72,8 +75,10 @@ class _Walk:
         self.source, self.kind, self.configs = source, kind, configs
         self.images: list[ImageRecord] = []
         self.walked = 0
-        # location -> bytes, digest and document: a manifest listed many times is read once
+        # location -> bytes, digest and document: a manifest listed many times is
+        # read once, as long as those kept stay within MANIFESTS_KEPT_BYTES
         self._manifests: dict[str, tuple[bytes, str, dict[str, Any]]] = {}
+        self._kept_bytes = 0
 
     def index(self, index: Any, where: str, tags: list[str], depth: int) -> None:
         source = self.source
@@ -101,12 +106,15 @@ class _Walk:
             self.images.append(image)
 
     def _manifest(self, location: str) -> tuple[bytes, str, dict[str, Any]]:
-        if location not in self._manifests:
-            data = self.source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
-            where = f"{self.source.name}: manifest {location}"
-            document = parse_json(data, where, want_object=True)
-            self._manifests[location] = (data, "sha256:" + sha256_hex(data), document)
-        return self._manifests[location]
+        if location in self._manifests:
+            return self._manifests[location]
+        data = self.source.read_bytes(location, MAX_MANIFEST_SIZE, "manifest")
+        where = f"{self.source.name}: manifest {location}"
+        manifest = data, "sha256:" + sha256_hex(data), parse_json(data, where, want_object=True)
+        if self._kept_bytes + len(data) <= MANIFESTS_KEPT_BYTES:
+            self._manifests[location] = manifest
+            self._kept_bytes += len(data)
+        return manifest
 
 
 def _image(

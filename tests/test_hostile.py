@@ -796,23 +796,31 @@ def manifests_share_one_config() -> bytes:
     return oci_archive(files)
 
 
-def one_large_manifest_listed_many_times() -> bytes:
-    """index.json lists one manifest of almost 1 MiB (the limit) 1,000 times."""
-    config = image_config([sha256(LAYER)])
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": descriptor(config, "application/vnd.oci.image.config.v1+json"),
-            "layers": [descriptor(LAYER, "application/vnd.oci.image.layer.v1.tar")],
-            "annotations": {"padding": "x" * ((1 << 20) - 1000)},
-        }
-    ).encode()
-    files = oci_files(config=config, manifest=manifest)
-    files["index.json"] = json.dumps(
-        {"schemaVersion": 2, "manifests": [descriptor(manifest)] * 1000}
-    ).encode()
-    return oci_archive(files)
+def large_manifests(distinct: int, listings: int) -> Callable[[], bytes]:
+    """index.json lists `distinct` manifests of almost 1 MiB (the limit), `listings` times."""
+
+    def build() -> bytes:
+        config = image_config([sha256(LAYER)])
+        files = oci_files(config=config)
+        manifests = [
+            json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": descriptor(config, "application/vnd.oci.image.config.v1+json"),
+                    "layers": [descriptor(LAYER, "application/vnd.oci.image.layer.v1.tar")],
+                    "annotations": {"padding": f"{n}" + "x" * ((1 << 20) - 1000)},
+                }
+            ).encode()
+            for n in range(distinct)
+        ]
+        for manifest in manifests:
+            files[blob_name(manifest)] = manifest
+        listing = [descriptor(manifests[n % distinct]) for n in range(listings)]
+        files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": listing}).encode()
+        return oci_archive(files)
+
+    return build
 
 
 def oci_layers(count: int) -> Callable[[], bytes]:
@@ -1211,10 +1219,16 @@ CASES = [
     ),
     Case(
         "oci-large-manifest-listed-1000-times",
-        static(one_large_manifest_listed_many_times),
+        static(large_manifests(1, 1000)),
         refused(r"holds 1000 images", "inspect {}"),
         isolated=True,
         seconds=1,  # read once: 0.4 s where hashing is slow; 1,000 times: 8.5 s
+    ),
+    Case(
+        "oci-200-large-manifests",
+        static(large_manifests(200, 200)),
+        refused(r"holds 200 images", "inspect {}"),
+        isolated=True,  # memory: not every manifest is kept (0.4 GB if they were)
     ),
     Case(
         "many-layer-refs-to-one-member",
