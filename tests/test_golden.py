@@ -1,0 +1,215 @@
+"""Golden digests: the exact bytes `build` writes, pinned.
+
+Recorded before the package was restructured (issue 13) and unchanged by
+it. A digest here changes only when the output format changes on purpose;
+then CHANGELOG.md says so (and the cache's LAYER_FORMAT is bumped).
+
+Every store is built under `--root` with store_dir /gnu/store, so the
+archives do not depend on where the test runs, nor on the umask, nor on the
+user or the time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guix_image.cli import main
+
+STORE = "/gnu/store"
+# sha256 of each archive, as the code before the restructuring wrote it.
+GOLDEN = {
+    "example": "026d3f8b9f5d6f043184dc1edd6d2c75016e875f551621cee69d0195a5181774",
+    "store": "19ced223c5e037ae12eecba2590bc195d63663b01873007fac029685751870ed",
+    "base": "98df30a9f396886a75a20ff35dc8c9eacb94ad5815ca8904c11fc73349256da9",
+    "on base": "3ba3b7094404af956c5d9b27870b6cca490ff1f7fa8525ff5d2b11a83be44d60",
+}
+CREATED = "2024-01-02T03:04:05Z"
+
+
+def item_path(name: str) -> str:
+    return f"{STORE}/{hashlib.sha256(name.encode()).hexdigest()[:32]}-{name}"
+
+
+def write(root: Path, path: str | bytes, content: bytes, mode: int = 0o444) -> None:
+    full = os.fsencode(root) + os.fsencode(path)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "wb") as f:
+        f.write(content)
+    os.chmod(full, mode)
+
+
+def fix_directory_modes(root: Path) -> None:
+    for directory, subdirectories, _ in os.walk(root / "gnu"):
+        for name in subdirectories:
+            os.chmod(os.path.join(directory, name), 0o555)
+        os.chmod(directory, 0o555)
+
+
+def make_store(root: Path) -> dict[str, str]:
+    """Store items with every kind of entry the issue names; their paths by role."""
+    app = item_path("app-1.0")
+    write(root, f"{app}/bin/app", b"#!/bin/sh\necho app\n", 0o555)
+    write(root, f"{app}/share/empty", b"")
+    disk = os.fsencode(root) + app.encode()
+    os.link(disk + b"/bin/app", disk + b"/bin/hard")
+    write(root, f"{app}/share/{'long-' * 30}name.txt", b"over 100 bytes of path")
+    deep = "/".join(f"d{i}" for i in range(40))
+    write(root, f"{app}/share/deep/{deep}/leaf", b"deep")
+    write(root, f"{app}/share/{'x' * 200}/{'y' * 100}", b"over 255 bytes of path")
+    write(root, f"{app}/share/caf\u00e9-\u65e5\u672c.txt", b"utf-8 name")
+    write(root, f"{app}/share/raw-".encode() + b"\xff\xfe", b"non-UTF-8 name", 0o644)
+    os.symlink("app", disk + b"/bin/relative")
+    os.symlink("/gnu/store/" + "t" * 120, disk + b"/bin/long-target")
+    os.makedirs(disk + b"/share/empty-dir")
+    data = item_path("data.json")
+    write(root, data, b'{"a": 1}')
+    big = item_path("big")
+    write(root, f"{big}/blob", bytes(range(256)) * 40_000, 0o644)  # 10 MB: several blocks
+    fix_directory_modes(root)
+    return {"app": app, "data": data, "big": big}
+
+
+def config(store: dict[str, str], **fields: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "architecture": "amd64",
+        "created": CREATED,
+        "repo_tag": "golden:1",
+        "store_dir": STORE,
+        "store_layers": [[store["app"]], [store["data"], store["big"]]],
+        "config": {"Cmd": ["/bin/app"], "Env": ["PATH=/bin"]},
+    }
+    document.update(fields)
+    return document
+
+
+def run_build(cli_runner: Any, tmp_path: Path, document: dict[str, Any], root: Path) -> bytes:
+    config_file = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
+    config_file.write_text(json.dumps(document))
+    output = tmp_path / (config_file.stem + ".tar")
+    result = cli_runner.invoke(
+        main,
+        ["build", "-q", "--no-cache", str(config_file), "--root", str(root), "-o", str(output)],
+    )
+    assert result.exit_code == 0, result.output
+    return output.read_bytes()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def golden_store(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    root = tmp_path / "root"
+    return root, make_store(root)
+
+
+def customisation_layer(directory: Path) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("etc/motd")
+        info.size, info.mtime, info.mode = 5, 1, 0o644
+        tar.addfile(info, io.BytesIO(b"hello"))
+    directory.mkdir()
+    (directory / "layer.tar").write_bytes(buffer.getvalue())
+    (directory / "checksum").write_text(digest(buffer.getvalue()) + "\n")
+    return directory
+
+
+def gzip_oci_base(base: bytes, directory: Path) -> Path:
+    """The Docker archive `base` as an OCI layout with gzip-compressed layers."""
+    with tarfile.open(fileobj=io.BytesIO(base)) as archive:
+        manifest = json.load(archive.extractfile("manifest.json"))[0]  # type: ignore[arg-type]
+        config_bytes = archive.extractfile(manifest["Config"]).read()  # type: ignore[union-attr]
+        layers = [archive.extractfile(name).read() for name in manifest["Layers"]]  # type: ignore[union-attr]
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes, media_type: str) -> dict[str, Any]:
+        (blobs / digest(data)).write_bytes(data)
+        return {"mediaType": media_type, "digest": "sha256:" + digest(data), "size": len(data)}
+
+    layer_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    oci_manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(config_bytes, "application/vnd.oci.image.config.v1+json"),
+        "layers": [blob(gzip.compress(layer, mtime=0), layer_type) for layer in layers],
+    }
+    manifest_bytes = json.dumps(oci_manifest).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [blob(manifest_bytes, "application/vnd.oci.image.manifest.v1+json")],
+    }
+    (directory / "index.json").write_text(json.dumps(index))
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return directory
+
+
+def test_the_example_image(cli_runner: Any, tmp_path: Path) -> None:
+    output = tmp_path / "example.tar"
+    result = cli_runner.invoke(main, ["build", "-q", "--example", "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    assert digest(output.read_bytes()) == GOLDEN["example"]
+
+
+def test_a_store_with_hard_links_long_and_undecodable_names(
+    cli_runner: Any, tmp_path: Path, golden_store: tuple[Path, dict[str, str]]
+) -> None:
+    root, store = golden_store
+    archive = run_build(cli_runner, tmp_path, config(store), root)
+    assert digest(archive) == GOLDEN["store"]
+
+
+def test_a_base_image_and_a_customisation_layer(
+    cli_runner: Any, tmp_path: Path, golden_store: tuple[Path, dict[str, str]]
+) -> None:
+    root, store = golden_store
+    base = run_build(
+        cli_runner,
+        tmp_path,
+        config(store, store_layers=[[store["data"]]], config={"Env": ["BASE=1", "PATH=/x"]}),
+        root,
+    )
+    (tmp_path / "base.tar").write_bytes(base)
+    document = config(
+        store,
+        store_layers=[[store["app"]]],
+        from_image=str(tmp_path / "base.tar"),
+        customisation_layer=str(customisation_layer(tmp_path / "customisation")),
+    )
+    with_docker_base = run_build(cli_runner, tmp_path, document, root)
+    document["from_image"] = str(gzip_oci_base(base, tmp_path / "oci-base"))
+    with_oci_base = run_build(cli_runner, tmp_path, document, root)
+    assert digest(base) == GOLDEN["base"]
+    assert (
+        digest(with_docker_base)
+        == "3ba3b7094404af956c5d9b27870b6cca490ff1f7fa8525ff5d2b11a83be44d60"
+    )
+    # A compressed base layer is inflated: the same image as from the Docker archive.
+    assert with_oci_base == with_docker_base
+
+
+def test_a_rebuild_from_the_cache_writes_the_same_bytes(
+    cli_runner: Any, tmp_path: Path, golden_store: tuple[Path, dict[str, str]]
+) -> None:
+    root, store = golden_store
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config(store)))
+    outputs = []
+    for name in ("cold.tar", "warm.tar"):
+        result = cli_runner.invoke(
+            main, ["build", "-q", str(config_file), "--root", str(root), "-o", str(tmp_path / name)]
+        )
+        assert result.exit_code == 0, result.output
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1] == run_build(cli_runner, tmp_path, config(store), root)
