@@ -213,3 +213,62 @@ def test_a_rebuild_from_the_cache_writes_the_same_bytes(
         assert result.exit_code == 0, result.output
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1] == run_build(cli_runner, tmp_path, config(store), root)
+
+
+# sha256 of what each reading command prints for the archives above, as the
+# code before the restructuring printed it: --json shapes and plain text alike.
+GOLDEN_OUTPUT = {
+    "inspect": "9157a81030778f4ba0406c94f32039d7cb4a9a41717f46f23e058eb14ab55efe",
+    "inspect --json": "bdd7892d5dc1772ba2e09c310257c8faf61340ff495a649bd744aa4662bf6bd9",
+    "inspect --files": "5949cfa707bbe35ea22fb277aa94e635fb652419e53a8c7a0ea78c41156b5bca",
+    "inspect --files --json": "2121cec5674ece9e8b2953201a8b98ea4fd7343453807158d546253645f156d6",
+    "inspect --files 1 --tree": "519b2380c3e47bcc09c946378ad6ec774b0ba3c88865298464fb159c519fe44d",
+    "inspect b": "6315161af0c5ca3e23ae397553f4a34971db1c3463c096f7e94e9ef5f814690e",
+    "inspect b --files 3 --json": "1dccd8a082556388614d9662683d6fe950afe28e3cc2b65ed95a850794a5fcf5",
+    "verify": "ee3c49501cfe8d0dd47c0387f554390b6fa92f4b4a3dd973b9c57e5da4292c6f",
+    "verify --json": "2529aef3307553d62cd7e4e6181f1ee31f1271630188d9bddff2224aa592375e",
+    "verify --against": "64934b5768f65c466c63af058ca8c68b787a8536824f966b2fab99af6a3d9faa",
+    "verify --against --json": "c40421c1696bb5506385acbd48885f1c04d8bca75d19ff0985ae2e06cc82e60c",
+    "diff-layers": "eb9eba06e96d18dda40e5a063168e51a384ef8d4114ade5c8ff2994ee2488260",
+    "diff-layers --json": "4d61be53298305fb3b585bf498384a9ac089943684087ba76e4521f88887172e",
+}
+
+
+def test_what_the_readers_print(
+    cli_runner: Any,
+    tmp_path: Path,
+    golden_store: tuple[Path, dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root, store = golden_store
+    (tmp_path / "a.tar").write_bytes(run_build(cli_runner, tmp_path, config(store), root))
+    # On a.tar, a layer that ships data.json again: waste, and a config change.
+    changed = config(
+        store,
+        config={"Cmd": ["/bin/other"]},
+        store_layers=[[store["data"]]],
+        from_image=str(tmp_path / "a.tar"),
+    )
+    (tmp_path / "b.tar").write_bytes(run_build(cli_runner, tmp_path, changed, root))
+    commands = {
+        "inspect": ["inspect", "a.tar"],
+        "inspect --json": ["inspect", "a.tar", "--json"],
+        "inspect --files": ["inspect", "a.tar", "--files"],
+        "inspect --files --json": ["inspect", "a.tar", "--files", "--json"],
+        "inspect --files 1 --tree": ["inspect", "a.tar", "--files", "1", "--tree"],
+        "inspect b": ["inspect", "b.tar"],
+        "inspect b --files 3 --json": ["inspect", "b.tar", "--files", "3", "--json"],
+        "verify": ["verify", "a.tar"],
+        "verify --json": ["verify", "a.tar", "--json"],
+        "verify --against": ["verify", "a.tar", "--against", "b.tar"],
+        "verify --against --json": ["verify", "a.tar", "--against", "b.tar", "--json"],
+        "diff-layers": ["diff-layers", "a.tar", "b.tar"],
+        "diff-layers --json": ["diff-layers", "a.tar", "b.tar", "--json"],
+    }
+    monkeypatch.chdir(tmp_path)
+    printed = {}
+    for name, arguments in commands.items():
+        result = cli_runner.invoke(main, arguments)
+        assert result.exit_code in (0, 1), result.output
+        printed[name] = digest(result.stdout.encode("utf-8", "surrogateescape"))
+    assert printed == GOLDEN_OUTPUT
