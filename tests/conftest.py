@@ -1,75 +1,26 @@
-"""Shared fixtures: store trees in temporary directories, configs, builds, tools."""
+"""The fixtures every test area shares: a private cache, stores, builds, podman, an image."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
-from guix_image.build import BuildResult, build_image
-from guix_image.config import validate_config
-from guix_image.output import atomic_output
+from guix_image.build.config import validate_config
+from guix_image.build.engine import BuildResult, build_image
+from guix_image.build.output import atomic_output
+from guix_image.cli import main
 
-CREATED = "2024-01-02T03:04:05Z"
-
-
-class StoreTree:
-    """A throwaway store: `<tmp>/gnu/store/<hash>-<name>` items, made by the tests."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.store_dir = base / "gnu" / "store"
-        self.store_dir.mkdir(parents=True)
-
-    def path(self, name: str) -> Path:
-        hash_part = hashlib.sha256(name.encode()).hexdigest()[:32]
-        return self.store_dir / f"{hash_part}-{name}"
-
-    def item(self, name: str, files: dict[str, str | bytes] | None = None) -> Path:
-        """A directory store item holding `files` (relative path -> content)."""
-        top = self.path(name)
-        top.mkdir(parents=True, exist_ok=True)
-        for relative, content in (files or {}).items():
-            target = top / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data = content.encode() if isinstance(content, str) else content
-            target.write_bytes(data)
-        return top
-
-    def config(self, layers: list[list[Path | str]], **fields: Any) -> dict[str, Any]:
-        document: dict[str, Any] = {
-            "architecture": "amd64",
-            "config": {},
-            "created": CREATED,
-            "repo_tag": "test/image:latest",
-            "store_dir": str(self.store_dir),
-            "from_image": None,
-            "store_layers": [[str(p) for p in layer] for layer in layers],
-            "customisation_layer": None,
-        }
-        document.update(fields)
-        return document
-
-
-def settle() -> None:
-    """Let a new store age past the clock tick of a scan, so that member lists are kept.
-
-    Where timestamps have whole seconds (not on the ext4 and tmpfs the tests
-    run on) the margin is 2 s, and the tests that count lists would fail.
-    """
-    from guix_image import member_list
-
-    time.sleep(member_list.RACY_NS / 1e9 + 0.02)
+from .support.cli import Cli
+from .support.stores import BuildFn, StoreTree
+from .support.tools import require
 
 
 @pytest.fixture(autouse=True)
@@ -87,12 +38,9 @@ def store(tmp_path: Path) -> StoreTree:
     return StoreTree(tmp_path / "store-root")
 
 
-BuildFn = Callable[..., tuple[Path, BuildResult]]
-
-
 @pytest.fixture
 def build(tmp_path: Path) -> BuildFn:
-    """Build a config document to a file; returns (path, result)."""
+    """Build a config document to a file; returns (path, result). Keywords go to build_image."""
     counter = iter(range(1_000_000))
 
     def run(
@@ -107,67 +55,37 @@ def build(tmp_path: Path) -> BuildFn:
     return run
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, zombies included (Linux)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # it ended meanwhile
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+@pytest.fixture
+def image(store: StoreTree, build: BuildFn) -> tuple[Path, BuildResult]:
+    """An archive of ours with two layers: long names, a symlink, binary files."""
+    app = store.item(
+        "app",
+        {
+            "bin/app": "#!/bin/sh\n",
+            "share/" + "n" * 150: "long name",
+            "share/data": os.urandom(70_000),
+        },
+    )
+    (app / "bin" / "link").symlink_to("app")
+    lib = store.item("lib", {"lib/libx.so": os.urandom(200_000), "lib/empty": ""})
+    return build(store.config([[lib], [app]], config={"Cmd": ["/bin/app"], "Env": ["A=1"]}))
 
 
-def write_config(path: Path, document: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(document))
+@pytest.fixture
+def image_file(store: StoreTree, build: BuildFn) -> Path:
+    """A small archive of ours: one layer of one store item."""
+    path, _ = build(store.config([[store.item("s", {"f": "1"})]]))
     return path
 
 
-def read_archive(path: Path) -> dict[str, Any]:
-    """manifest, config and layer member bytes of a Docker archive, via Python's tarfile."""
-    with tarfile.open(path) as outer:
-        manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
-        config = json.load(outer.extractfile(manifest[0]["Config"]))  # type: ignore[arg-type]
-        layers = [outer.extractfile(name).read() for name in manifest[0]["Layers"]]  # type: ignore[union-attr]
-    return {"manifest": manifest, "config": config, "layers": layers}
+@pytest.fixture
+def cli(cli_runner: CliRunner) -> Cli:
+    """The command line in this process: `cli("inspect", path, input=bytes)`."""
 
+    def invoke(*args: str, input: bytes | None = None) -> Result:
+        return cli_runner.invoke(main, list(args), input=input)
 
-def layer_members(layer: bytes) -> list[tarfile.TarInfo]:
-    import io
-
-    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
-        return tar.getmembers()
-
-
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None
-
-
-def require(tool: str) -> None:
-    if not have(tool):
-        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
-
-
-def docker_answers() -> bool:
-    if not have("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def run(*command: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    """Run a real tool; fail the test with its output if it fails."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)  # type: ignore[call-overload]
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
-    return result  # type: ignore[no-any-return]
+    return invoke
 
 
 @pytest.fixture
@@ -178,16 +96,3 @@ def podman_storage() -> Iterator[Path]:
     yield storage
     subprocess.run(["chmod", "-R", "u+w", str(storage)], capture_output=True)
     shutil.rmtree(storage, ignore_errors=True)
-
-
-def podman(storage: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run(
-        "podman",
-        "--storage-driver",
-        "vfs",
-        "--root",
-        str(storage / "root"),
-        "--runroot",
-        str(storage / "run"),
-        *args,
-    )

@@ -1,92 +1,32 @@
-"""The build core: archive structure, layer contents, base images, reproducibility."""
+"""The build core: archive structure, layer contents, base images, customisation,
+reproducibility, and faults during a build."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
-import stat
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from guix_image.build import build_image
-from guix_image.config import validate_config
-from guix_image.errors import InputError, OperationError
-from guix_image.hashing_writer import FileChanged
-from guix_image.output import atomic_output
+from guix_image.build.config import validate_config
+from guix_image.build.engine import build_image
+from guix_image.build.output import atomic_output
+from guix_image.cli import main
+from guix_image.errors import FileChanged, InputError, OperationError
 
-from .conftest import CREATED, BuildFn, StoreTree, is_root, layer_members, read_archive
+from .support.archives import layer_members, read_archive
+from .support.stores import CREATED, BuildFn, StoreTree, disk_tree, layer_tree, populate
+from .support.tools import is_root
 
-Tree = dict[str, tuple[str, int, bytes]]
-
-
-def populate(store: StoreTree) -> list[Path]:
-    """Store items covering every kind of file and name the issue lists."""
-    app = store.item(
-        "app-1.0",
-        {
-            "bin/app": "#!/bin/sh\necho app\n",
-            "share/empty-file": "",
-            "share/" + "long-" * 30 + "name.txt": "over 100 bytes of path",
-            "share/deep/" + "/".join(f"d{i}" for i in range(40)) + "/leaf": "deep",
-            "share/caf\u00e9-\u65e5\u672c.txt": "utf-8 name",
-        },
-    )
-    (app / "share" / "empty-dir").mkdir()
-    os.chmod(app / "bin" / "app", 0o555)
-    os.chmod(app / "share" / "empty-file", 0o444)
-    (app / os.fsdecode(b"share/raw-\xff\xfe")).write_bytes(b"non-UTF-8 name")
-    very_long = app / "share" / ("x" * 200)
-    very_long.mkdir()
-    (very_long / ("y" * 100)).write_text("over 255 bytes of path")
-    (app / "bin" / "relative").symlink_to("app")
-    (app / "bin" / "absolute").symlink_to(str(app / "bin" / "app"))
-    (app / "bin" / "dangling").symlink_to("/gnu/store/nowhere")
-    os.link(app / "bin" / "app", app / "bin" / "hardlink")
-
-    data = store.path("data.json")
-    data.write_text('{"a": 1}')
-    alias = store.path("alias")
-    alias.symlink_to(app)
-    return [app, data, alias]
-
-
-def disk_tree(paths: list[Path]) -> Tree:
-    """What a layer of `paths` must contain, read from the disk."""
-    tree: Tree = {}
-    for top in paths:
-        for path in [
-            top,
-            *(sorted(top.rglob("*")) if top.is_dir() and not top.is_symlink() else []),
-        ]:
-            st = path.lstat()
-            name = os.fsdecode(os.fsencode(path)).lstrip("/")
-            if stat.S_ISLNK(st.st_mode):
-                tree[name] = ("symlink", 0o777, os.fsencode(os.readlink(path)))
-            elif stat.S_ISDIR(st.st_mode):
-                tree[name] = ("dir", stat.S_IMODE(st.st_mode), b"")
-            else:
-                tree[name] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return tree
-
-
-def layer_tree(layer: bytes, skip: int) -> Tree:
-    tree: Tree = {}
-    with tarfile.open(fileobj=io.BytesIO(layer), encoding="utf-8", errors="surrogateescape") as tar:
-        for member in tar.getmembers()[skip:]:
-            if member.issym():
-                tree[member.name] = ("symlink", member.mode, os.fsencode(member.linkname))
-            elif member.isdir():
-                tree[member.name] = ("dir", member.mode, b"")
-            else:
-                assert member.isreg(), member.name
-                tree[member.name] = ("file", member.mode, tar.extractfile(member).read())  # type: ignore[union-attr]
-    return tree
+if TYPE_CHECKING:
+    from click.testing import CliRunner
 
 
 def test_layers_hold_exactly_the_store_paths(store: StoreTree, build: BuildFn) -> None:
@@ -395,3 +335,88 @@ def test_empty_layer_list_and_empty_layer(store: StoreTree, build: BuildFn) -> N
     assert all(m.isdir() for m in members)
     output, _ = build(store.config([]))
     assert read_archive(output)["config"]["rootfs"]["diff_ids"] == []
+
+
+# -- base images that do not match their digests, big layers, the example --------
+
+
+def read_manifest_config(archive: Path) -> dict[str, Any]:
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile("manifest.json"))[0]  # type: ignore[arg-type, no-any-return]
+
+
+def flip_layer_byte(archive: Path, target: Path) -> Path:
+    data = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        member = tar.getmember(read_manifest_config(archive)["Layers"][0])
+    data[member.offset_data + member.size - 1100] ^= 1  # inside the end-of-archive zeros
+    target.write_bytes(data)
+    return target
+
+
+def test_a_broken_base_image_is_bad_input(
+    store: StoreTree, build: BuildFn, tmp_path: Path, cli_runner: CliRunner
+) -> None:
+    base, _ = build(store.config([[store.item("b", {"f": "x" * 5000})]]))
+    broken = flip_layer_byte(base, tmp_path / "broken.tar")
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(store.config([[store.item("t", {"g": "1"})]], from_image=str(broken)))
+    )
+    result = cli_runner.invoke(main, ["build", str(config), "-o", str(tmp_path / "out.tar")])
+    assert result.exit_code == 2
+    assert "has digest sha256:" in result.stderr and "was expected" in result.stderr
+    assert not (tmp_path / "out.tar").exists()
+
+
+def test_layers_too_big_to_plan_are_walked_twice_with_the_same_bytes(
+    store: StoreTree, build: BuildFn
+) -> None:
+    item = store.item("many", {f"f{i:03d}": str(i) * i for i in range(200)})
+    document = store.config([[item], [item]])
+    normal, _ = build(document)
+    capped, _ = build(document, max_planned=10)
+    assert normal.read_bytes() == capped.read_bytes()
+
+
+def test_a_store_changing_between_the_two_walks_fails(store: StoreTree, tmp_path: Path) -> None:
+    item = store.item("many", {f"f{i:03d}": "x" for i in range(50)})
+
+    class Grow:
+        def layer_started(self, number: int, total: int, description: str) -> None:
+            pass
+
+        def layer_sized(self, size: int) -> None:
+            (item / "zzz-new").write_text("after the first walk")
+
+        def layer_progress(self, written: int) -> None:
+            pass
+
+        def message(self, text: str) -> None:
+            pass
+
+    output = tmp_path / "o.tar"
+    with pytest.raises(FileChanged, match="changed during the build"):  # noqa: SIM117
+        with atomic_output(str(output)) as fd:
+            build_image(
+                validate_config(store.config([[item]])), fd, progress=Grow(), max_planned=10
+            )
+    assert not output.exists()
+
+
+def test_example_does_not_depend_on_the_umask(tmp_path: Path, cli_runner: CliRunner) -> None:
+    outputs = []
+    for mask in (0o022, 0o077, 0o002):
+        old = os.umask(mask)
+        try:
+            result = cli_runner.invoke(
+                main, ["build", "--example", "-q", "-o", str(tmp_path / f"{mask}.tar")]
+            )
+        finally:
+            os.umask(old)
+        assert result.exit_code == 0
+        outputs.append((tmp_path / f"{mask}.tar").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert read_archive(tmp_path / f"{0o022}.tar")["manifest"][0]["RepoTags"] == [
+        "guix-image-example:latest"
+    ]

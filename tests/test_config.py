@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from guix_image.config import is_inside, parse_config, validate_config
+from guix_image.build.config import parse_config, validate_config
 from guix_image.errors import InputError
+from guix_image.store.paths import is_inside
 
 BASE: dict[str, Any] = {
     "architecture": "amd64",

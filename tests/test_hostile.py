@@ -1,13 +1,14 @@
 """Hostile archives: every reader must refuse them cleanly, quickly and in bounded memory.
 
 Each case builds its archive here, byte by byte where `tarfile` cannot write
-the trick, runs one or more commands on it and states the outcome: exit 2 with
-exactly one `Error: ` line on stderr, or for `verify` a layer-level problem
-reported as a FAIL line with exit 1, or (for the controls) success. Every run
-also checks that nothing was written anywhere (nothing is ever extracted),
-that no traceback leaked and that it finished in time. Bombs and cases that
-could hang or eat memory run in a child process, under an address-space
-limit and a watchdog, and their peak RSS is measured.
+the trick (with the builders of tests/support/archives.py), runs one or more
+commands on it and states the outcome: exit 2 with exactly one `Error: ` line
+on stderr, or for `verify` a layer-level problem reported as a FAIL line with
+exit 1, or (for the controls) success. Every run also checks that nothing was
+written anywhere (nothing is ever extracted), that no traceback leaked and that
+it finished in time. Bombs and cases that could hang or eat memory run in a
+child process, under an address-space limit and a watchdog, and their peak RSS
+is measured.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,272 +39,41 @@ from click.testing import CliRunner
 
 from guix_image.cli import main
 
+from .support.archives import (
+    BLOCK,
+    LAYER,
+    LAYER_NAME,
+    GiB,
+    MiB,
+    base256,
+    blob_name,
+    config_name,
+    descriptor,
+    docker_archive,
+    docker_entries,
+    gzip_of_zeros,
+    hardlink,
+    header,
+    image_config,
+    layer_with_entries,
+    manifest_of,
+    many_members,
+    member,
+    oci_archive,
+    oci_files,
+    padded,
+    pax,
+    pax_record,
+    sha256,
+    symlink,
+    tar,
+    the_manifest,
+    without,
+    write_layout,
+    zstd_of_zeros,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = 512
-END = bytes(2 * BLOCK)
-MiB = 1 << 20
-GiB = 1 << 30
-
-# -- raw tar writing ------------------------------------------------------------
-
-
-def _octal(value: int, width: int) -> bytes:
-    return b"%0*o\0" % (width - 1, value)
-
-
-def _bytes(value: str | bytes) -> bytes:
-    return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
-
-
-def header(
-    name: str | bytes,
-    *,
-    size: int = 0,
-    typeflag: bytes = b"0",
-    linkname: str | bytes = b"",
-    size_field: bytes | None = None,
-    checksum: int | None = None,
-) -> bytes:
-    """One 512-byte ustar header; `size_field` and `checksum` override what is stored."""
-    raw_name, raw_link = _bytes(name), _bytes(linkname)
-    assert len(raw_name) <= 100 and len(raw_link) <= 100
-    block = bytearray(BLOCK)
-    block[0 : len(raw_name)] = raw_name
-    block[100:108] = _octal(0o644, 8)
-    block[108:116] = _octal(0, 8)
-    block[116:124] = _octal(0, 8)
-    block[124:136] = _octal(size, 12) if size_field is None else size_field
-    block[136:148] = _octal(1_700_000_000, 12)
-    block[148:156] = b" " * 8
-    block[156:157] = typeflag
-    block[157 : 157 + len(raw_link)] = raw_link
-    block[257:265] = b"ustar\x0000"
-    block[265:269] = b"root"
-    block[297:301] = b"root"
-    block[148:156] = b"%06o\0 " % (sum(block) if checksum is None else checksum)
-    return bytes(block)
-
-
-def padded(data: bytes) -> bytes:
-    return data + bytes(-len(data) % BLOCK)
-
-
-def member(name: str | bytes, data: bytes = b"", **fields: object) -> bytes:
-    """A header and its padded content (the header's size is the content's unless overridden)."""
-    fields.setdefault("size", len(data))
-    return header(name, **fields) + padded(data)  # type: ignore[arg-type]
-
-
-def symlink(name: str, target: str) -> bytes:
-    return header(name, typeflag=b"2", linkname=target)
-
-
-def hardlink(name: str, target: str) -> bytes:
-    return header(name, typeflag=b"1", linkname=target)
-
-
-def pax_record(key: str, value: str | bytes) -> bytes:
-    body = b" " + key.encode() + b"=" + _bytes(value) + b"\n"
-    length = len(body) + 1
-    while len(str(length)) + len(body) != length:
-        length = len(str(length)) + len(body)
-    return str(length).encode() + body
-
-
-def pax(*records: bytes) -> bytes:
-    """A PAX extended header member holding `records` (raw, so they can be malformed)."""
-    return member("././@PaxHeader", b"".join(records), typeflag=b"x")
-
-
-def tar(*members: bytes) -> bytes:
-    return b"".join(members) + END
-
-
-def base256(value: int) -> bytes:
-    return b"\x80" + value.to_bytes(11, "big")
-
-
-# -- images ---------------------------------------------------------------------
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def blob_name(data: bytes) -> str:
-    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
-
-
-LAYER = tar(member("etc/", typeflag=b"5"), member("etc/hello", b"hello\n"))
-LAYER_NAME = "001/layer.tar"
-
-
-def image_config(diff_ids: list[str], **extra: object) -> bytes:
-    document: dict[str, object] = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    document.update(extra)
-    return json.dumps(document).encode()
-
-
-def config_name(config: bytes) -> str:
-    return hashlib.sha256(config).hexdigest() + ".json"
-
-
-def docker_entries(
-    layers: Iterable[bytes] = (LAYER,),
-    *,
-    names: list[str] | None = None,
-    config: bytes | None = None,
-    diff_ids: list[str] | None = None,
-    manifest: bytes | None = None,
-    layer_names: list[str] | None = None,
-) -> list[tuple[str, bytes]]:
-    """(member name, content) of a Docker archive, in `docker save` order, to be tampered with."""
-    layers = list(layers)
-    names = names or [f"{i:03d}/layer.tar" for i in range(1, len(layers) + 1)]
-    if config is None:
-        config = image_config([sha256(layer) for layer in layers] if diff_ids is None else diff_ids)
-    if manifest is None:
-        entry = {
-            "Config": config_name(config),
-            "RepoTags": ["hostile:1"],
-            "Layers": names if layer_names is None else layer_names,
-        }
-        manifest = json.dumps([entry]).encode()
-    return [
-        *zip(names, layers, strict=True),
-        (config_name(config), config),
-        ("manifest.json", manifest),
-    ]
-
-
-def docker_archive(*extra: bytes, **options: object) -> bytes:
-    entries = docker_entries(**options)  # type: ignore[arg-type]
-    return tar(*(member(name, data) for name, data in entries), *extra)
-
-
-def without(entries: list[tuple[str, bytes]], name: str) -> list[bytes]:
-    return [member(n, d) for n, d in entries if n != name]
-
-
-def manifest_of(entries: list[tuple[str, bytes]]) -> bytes:
-    return dict(entries)["manifest.json"]
-
-
-def oci_files(
-    layers: Iterable[bytes] = (LAYER,),
-    *,
-    config: bytes | None = None,
-    manifest: bytes | None = None,
-    index: bytes | None = None,
-    manifest_descriptor: dict[str, object] | None = None,
-) -> dict[str, bytes]:
-    """The files of an OCI layout (relative path -> content)."""
-    layers = list(layers)
-    config = config if config is not None else image_config([sha256(x) for x in layers])
-    if manifest is None:
-        manifest = json.dumps(
-            {
-                "schemaVersion": 2,
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": descriptor(config, "application/vnd.oci.image.config.v1+json"),
-                "layers": [descriptor(x, "application/vnd.oci.image.layer.v1.tar") for x in layers],
-            }
-        ).encode()
-    if index is None:
-        entry = {**descriptor(manifest), **(manifest_descriptor or {})}
-        index = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
-    files = {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": index}
-    for blob in (config, manifest, *layers):
-        files[blob_name(blob)] = blob
-    return files
-
-
-def descriptor(
-    data: bytes, media_type: str = "application/vnd.oci.image.manifest.v1+json"
-) -> dict[str, object]:
-    return {"mediaType": media_type, "digest": sha256(data), "size": len(data)}
-
-
-def oci_archive(files: dict[str, bytes]) -> bytes:
-    return tar(*(member(name, data) for name, data in files.items()))
-
-
-def write_layout(directory: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        path = directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return directory
-
-
-def the_manifest(files: dict[str, bytes]) -> str:
-    """The blob path of the (only) image manifest of `files`."""
-    digest = json.loads(files["index.json"])["manifests"][0]["digest"]
-    return "blobs/sha256/" + digest.split(":", 1)[1]
-
-
-# -- bombs and big archives, built fast ------------------------------------------
-
-
-def gzip_of_zeros(total: int, chunk: int = MiB) -> bytes:
-    """A valid one-member gzip of `total` zero bytes, built without deflating them all.
-
-    After a full flush deflate forgets its history, so every further chunk of
-    zeros compresses to the same bytes: compress one and repeat it.
-    """
-    assert total % chunk == 0
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    zeros = bytes(chunk)
-    first = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
-    steady = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
-    assert first == steady
-    crc = 0
-    for _ in range(total // chunk):
-        crc = zlib.crc32(zeros, crc)
-    body = steady * (total // chunk) + deflate.flush()
-    return (
-        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + body + struct.pack("<II", crc, total % 2**32)
-    )
-
-
-def zstd_of_zeros(total: int, chunk: int = MiB) -> bytes:
-    """One zstd frame of `total` zero bytes, streamed, declaring a 128 MiB window."""
-    zstandard = pytest.importorskip("zstandard", reason="zstd bombs need the zstandard module")
-    parameters = zstandard.ZstdCompressionParameters(window_log=27, compression_level=3)
-    compressor = zstandard.ZstdCompressor(compression_params=parameters).compressobj()
-    zeros = bytes(chunk)
-    parts = [compressor.compress(zeros) for _ in range(total // chunk)]
-    return b"".join(parts) + compressor.flush()
-
-
-def many_members(count: int) -> bytes:
-    """`count` empty regular files m0000000 ... with correct checksums, quickly."""
-    template = bytearray(header("m0000000"))
-    template[148:156] = b" " * 8
-    base = sum(template) - sum(b"m0000000")
-    head, tail = bytes(template[8:148]), bytes(template[156:])
-    blocks = []
-    for i in range(count):
-        name = b"m%07d" % i
-        blocks.append(name + head + b"%06o\0 " % (base + sum(name)) + tail)
-    return b"".join(blocks) + END
-
-
-def layer_with_entries(count: int) -> bytes:
-    """A gzipped layer of `count` empty files (compresses very well)."""
-    names = many_members(count)
-    return gzip_compress(names)
-
-
-def gzip_compress(data: bytes) -> bytes:
-    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
-
 
 # -- running the CLI ------------------------------------------------------------
 
@@ -343,9 +112,9 @@ class Outcome:
     escaped: BaseException | None = None  # an exception that got out of main()
 
 
-def run_in_process(args: list[str], stdin: bytes | None) -> Outcome:
+def run_in_process(cli_runner: CliRunner, args: list[str], stdin: bytes | None) -> Outcome:
     start = time.monotonic()
-    result = CliRunner().invoke(main, args, input=stdin)
+    result = cli_runner.invoke(main, args, input=stdin)
     seconds = time.monotonic() - start
     escaped = result.exception if not isinstance(result.exception, SystemExit) else None
     return Outcome(result.exit_code, result.stdout, result.stderr, seconds, escaped=escaped)
@@ -1369,7 +1138,9 @@ def _check(outcome: Outcome, run: Run, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", [_param(case) for case in CASES])
-def test_hostile_archive(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hostile_archive(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_runner: CliRunner
+) -> None:
     work = tmp_path / "work" / "deep"  # a '../../x' extracted from here would land in tmp_path
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -1391,19 +1162,19 @@ def test_hostile_archive(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyP
         if case.isolated:
             outcome = run_isolated(args, stdin, work, case.seconds * time_limit_factor())
         else:
-            outcome = run_in_process(args, stdin)
+            outcome = run_in_process(cli_runner, args, stdin)
         _check(outcome, run, case)
         if not case.writes:
             assert _snapshot(tmp_path) == before, f"{run.command!r} created or removed files"
     assert not (tmp_path / "etc").exists()
 
 
-def test_report_dir_keeps_climbing_entries_inside(tmp_path: Path) -> None:
+def test_report_dir_keeps_climbing_entries_inside(tmp_path: Path, cli_runner: CliRunner) -> None:
     """diff-layers --report-dir writes '../../../escape' as report/{a,b}/escape, nowhere else."""
     work = tmp_path / "one" / "two" / "three"
     work.mkdir(parents=True)
     report_entry("../../../escape")(work)
-    result = CliRunner().invoke(
+    result = cli_runner.invoke(
         main,
         ["diff-layers", str(work / "a.tar"), str(work / "b.tar"), "--report-dir", str(work / "r")],
     )

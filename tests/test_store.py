@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from guix_image.errors import InputError
-from guix_image.store import Store
-from guix_image.tarwriter import DIRTYPE, REGTYPE, SYMTYPE
+from guix_image.store.walk import Store
+from guix_image.tar.format import DIRTYPE, REGTYPE, SYMTYPE
 
-from .conftest import StoreTree
+from .support.stores import StoreTree
 
 
 def names(store: StoreTree, paths: list[Path]) -> list[str]:

@@ -16,17 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    BuildFn,
-    StoreTree,
-    docker_answers,
-    is_root,
-    podman,
-    read_archive,
-    require,
-    run,
-)
-from .test_build import disk_tree, populate
+from .support.archives import read_archive
+from .support.stores import BuildFn, StoreTree, disk_tree, populate
+from .support.tools import docker_answers, is_root, podman, require, run
 
 BUSYBOX = "/bin/busybox"
 
@@ -48,7 +40,7 @@ def unpack(tmp_path: Path, layout: Path, name: str) -> Path:
 
 
 def rootfs_tree(rootfs: Path, paths: list[Path]) -> dict[str, tuple[str, int, bytes]]:
-    """The unpacked counterparts of `paths`, in the shape of test_build.disk_tree."""
+    """The unpacked counterparts of `paths`, in the shape of support.stores.disk_tree."""
     inside = [Path(str(rootfs) + str(p)) for p in paths]
     tree = disk_tree(inside)
     prefix = str(rootfs).lstrip("/") + "/"

@@ -1,0 +1,216 @@
+"""`verify`: check an archive's digests against its bytes, and a rebuild against it.
+
+The checks are at least what `crane validate` checks: every layer's
+uncompressed sha256 equals its diff_id; an OCI blob's digest and size equal
+its descriptor's; the config's digest equals its name or descriptor; as many
+layers as diff_ids; no duplicate paths in a layer; no truncated member. Each
+is reported with what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..errors import ArchiveError
+from ..formats.images import read_images
+from ..formats.layer_tar import DIGESTS, EVERYTHING, LayerContents, ReadOptions
+from ..formats.sources import Source, StreamSource
+from ..formats.stored_layer import StoredLayer
+from ..model import Check, Image
+from .diff import FILE_FIELDS, FileChange, compare_files
+from .read import OnLayer, TooMuchWork, read_layers
+
+
+@dataclass
+class Mismatch:
+    """The first layer that differs from the other build, and how its files differ."""
+
+    layer: int  # from 1
+    files: list[FileChange]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.layer, "files": [change.to_json() for change in self.files]}
+
+
+@dataclass
+class Verdict:
+    """What `verify --json` prints (see README.md)."""
+
+    checks: list[Check]
+    mismatch: Mismatch | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    @property
+    def failed(self) -> int:
+        return sum(not check.ok for check in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "ok": self.ok,
+            "checks": [check.to_json() for check in self.checks],
+        }
+        if self.mismatch is not None:
+            document["mismatch"] = self.mismatch.to_json()
+        return document
+
+
+def read_options(comparing: bool) -> ReadOptions:
+    """What to read of every layer: digests, and every file too when comparing."""
+    return EVERYTHING if comparing else DIGESTS
+
+
+def check_archive(
+    source: Source, image: Image[StoredLayer], on_layer: OnLayer | None = None
+) -> Verdict:
+    """Every check of the image's own consistency."""
+    checks = list(image.checks)
+    contents = _read_each(source, image, DIGESTS, on_layer)
+    for layer, read in zip(image.layers, contents, strict=True):
+        prefix = f"layer {layer.index}"
+        if isinstance(read, ArchiveError):
+            checks.append(Check(f"{prefix} readable", False, "a complete tar", str(read)))
+            continue
+        checks.append(
+            Check(
+                f"{prefix} diff_id",
+                read.diff_id == layer.diff_id,
+                str(layer.diff_id),
+                str(read.diff_id),
+            )
+        )
+        if layer.digest is not None:
+            checks.append(
+                Check(
+                    f"{prefix} blob digest",
+                    read.blob_digest == layer.digest,
+                    layer.digest,
+                    str(read.blob_digest),
+                )
+            )
+        checks.append(
+            Check(
+                f"{prefix} duplicate paths",
+                not read.duplicates,
+                "none",
+                ", ".join(read.duplicates) or "none",
+            )
+        )
+        checks.append(
+            Check(
+                f"{prefix} paths inside the image",
+                not read.unsafe,
+                "all",
+                ", ".join(read.unsafe) or "all",
+            )
+        )
+    return Verdict(checks)
+
+
+def _read_each(
+    source: Source,
+    image: Image[StoredLayer],
+    options: ReadOptions,
+    on_layer: OnLayer | None,
+) -> list[LayerContents | ArchiveError]:
+    """Each layer read, or the error that stopped it: a bad layer is a failed check."""
+    try:
+        return list(read_layers(source, image, options, on_layer=on_layer))
+    except TooMuchWork:
+        raise
+    except ArchiveError:
+        pass  # find which ones fail, one by one
+    by_location: dict[str, LayerContents | ArchiveError] = {}
+    for layer in image.layers:
+        if layer.location not in by_location:
+            try:
+                by_location[layer.location] = layer.read(options)
+            except ArchiveError as error:
+                by_location[layer.location] = error
+    return [by_location[layer.location] for layer in image.layers]
+
+
+def compare_layers(
+    name: str, image: Image[StoredLayer], other_ids: list[str | None], other_config_digest: str
+) -> tuple[list[Check], int | None]:
+    """Layer-by-layer digest checks against another build; the first differing layer."""
+    checks = []
+    first_mismatch = None
+    ours = [layer.diff_id for layer in image.layers]
+    checks.append(
+        Check(
+            f"{name} layer count", len(ours) == len(other_ids), str(len(ours)), str(len(other_ids))
+        )
+    )
+    for index in range(max(len(ours), len(other_ids))):
+        expected = ours[index] if index < len(ours) else None
+        actual = other_ids[index] if index < len(other_ids) else None
+        ok = expected == actual
+        if not ok and first_mismatch is None:
+            first_mismatch = index + 1
+        checks.append(Check(f"{name} layer {index + 1}", ok, str(expected), str(actual)))
+    checks.append(Check.equal(f"{name} config digest", image.config_digest, other_config_digest))
+    return checks, first_mismatch
+
+
+def compare_images(
+    verdict: Verdict, name: str, image: Image[StoredLayer], other: Image[StoredLayer]
+) -> None:
+    """Add to `verdict` the digest checks of `image` against `other`, and the files of
+    the first layer that differs."""
+    other_ids = [layer.diff_id for layer in other.layers]
+    checks, first = compare_layers(name, image, other_ids, other.config_digest)
+    verdict.checks.extend(checks)
+    if first is None or first > min(len(image.layers), len(other.layers)):
+        return
+    ours = image.layers[first - 1].read(EVERYTHING)
+    theirs = other.layers[first - 1].read(EVERYTHING)
+    files = compare_files(ours.files or [], theirs.files or [], FILE_FIELDS)
+    verdict.mismatch = Mismatch(first, files)
+
+
+def compare_with_rebuild(
+    verdict: Verdict, image: Image[StoredLayer], build: Callable[[int], Any]
+) -> None:
+    """Add to `verdict` the checks of `image` against what `build(fd)` streams to `fd`."""
+    rebuilt, source = read_rebuild(build)
+    with source:
+        compare_images(verdict, "rebuild", image, rebuilt)
+
+
+def read_rebuild(build: Callable[[int], Any]) -> tuple[Image[StoredLayer], StreamSource]:
+    """Run `build(sink_fd)` in a thread and read the archive it streams, in one pass."""
+    read_end, write_end = os.pipe()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            build(write_end)
+        except BaseException as error:  # reported after the reader is done
+            failure.append(error)
+        finally:
+            os.close(write_end)
+
+    thread = threading.Thread(target=produce, name="guix-image-rebuild", daemon=True)
+    thread.start()
+    stream: BinaryIO
+    with open(read_end, "rb") as stream:
+        try:
+            source = StreamSource(stream, "<rebuild>", EVERYTHING)
+        except ArchiveError:
+            source = None  # the build failed half-way: its error says why
+        finally:
+            while stream.read(1 << 20):
+                pass  # let the build finish even if reading stopped
+    thread.join()
+    if failure:
+        raise failure[0]
+    assert source is not None
+    images = read_images(source)
+    return images[0], source

@@ -1,0 +1,265 @@
+"""The layer cache: each store layer's size and digest, from an earlier build.
+
+Store paths do not change once registered, so a layer's tar is determined by
+its store paths, their identity (the NAR hash from the store database, or the
+inode and times of each path) and every option that changes the bytes. The
+key hashes all of that. An entry is only a prediction: the build still hashes
+every byte and fails, dropping the entry, if the prediction was wrong.
+
+Entries are small JSON files written atomically (temporary file + rename),
+so builds running at once never see half an entry. Next to an entry, the
+layer's member list (member_list.py) lets a rebuild skip the walk of the
+store; lists are larger (about 800 bytes per file), so the least recently
+used go first when they take more than MEMBER_LISTS_BUDGET.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..fastpath import sha256
+from ..model import canonical_json, is_sha256_digest
+from . import member_list
+from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
+
+ENTRY_VERSION = 1
+# Bump when the bytes written for the same inputs change (tar encoding, ordering...).
+LAYER_FORMAT = "guix-image/layer-tar/1"
+
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
+MEMBER_LISTS_BUDGET = 512 << 20
+_MEMBERS = ".members"
+_TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
+_ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed build's
+
+
+def default_directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "guix-image"
+
+
+def cache_key(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({"format": LAYER_FORMAT, **recipe})).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedLayer:
+    size: int
+    diff_id: str
+    checkpoints: bytes = b""  # see sha256.py; none if they could not be taken
+
+
+class LayerCache:
+    """Entries and member lists under `directory`; `warn` hears what is ignored.
+
+    Checkpoints are taken and kept every `checkpoint_interval` bytes of a
+    layer (see fastpath/sha256.py); entries with another interval have none.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        warn: Callable[[str], None],
+        *,
+        checkpoint_interval: int = sha256.CHECKPOINT_INTERVAL,
+    ) -> None:
+        self.directory = directory / "layers"
+        self.warn = warn
+        self.checkpoint_interval = checkpoint_interval
+        self._writable = True
+        # This build's member lists: those being written, by key, and the
+        # paths of those it read or wrote, which trimming must leave alone.
+        self._pending: list[tuple[str, MemberListWriter]] = []
+        self._in_use: set[str] = set()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def _members_path(self, key: str) -> Path:
+        return self.directory / f"{key}{_MEMBERS}"
+
+    def get(self, key: str) -> CachedLayer | None:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self.warn(f"cannot read cache entry {path}: {error.strerror}; ignoring it")
+            return None
+        entry = _parse_entry(data, key, self.checkpoint_interval)
+        if entry is None:
+            self.warn(f"ignoring unreadable cache entry {path}")
+        return entry
+
+    def put(self, key: str, layer: CachedLayer) -> None:
+        if not self._writable:
+            return
+        document = {
+            "version": ENTRY_VERSION,
+            "key": key,
+            "size": layer.size,
+            "diff_id": layer.diff_id,
+        }
+        if layer.checkpoints:
+            document["checkpoints"] = {
+                "interval": self.checkpoint_interval,
+                "states": layer.checkpoints.hex(),
+            }
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            import tempfile  # here: a rebuild adds no entry, and skips the import
+
+            fd, temporary = tempfile.mkstemp(prefix=".entry-", dir=self.directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(canonical_json(document))
+                os.replace(temporary, self._path(key))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError as error:
+            self._unwritable(error)
+
+    def _unwritable(self, error: OSError) -> None:
+        if self._writable:
+            self.warn(f"cannot write the layer cache in {self.directory}: {error.strerror}")
+        self._writable = False
+
+    def drop(self, key: str) -> None:
+        for path in (self._path(key), self._members_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def member_list(self, key: str, tag: bytes) -> MemberList | None:
+        """The member list recorded with entry `key` by the code that `tag` names,
+        if there is a usable one."""
+        if not member_list.USABLE:
+            return None
+        path = self._members_path(key)
+        try:
+            members = MemberList(str(path), tag)
+        except (FileNotFoundError, OtherWriter):
+            return None  # none, or one from another version: walked and recorded again
+        except MemberListError as error:
+            self.warn(f"ignoring unreadable member list {path}: {error}")
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: trimmed last
+        self._in_use.add(str(path))
+        return members
+
+    def start_member_list(self, key: str, tag: bytes) -> MemberListWriter | None:
+        """A writer for entry `key`'s member list, kept if `commit_member_lists` follows.
+
+        `tag` names the code that writes it (see MemberList)."""
+        if not self._writable or not member_list.USABLE:
+            return None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            writer = MemberListWriter(self.directory, tag, self._unwritable)
+        except OSError as error:
+            self._unwritable(error)
+            return None
+        self._pending.append((key, writer))
+        return writer
+
+    def commit_member_lists(self) -> None:
+        """Keep every complete member list written since the last commit or release."""
+        for key, writer in self._pending:
+            path = self._members_path(key)
+            try:
+                writer.commit(path)
+                self._in_use.add(str(path))
+            except OSError as error:
+                self._unwritable(error)
+        self._pending.clear()
+        self._trim()
+
+    def release(self) -> None:
+        """Delete the member lists written but not committed."""
+        for _, writer in self._pending:
+            writer.abort()
+        self._pending.clear()
+
+    def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
+        """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers.
+
+        Housekeeping, never a reason to fail: another build may be renaming
+        or trimming the same files.
+        """
+        lists: list[tuple[int, int, str]] = []
+        now = time.time()
+        try:
+            with os.scandir(self.directory) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.name.endswith(_MEMBERS):
+                            st = entry.stat(follow_symlinks=False)
+                            lists.append((st.st_mtime_ns, st.st_size, entry.path))
+                        elif entry.name.startswith(_TEMPORARY_PREFIXES) and _abandoned(entry, now):
+                            os.unlink(entry.path)
+        except OSError:
+            return
+        total = sum(size for _, size, _ in lists)
+        for _, size, path in sorted(lists):
+            if total <= budget:
+                break
+            if path in self._in_use:  # this build's: never thrash what it just used
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            total -= size
+
+
+def _abandoned(entry: os.DirEntry[str], now: float) -> bool:
+    return now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED
+
+
+def _parse_entry(data: bytes, key: str, interval: int) -> CachedLayer | None:
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(document, dict) or document.get("version") != ENTRY_VERSION:
+        return None
+    size, diff_id = document.get("size"), document.get("diff_id")
+    if (
+        document.get("key") != key
+        or not isinstance(size, int)
+        or isinstance(size, bool)
+        or size < 0
+    ):
+        return None
+    if not is_sha256_digest(diff_id):
+        return None
+    checkpoints = _parse_checkpoints(document.get("checkpoints", {}), size, interval)
+    if checkpoints is None:
+        return None
+    return CachedLayer(size, diff_id, checkpoints)
+
+
+def _parse_checkpoints(field: Any, size: int, interval: int) -> bytes | None:
+    """An entry's checkpoints; None if malformed, none if taken at another interval."""
+    if not isinstance(field, dict):
+        return None
+    recorded, states = field.get("interval", interval), field.get("states", "")
+    if not isinstance(states, str) or not _HEX.fullmatch(states):
+        return None
+    if recorded != interval:
+        return b""  # written with another interval: hash in one chain
+    checkpoints = bytes.fromhex(states)
+    count = sha256.checkpoint_count(size, interval)
+    if checkpoints and len(checkpoints) != count * sha256.STATE_SIZE:
+        return None
+    return checkpoints

@@ -1,0 +1,340 @@
+"""The build config: the reference script's JSON, parsed and validated.
+
+Every error names the field as a jq-style path (`'store_layers'[2][0]`) so a
+user can find it; nothing here touches the file system.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..errors import InputError
+from ..store.paths import is_inside, normalise_path
+
+# Go's GOARCH names that container images use; anything else loads but is
+# almost always a typo such as "x86_64".
+KNOWN_ARCHITECTURES = frozenset(
+    {"386", "amd64", "arm", "arm64", "loong64", "mips", "mips64", "mips64le", "mipsle"}
+    | {"ppc64", "ppc64le", "riscv64", "s390x", "wasm"}
+)
+ARCHITECTURE_HINTS = {"x86_64": "amd64", "aarch64": "arm64", "i686": "386", "armhf": "arm"}
+
+MAX_MTIME = 0o77777777777  # what an 11-digit octal tar field holds (year 2242)
+DEFAULT_UID = 0
+DEFAULT_GID = 0
+DEFAULT_OWNER = "root"
+
+KNOWN_FIELDS = frozenset(
+    {
+        "architecture",
+        "config",
+        "os",
+        "created",
+        "mtime",
+        "repo_tag",
+        "store_dir",
+        "from_image",
+        "store_layers",
+        "customisation_layer",
+        "uid",
+        "gid",
+        "uname",
+        "gname",
+    }
+)
+
+# The distribution "reference" grammar: [domain[:port]/]path[:tag].
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_REFERENCE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::[\w][\w.-]{{0,127}})?",
+    re.ASCII,
+)
+MAX_ID = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """A validated build request. Paths are normalised absolute strings."""
+
+    architecture: str
+    os: str
+    config: dict[str, Any]
+    created: datetime
+    mtime: int
+    repo_tag: str | None
+    store_dir: str
+    store_layers: tuple[tuple[str, ...], ...]
+    from_image: str | None = None
+    customisation_layer: str | None = None
+    uid: int = DEFAULT_UID
+    gid: int = DEFAULT_GID
+    uname: str = DEFAULT_OWNER
+    gname: str = DEFAULT_OWNER
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def created_text(self) -> str:
+        """`created` as RFC 3339 in UTC, the form Docker and OCI tools write."""
+        return format_time(self.created)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_config(
+    text: str | bytes,
+    *,
+    source: str = "config",
+    now: datetime | None = None,
+    repo_tag: str | None = None,
+) -> BuildConfig:
+    """Parse and validate a config document; `repo_tag` overrides the config's."""
+    try:
+        document = json.loads(text, parse_constant=_no_constants)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{source}: not UTF-8 text: {error}") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{source}: not valid JSON: {error}") from None
+    return validate_config(document, source=source, now=now, repo_tag=repo_tag)
+
+
+def _no_constants(name: str) -> Any:
+    # Python's json takes NaN and Infinity; JSON, Docker and our readers do not.
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def validate_config(
+    document: Any,
+    *,
+    source: str = "config",
+    now: datetime | None = None,
+    repo_tag: str | None = None,
+) -> BuildConfig:
+    fields = _Fields(document, source)
+    warnings = [
+        f"{source}: unknown config field '{name}' ignored"
+        for name in sorted(fields.names() - KNOWN_FIELDS)
+    ]
+
+    architecture = fields.string("architecture")
+    if architecture not in KNOWN_ARCHITECTURES:
+        hint = ARCHITECTURE_HINTS.get(architecture)
+        warnings.append(
+            f"{source}: config field 'architecture': {architecture!r} is not a Go/OCI "
+            "architecture name" + (f"; did you mean {hint!r}?" if hint else "")
+        )
+    os_name = fields.string("os", default="linux")
+    image_config = fields.object("config", default={})
+    _check_image_config(image_config, fields)
+
+    moment = now or _now()
+    created = fields.time("created", moment)
+    mtime_moment = fields.time("mtime", moment, default=created)
+    mtime = int(mtime_moment.timestamp())
+    if not 0 <= mtime <= MAX_MTIME:
+        raise fields.error("mtime" if "mtime" in document else "created", "is outside 1970..2242")
+
+    if repo_tag is None:
+        repo_tag = fields.optional_string("repo_tag")
+    if repo_tag is not None and not _REFERENCE.fullmatch(repo_tag):
+        raise InputError(
+            f"{source}: config field 'repo_tag': {repo_tag!r} is not a valid image name "
+            "(lowercase name[:tag], as in 'hello:latest' or 'registry:5000/team/app:1.0')"
+        )
+
+    store_dir = fields.absolute_path("store_dir")
+    store_layers = _store_layers(fields, store_dir)
+
+    uid = fields.natural("uid", DEFAULT_UID)
+    gid = fields.natural("gid", DEFAULT_GID)
+    uname = fields.string("uname", default=DEFAULT_OWNER, allow_empty=True)
+    gname = fields.string("gname", default=DEFAULT_OWNER, allow_empty=True)
+    return BuildConfig(
+        architecture=architecture,
+        os=os_name,
+        config=image_config,
+        created=created,
+        mtime=mtime,
+        repo_tag=repo_tag,
+        store_dir=store_dir,
+        store_layers=store_layers,
+        from_image=fields.optional_path("from_image"),
+        customisation_layer=fields.optional_path("customisation_layer"),
+        uid=uid,
+        gid=gid,
+        uname=uname,
+        gname=gname,
+        warnings=tuple(warnings),
+    )
+
+
+def _now() -> datetime:
+    # SOURCE_DATE_EPOCH is the reproducible-builds way to pin "now".
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None:
+        try:
+            return datetime.fromtimestamp(int(epoch), UTC)
+        except (ValueError, OverflowError, OSError):
+            raise InputError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds") from None
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _store_layers(fields: _Fields, store_dir: str) -> tuple[tuple[str, ...], ...]:
+    raw = fields.get("store_layers", list)
+    layers: list[tuple[str, ...]] = []
+    for i, layer in enumerate(raw):
+        where = f"'store_layers'[{i}]"
+        if not isinstance(layer, list):
+            raise fields.at(where, f"must be a list of store paths, not {_type_name(layer)}")
+        paths: list[str] = []
+        for j, path in enumerate(layer):
+            where_path = f"{where}[{j}]"
+            if not isinstance(path, str) or not path:
+                raise fields.at(where_path, f"must be a store path string, not {_type_name(path)}")
+            if not path.startswith("/"):
+                raise fields.at(where_path, f"{path} is not an absolute path")
+            if "\0" in path:
+                raise fields.at(where_path, f"{path!r} holds a NUL character")
+            normal = normalise_path(path)
+            if not is_inside(normal, store_dir):
+                raise fields.at(where_path, f"{path} is not inside store_dir {store_dir}")
+            paths.append(normal)
+        layers.append(tuple(paths))
+    return tuple(layers)
+
+
+def _check_image_config(config: dict[str, Any], fields: _Fields) -> None:
+    """Catch the mistakes `docker load` would report obscurely, or not at all."""
+    string_lists = ("Env", "Cmd", "Entrypoint", "Shell", "OnBuild")
+    for name in string_lists:
+        value = config.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fields.at(f"'config'.'{name}'", "must be a list of strings")
+    for i, entry in enumerate(config.get("Env") or []):
+        if "=" not in entry or entry.startswith("="):
+            raise fields.at(f"'config'.'Env'[{i}]", f"{entry!r} is not NAME=VALUE")
+    for name in ("User", "WorkingDir", "StopSignal"):
+        if name in config and not isinstance(config[name], str):
+            raise fields.at(f"'config'.'{name}'", "must be a string")
+    for name in ("Labels",):
+        value = config.get(name)
+        if value is not None and not (
+            isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        ):
+            raise fields.at(f"'config'.'{name}'", "must be an object of strings")
+    for name in ("ExposedPorts", "Volumes"):
+        value = config.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise fields.at(f"'config'.'{name}'", "must be an object")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+_MISSING = object()
+
+
+class _Fields:
+    """Typed access to the top-level fields, with errors that name them."""
+
+    def __init__(self, document: Any, source: str) -> None:
+        if not isinstance(document, dict):
+            raise InputError(
+                f"{source}: the config must be a JSON object, not {_type_name(document)}"
+            )
+        self.document: dict[str, Any] = document
+        self.source = source
+
+    def names(self) -> set[str]:
+        return set(self.document)
+
+    def at(self, where: str, message: str) -> InputError:
+        return InputError(f"{self.source}: config field {where}: {message}")
+
+    def error(self, name: str, message: str) -> InputError:
+        return self.at(f"'{name}'", message)
+
+    def get(self, name: str, kind: type, default: Any = _MISSING) -> Any:
+        value = self.document.get(name, _MISSING)
+        if value is _MISSING or (value is None and default is not _MISSING):
+            if default is _MISSING:
+                raise self.error(name, "is missing")
+            return default
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            expected = {str: "a string", list: "a list", dict: "an object", int: "a number"}[kind]
+            raise self.error(name, f"must be {expected}, not {_type_name(value)}")
+        return value
+
+    def string(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> str:
+        value: str = self.get(name, str, default)
+        if not value and not allow_empty:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        value: str | None = self.get(name, str, None)
+        if value == "":
+            raise self.error(name, "must not be empty (use null for none)")
+        return value
+
+    def optional_path(self, name: str) -> str | None:
+        value = self.optional_string(name)
+        if value is not None and "\0" in value:
+            raise self.error(name, f"{value!r} holds a NUL character")
+        if value == "-":
+            raise self.error(name, "must name a file or directory, not standard input")
+        return value
+
+    def object(self, name: str, default: Any = _MISSING) -> dict[str, Any]:
+        return dict(self.get(name, dict, default))
+
+    def natural(self, name: str, default: int) -> int:
+        value: int = self.get(name, int, default)
+        if not 0 <= value <= MAX_ID:
+            raise self.error(name, f"must be a number from 0 to {MAX_ID}, not {value}")
+        return value
+
+    def absolute_path(self, name: str) -> str:
+        value = self.string(name)
+        if not value.startswith("/"):
+            raise self.error(name, f"{value} is not an absolute path")
+        if "\0" in value:
+            raise self.error(name, f"{value!r} holds a NUL character")
+        return normalise_path(value)
+
+    def time(self, name: str, now: datetime, default: Any = _MISSING) -> datetime:
+        value = self.get(name, str, default)
+        if isinstance(value, datetime):
+            return value
+        if value == "now":
+            return now
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise self.error(name, f'{value!r} is not an ISO 8601 time or "now"') from None
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        try:
+            moment.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise self.error(name, f"{value!r} is outside the years 1 to 9999 in UTC") from None
+        return moment

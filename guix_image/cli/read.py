@@ -1,0 +1,214 @@
+"""The reading commands: `inspect`, `diff-layers` and `verify`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .completion import complete_archive, complete_config, complete_layer
+from .options import (
+    IMAGE_OPTION,
+    JSON_OPTION,
+    CommandError,
+    archive_argument,
+    common_options,
+    emit,
+    opened,
+    output,
+    reading_progress,
+    verbose,
+)
+
+
+@click.command()
+@archive_argument("archive", "ARCHIVE")
+@IMAGE_OPTION
+@click.option(
+    "--files",
+    "files",
+    is_flag=False,
+    flag_value="all",
+    default=None,
+    metavar="[N]",
+    shell_complete=complete_layer,
+    help="List the entries of layer N, or with no N the merged filesystem and each file's layer.",
+)
+@click.option("--tree", is_flag=True, help="Draw the files (of --files) as a tree.")
+@JSON_OPTION
+@common_options
+def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_json: bool) -> None:
+    """Show an image archive's layers, digests, files and wasted space.
+
+    ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo,
+    nixpkgs, Guix, our build), an OCI layout directory, or - for standard
+    input.
+
+    \b
+    Examples:
+      guix-image inspect image.tar
+      guix-image inspect image.tar --files 3
+      guix-image inspect image.tar --files --tree
+      guix-image inspect image.tar --json | jq '.layers[].diff_id'
+    """
+    from ..analysis.inspect import ALL, inspect_image, read_options
+
+    if tree and files is None:
+        raise click.UsageError("--tree draws the files: give --files (or --files N) too")
+    listed = _layer_number(files) if files not in (None, "all") else files
+    with opened(archive, read_options(listed, from_stream=True), image) as (source, chosen):
+        if isinstance(listed, int) and not 1 <= listed <= len(chosen.layers):
+            raise CommandError(
+                f"--files {listed}: the image has layers 1 to {len(chosen.layers)}", 2
+            )
+        report = inspect_image(source, chosen, listed)
+    from . import render
+
+    if as_json or report.listing is None:
+        emit(report, as_json, render.inspect_summary)
+    elif tree:
+        label = "merged filesystem" if listed == ALL else f"layer {listed}"
+        render.inspect_tree(output(), report.listing, label)
+    else:
+        render.inspect_files(output(), report.listing, with_layer=listed == ALL)
+
+
+def _layer_number(files: str | None) -> int:
+    assert files is not None
+    if not (files.isascii() and files.isdigit()):
+        raise CommandError(f"--files {files!r}: give a layer number (from 1) or nothing", 2)
+    return int(files)
+
+
+@click.command("diff-layers")
+@archive_argument("archive_a", "A")
+@archive_argument("archive_b", "B")
+@IMAGE_OPTION
+@click.option("--ignore-timestamps", is_flag=True, help="Do not compare mtimes and created times.")
+@click.option("--ignore-ownership", is_flag=True, help="Do not compare uid, gid, uname and gname.")
+@click.option(
+    "--report-dir",
+    type=click.Path(file_okay=False),
+    help="Write both versions of each modified file under DIR/a/ and DIR/b/.",
+)
+@JSON_OPTION
+@common_options
+def diff_layers(
+    archive_a: str,
+    archive_b: str,
+    image: str | None,
+    ignore_timestamps: bool,
+    ignore_ownership: bool,
+    report_dir: str | None,
+    as_json: bool,
+) -> None:
+    """Compare two image archives: their layers, files and config.
+
+    Exit status 0 when they are identical, 1 when they differ, 2 on trouble.
+
+    \b
+    Examples:
+      guix-image diff-layers old.tar new.tar
+      guix-image diff-layers a.tar b.tar --ignore-timestamps --json | jq .files
+      guix-image diff-layers a.tar b.tar --report-dir out && diff -r out/a out/b
+    """
+    from ..analysis.diff import READ_OPTIONS, Ignore, Side, diff_images, write_report
+
+    if archive_a == "-" and archive_b == "-":
+        raise CommandError("only one of A and B can be standard input", 2)
+    if report_dir is not None and "-" in (archive_a, archive_b):
+        raise CommandError("--report-dir needs both archives as files, not standard input", 2)
+    ignore = Ignore(timestamps=ignore_timestamps, ownership=ignore_ownership)
+    with (
+        opened(archive_a, READ_OPTIONS, image) as (source_a, image_a),
+        opened(archive_b, READ_OPTIONS, image) as (source_b, image_b),
+    ):
+        a, b = Side(source_a, image_a), Side(source_b, image_b)
+        report, layers_a, layers_b = diff_images(a, b, ignore)
+        if report_dir is not None:
+            modified = report.modified_contents()
+            written = write_report(report_dir, "a", a, layers_a, modified)
+            written += write_report(report_dir, "b", b, layers_b, modified)
+            verbose(f"{written} files written under {report_dir}")
+    from . import render
+
+    emit(report, as_json, render.diff_report)
+    if not report.identical:
+        raise click.exceptions.Exit(1)
+
+
+@click.command()
+@archive_argument("archive", "ARCHIVE")
+@IMAGE_OPTION
+@click.option(
+    "--rebuild",
+    "rebuild_config",
+    type=click.File("rb"),
+    metavar="CONFIG",
+    shell_complete=complete_config,
+    help="Build the image again from CONFIG and compare every layer's digest.",
+)
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    help="With --rebuild: read store paths under DIR (a chroot store).",
+)
+@click.option(
+    "--against",
+    metavar="OTHER",
+    type=click.Path(allow_dash=True),
+    shell_complete=complete_archive,
+    help="Compare the digests with another archive.",
+)
+@JSON_OPTION
+@common_options
+def verify(
+    archive: str,
+    image: str | None,
+    rebuild_config: Any,
+    root: str | None,
+    against: str | None,
+    as_json: bool,
+) -> None:
+    """Check an image archive's digests against its bytes, or against a rebuild.
+
+    Checks each layer's diff_id, each OCI blob's digest and size, the config
+    digest, the layer count, duplicate and escaping paths, and truncation.
+    Exit status 0 when every check passes, 1 when one fails, 2 on trouble.
+
+    \b
+    Examples:
+      guix-image verify image.tar
+      guix-image verify image.tar --rebuild image.json
+      guix-image verify image.tar --against rebuilt.tar --json | jq .ok
+    """
+    from ..analysis import verify as checking
+
+    if rebuild_config is not None and against is not None:
+        raise CommandError("give --rebuild or --against, not both", 2)
+    if archive == "-" and (against == "-" or getattr(rebuild_config, "name", "") == "<stdin>"):
+        raise CommandError("only one input can be standard input", 2)
+    options = checking.read_options(comparing=rebuild_config is not None or against is not None)
+    with opened(archive, options, image) as (source, chosen):
+        total = sum(layer.size for layer in chosen.layers)
+        with reading_progress("hashing", total) as advance:
+            verdict = checking.check_archive(source, chosen, on_layer=advance)
+        if rebuild_config is not None:
+            checking.compare_with_rebuild(verdict, chosen, _rebuild(rebuild_config, root))
+        elif against is not None:
+            with opened(against, options, image) as (_, other):
+                checking.compare_images(verdict, "against", chosen, other)
+    from . import render
+
+    emit(verdict, as_json, render.verify_report)
+    if not verdict.ok:
+        raise click.exceptions.Exit(1)
+
+
+def _rebuild(config_file: Any, root: str | None) -> Any:
+    """A function that builds CONFIG again into a file descriptor."""
+    from ..build.config import parse_config
+    from ..build.engine import build_image
+
+    config = parse_config(config_file.read(), source=config_file.name)
+    return lambda fd: build_image(config, fd, root=root)

@@ -1,0 +1,292 @@
+"""Human output of the reading commands: rich tables on a terminal, plain text in a pipe.
+
+The plain form is stable (one record per line, fixed columns) so that
+scripts can rely on it; `--json` is the form meant for programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+from ..model import SHA256_PREFIX
+
+if TYPE_CHECKING:
+    from ..analysis.diff import DiffReport, FileChange
+    from ..analysis.inspect import InspectReport, ListedFile
+    from ..analysis.verify import Verdict
+
+SHORT_DIGEST = 19  # "sha256:" and 12 hex digits
+# Control characters, shown as escapes: a name from an archive must not be
+# able to start a new line of output or move the cursor.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
+def printable(text: str) -> str:
+    """`text` safe to print: control characters and undecodable bytes escaped."""
+    if text.isprintable() and text.isascii():
+        return text
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return raw.translate(_CONTROLS)
+
+
+def short(digest: str | None) -> str:
+    return (digest or "-")[:SHORT_DIGEST]
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def mode_string(kind: str, mode: int) -> str:
+    """`ls -l`'s mode column: "drwxr-xr-x" (permission bits only, as listed before)."""
+    kinds = {
+        "dir": "d",
+        "symlink": "l",
+        "hardlink": "h",
+        "char-device": "c",
+        "block-device": "b",
+        "fifo": "p",
+    }
+    bits = "".join(char if mode & (1 << (8 - i)) else "-" for i, char in enumerate("rwxrwxrwx"))
+    return kinds.get(kind, "-") + bits
+
+
+class Output:
+    """Where results go: stdout, styled only on a terminal and without NO_COLOR."""
+
+    def __init__(self, *, color: bool | None = None, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        terminal = self.stream.isatty()
+        self.rich = terminal
+        self.color = terminal and color is not False and "NO_COLOR" not in os.environ
+        self._console: Any = None
+
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stream, no_color=not self.color, highlight=False)
+        return self._console
+
+    def json(self, document: Any) -> None:
+        # ASCII escapes keep undecodable names (surrogates) valid JSON on any stdout.
+        self.stream.write(json.dumps(document, indent=2, ensure_ascii=True) + "\n")
+
+    def line(self, text: str = "", style: str | None = None) -> None:
+        text = printable(text)
+        if self.rich:
+            self.console.print(text, markup=False, style=style, soft_wrap=True)
+        else:
+            self.stream.write(text + "\n")
+
+    def table(self, headers: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
+        rows = [[printable(cell) for cell in row] for row in rows]
+        if self.rich:
+            from rich.table import Table
+            from rich.text import Text
+
+            table = Table(title=title, box=None, header_style="bold", title_justify="left")
+            for header in headers:
+                table.add_column(header, overflow="fold")
+            for row in rows:
+                table.add_row(*(Text(cell) for cell in row))  # names are not markup
+            self.console.print(table)
+            return
+        if title:
+            self.stream.write(title + "\n")
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+        for row in [headers, *rows]:
+            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+            self.stream.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+# -- inspect -------------------------------------------------------------------
+
+
+def inspect_summary(out: Output, report: InspectReport) -> None:
+    config = report.config
+    platform = "/".join(str(value or "?") for value in (report.os, report.architecture))
+    waste = report.waste
+    fields = [
+        ("Format", report.format),
+        ("Tags", ", ".join(report.repo_tags) or "-"),
+        ("Config digest", report.config_digest),
+        ("Platform", platform),
+        ("Created", report.created or "-"),
+        ("Entrypoint", json.dumps(config.get("Entrypoint")) if config.get("Entrypoint") else "-"),
+        ("Cmd", json.dumps(config.get("Cmd")) if config.get("Cmd") else "-"),
+        ("Env", "; ".join(config.get("Env") or []) or "-"),
+        (
+            "Total size",
+            f"{human_size(report.total_size)} in {len(report.layers)} layers, {report.files} paths",
+        ),
+        (
+            "Waste",
+            f"{human_size(waste.bytes)} (efficiency {waste.efficiency * 100:.1f}%), "
+            f"{waste.duplicated_files} files in more than one layer",
+        ),
+    ]
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        out.line(f"{name + ':':<{width + 1}} {value}")
+    out.line()
+    rows = [
+        [
+            str(layer.index),
+            short(layer.diff_id),
+            human_size(layer.size),
+            str(layer.entries),
+            layer.compression,
+            (layer.comment or layer.created_by or "").replace("\n", " "),
+        ]
+        for layer in report.layers
+    ]
+    out.table(["#", "DIFF ID", "SIZE", "ENTRIES", "COMPRESSION", "COMMENT"], rows)
+    if waste.largest:
+        out.line()
+        rows = [
+            [human_size(item.bytes), ",".join(map(str, item.layers)), item.path]
+            for item in waste.largest
+        ]
+        out.table(["WASTED", "LAYERS", "PATH"], rows, title="Largest waste:")
+
+
+def _displayed_path(entry: ListedFile) -> str:
+    record = entry.record
+    path = record.path + ("/" if record.type == "dir" else "")
+    if record.linkname:
+        path += f" -> {record.linkname}"
+    return path
+
+
+def file_rows(entries: list[ListedFile], with_layer: bool) -> tuple[list[str], list[list[str]]]:
+    headers = ["MODE", "UID:GID", "SIZE", "MTIME", *(["LAYER"] if with_layer else []), "PATH"]
+    rows = []
+    for entry in entries:
+        record = entry.record
+        rows.append(
+            [
+                mode_string(record.type, record.mode),
+                f"{record.uid}:{record.gid}",
+                str(record.size),
+                f"{record.mtime:.0f}",
+                *([str(entry.layer)] if with_layer else []),
+                _displayed_path(entry),
+            ]
+        )
+    return headers, rows
+
+
+def inspect_files(out: Output, entries: list[ListedFile], with_layer: bool) -> None:
+    headers, rows = file_rows(entries, with_layer)
+    out.table(headers, rows)
+
+
+def inspect_tree(out: Output, entries: list[ListedFile], label: str) -> None:
+    from rich.text import Text
+    from rich.tree import Tree
+
+    root = Tree(Text(label))
+    nodes: dict[str, Any] = {"": root}
+
+    def node(path: str) -> Any:  # a directory, made up if the layer has no entry for it
+        if path not in nodes:
+            parent, _, name = path.rpartition("/")
+            nodes[path] = node(parent).add(Text(printable(name) + "/"))
+        return nodes[path]
+
+    for entry in entries:
+        record = entry.record
+        parent, _, name = record.path.rpartition("/")
+        text = name + ("/" if record.type == "dir" else "")
+        if record.linkname:
+            text += f" -> {record.linkname}"
+        if record.type == "file":
+            layer = f", layer {entry.layer}" if entry.layer is not None else ""
+            text += f"  ({human_size(record.size)}{layer})"
+        nodes[record.path] = node(parent).add(Text(printable(text)))
+    if out.rich:
+        out.console.print(root)
+    else:
+        from rich.console import Console
+
+        plain = Console(file=out.stream, no_color=True, width=10_000, highlight=False, emoji=False)
+        plain.print(root)
+
+
+# -- diff-layers ---------------------------------------------------------------
+
+
+def diff_report(out: Output, report: DiffReport) -> None:
+    layers = report.layers
+    out.line(
+        f"Layers: {len(layers.shared)} shared, {len(layers.only_a)} only in A, "
+        f"{len(layers.only_b)} only in B"
+    )
+    for layer in report.layer_diffs:
+        out.line(f"Layer {layer.index}: A {short(layer.a)}  B {short(layer.b)}")
+        for change in layer.files:
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change.change])
+    if report.files:
+        out.line("Merged filesystem:")
+        for change in report.files:
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change.change])
+    if report.config:
+        out.line("Config:")
+        for field in report.config:
+            out.line(f"  {field.field}: {json.dumps(field.a)} -> {json.dumps(field.b)}")
+    if report.identical:
+        out.line("Identical.", "green")
+    else:
+        out.line("The images differ.", "bold red")
+
+
+_CHANGE_STYLES = {"added": "green", "removed": "red", "modified": "yellow"}
+
+
+def _change_line(change: FileChange) -> str:
+    marks = {"added": "+", "removed": "-", "modified": "M"}
+    line = f"{marks[change.change]} {change.path}"
+    if change.fields:
+        line += (
+            "  ("
+            + ", ".join(f"{f.field}: {_brief(f.a)} -> {_brief(f.b)}" for f in change.fields)
+            + ")"
+        )
+    return line
+
+
+def _brief(value: Any) -> str:
+    text = str(value)
+    return short(text) if text.startswith(SHA256_PREFIX) else text
+
+
+# -- verify ---------------------------------------------------------------------
+
+
+def verify_report(out: Output, verdict: Verdict) -> None:
+    for check in verdict.checks:
+        if check.ok:
+            out.line(f"PASS  {check.name}")
+        else:
+            out.line(f"FAIL  {check.name}: expected {check.expected}, found {check.actual}")
+    mismatch = verdict.mismatch
+    if mismatch is not None:
+        out.line(f"First differing layer: {mismatch.layer}")
+        for change in mismatch.files:
+            out.line("  " + _change_line(change), _CHANGE_STYLES[change.change])
+    if verdict.ok:
+        out.line("OK: every check passed.", "bold green")
+    else:
+        out.line(f"FAILED: {verdict.failed} check(s) failed.", "bold red")

@@ -1,0 +1,225 @@
+"""Small readable streams the readers compose: slices, hashing, decompression.
+
+Every reader here is bounded: a slice never reads past its end, and a
+decompressor fails with an ArchiveError instead of inflating without limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zlib
+from typing import Any, BinaryIO, cast
+
+from ..errors import ArchiveError
+from ..model import SHA256_PREFIX
+from .limits import MAX_RATIO, RATIO_ALLOWANCE
+
+CHUNK = 1 << 20
+
+_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+}
+
+
+def detect_compression(head: bytes) -> str:
+    """ "gzip", "zstd", "bzip2", "xz" or "none", from a stream's first bytes."""
+    for magic, name in _MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "none"
+
+
+class SliceReader(io.RawIOBase):
+    """A read-only, seekable view of `size` bytes of `file` from `offset`; owns `file`."""
+
+    def __init__(self, file: BinaryIO, offset: int, size: int) -> None:
+        self._file, self._offset, self._size = file, offset, size
+        self._position = 0
+        self._file_position = -1  # where `file` is, to skip needless seeks
+
+    def close(self) -> None:
+        super().close()
+        self._file.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def pread(self, size: int, position: int) -> bytes:
+        """Up to `size` bytes from `position` in the slice, without moving."""
+        size = min(size, self._size - position)
+        if size <= 0:
+            return b""
+        return os.pread(self._file.fileno(), size, self._offset + position)
+
+    def digest(self) -> tuple[str, int]:
+        """sha256 and size of the whole slice, read in large blocks without moving."""
+        digest = hashlib.sha256()
+        buffer = memoryview(bytearray(CHUNK))
+        fd, position = self._file.fileno(), 0
+        while position < self._size:
+            got = os.preadv(
+                fd, [buffer[: min(CHUNK, self._size - position)]], self._offset + position
+            )
+            if not got:
+                break
+            digest.update(buffer[:got])
+            position += got
+        return SHA256_PREFIX + digest.hexdigest(), position
+
+    def read(self, size: int = -1) -> bytes:
+        want = self._size - self._position if size < 0 else min(size, self._size - self._position)
+        if want <= 0:
+            return b""
+        if self._file_position != self._position:
+            self._file.seek(self._offset + self._position)
+        data = self._file.read(want)
+        self._position += len(data)
+        self._file_position = self._position
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._size - self._position)
+        if want <= 0:
+            return 0
+        if self._file_position != self._position:
+            self._file.seek(self._offset + self._position)
+        got = self._file.readinto(view[:want]) or 0  # type: ignore[attr-defined]
+        self._position += got
+        self._file_position = self._position
+        return got
+
+
+class HashingReader(io.RawIOBase):
+    """Passes reads through, counting (and unless told not to, hashing) every byte."""
+
+    def __init__(self, inner: BinaryIO, *, hashing: bool = True) -> None:
+        self._inner = inner
+        self.hashing = hashing
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._inner.readinto(view) or 0  # type: ignore[attr-defined]
+        if self.hashing and n:
+            self.hash.update(view[:n])
+        self.size += n
+        return n
+
+    def read_to_end(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def digest(self) -> str:
+        return SHA256_PREFIX + self.hash.hexdigest()
+
+
+class Decompressor(io.RawIOBase):
+    """Inflates a gzip or zstd stream, refusing bombs."""
+
+    def __init__(self, inner: BinaryIO, kind: str, name: str, compressed_size: int | None) -> None:
+        self._inner, self._kind, self._name = inner, kind, name
+        self._limit = MAX_RATIO * (compressed_size or 0) + RATIO_ALLOWANCE
+        self._produced = 0
+        self._pending = b""
+        self._eof = False
+        if kind == "gzip":
+            self._gzip: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif kind == "zstd":
+            try:
+                import zstandard
+            except ImportError:  # pragma: no cover - it is a dependency
+                raise ArchiveError(f"{name}: zstd layers need the zstandard package") from None
+            self._zstd = zstandard.ZstdDecompressor().stream_reader(inner, read_across_frames=True)
+        else:
+            raise ArchiveError(f"{name}: {kind} compressed layers are not supported")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._read(len(view))
+        view[: len(data)] = data
+        self._produced += len(data)
+        if self._produced > self._limit:
+            raise ArchiveError(
+                f"{self._name}: decompression stopped at {self._produced} bytes, over "
+                f"{MAX_RATIO} times the compressed size (a decompression bomb?)"
+            )
+        return len(data)
+
+    def _read(self, size: int) -> bytes:
+        if self._kind == "zstd":
+            try:
+                return bytes(self._zstd.read(size))
+            except Exception as error:  # zstandard.ZstdError and friends
+                raise ArchiveError(f"{self._name}: bad zstd data: {error}") from None
+        while not self._pending and not self._eof:
+            self._pending = self._inflate(size)
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def _inflate(self, size: int) -> bytes:
+        try:
+            if self._gzip.unconsumed_tail:
+                return bytes(self._gzip.decompress(self._gzip.unconsumed_tail, size))
+            if self._gzip.eof:  # a member ended: another may follow
+                rest = self._gzip.unused_data or self._inner.read(CHUNK)
+                if not rest.strip(b"\0"):
+                    self._eof = True
+                    return b""
+                self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                return bytes(self._gzip.decompress(rest, size))
+            chunk = self._inner.read(CHUNK)
+            if not chunk:
+                raise ArchiveError(f"{self._name}: bad gzip data: the stream ends too early")
+            return bytes(self._gzip.decompress(chunk, size))
+        except zlib.error as error:
+            raise ArchiveError(f"{self._name}: bad gzip data: {error}") from None
+
+
+def peek_compression(stream: BinaryIO) -> tuple[BinaryIO, str]:
+    """The compression a stream uses, and the stream, still at its start.
+
+    A seekable stream stays seekable (so a reader can skip over contents);
+    another is wrapped in a buffer to look ahead.
+    """
+    if stream.seekable():
+        head = stream.read(8)
+        stream.seek(0)
+        return stream, detect_compression(head)
+    buffered = io.BufferedReader(cast(io.RawIOBase, stream), CHUNK)
+    return cast(BinaryIO, buffered), detect_compression(buffered.peek(8)[:8])
+
+
+def inflate(stream: BinaryIO, kind: str, name: str, size: int | None) -> BinaryIO:
+    """A buffered stream of the uncompressed bytes of a `kind` compressed stream."""
+    return cast(BinaryIO, io.BufferedReader(Decompressor(stream, kind, name, size), CHUNK))
+
+
+def open_layer(stream: BinaryIO, name: str, size: int | None) -> tuple[BinaryIO, str]:
+    """The uncompressed bytes of a layer blob, and the compression it used."""
+    stream, kind = peek_compression(stream)
+    return (stream if kind == "none" else inflate(stream, kind, name, size)), kind

@@ -1,0 +1,260 @@
+"""Every archive form the readers take, cross-checked with real tools: Docker archives
+(`docker save`, Docker 25+, podman, several images, compressed), OCI layouts and
+archives, standard input and pipes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from guix_image.build.engine import BuildResult
+from guix_image.formats.images import select_image
+from guix_image.formats.stored_layer import StoredLayer
+from guix_image.model import Image
+
+from .support.archives import archive_of, layer_members, layer_tar, read_archive
+from .support.cli import Cli, inspect_json
+from .support.stores import BuildFn, StoreTree
+from .support.tools import GUIX_IMAGE, convert, docker_answers, podman
+
+FORMS = ["docker-archive", "oci", "oci-archive", "oci-gzip", "oci-zstd", "docker-archive-gzip"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_reads_and_verifies_with_the_same_diff_ids(
+    image: tuple[Path, BuildResult], form: str, tmp_path: Path, cli: Cli
+) -> None:
+    archive, result = image
+    target = convert(archive, form, tmp_path)
+    summary = inspect_json(cli, target)
+    expected = [layer.diff_id for layer in result.layers]
+    assert [layer["diff_id"] for layer in summary["layers"]] == expected
+    assert [layer["index"] for layer in summary["layers"]] == [1, 2]
+    ours = inspect_json(cli, archive)
+    assert [layer["entries"] for layer in summary["layers"]] == [
+        layer["entries"] for layer in ours["layers"]
+    ]
+    assert summary["config"]["Cmd"] == ["/bin/app"]
+    compression = {"oci-zstd": "zstd", "oci-gzip": "gzip", "oci": "gzip", "oci-archive": "gzip"}
+    assert {layer["compression"] for layer in summary["layers"]} == {compression.get(form, "none")}
+    verified = cli("verify", target, "--json")
+    assert verified.exit_code == 0, verified.stdout
+    assert json.loads(verified.stdout)["ok"] is True
+    # skopeo's own view of the same archive
+    transport = {
+        "docker-archive": "docker-archive",
+        "docker-archive-gzip": "docker-archive",
+        "oci-archive": "oci-archive",
+    }
+    reference = f"{transport.get(form, 'oci')}:{target}" + (
+        "" if form.startswith("docker") else ":t"
+    )
+    config = json.loads(
+        subprocess.run(
+            ["skopeo", "inspect", "--config", reference], capture_output=True, check=True
+        ).stdout
+    )
+    assert config["rootfs"]["diff_ids"] == [layer["diff_id"] for layer in summary["layers"]]
+
+
+@pytest.mark.parametrize("form", ["docker-archive", "oci-archive", "docker-archive-gzip"])
+def test_standard_input_is_read_in_one_pass(
+    image: tuple[Path, BuildResult], form: str, tmp_path: Path, cli: Cli
+) -> None:
+    archive, _ = image
+    target = Path(convert(archive, form, tmp_path))
+    data = target.read_bytes()
+    from_stdin = inspect_json(cli, "-", input=data)
+    from_file = inspect_json(cli, target)
+    assert from_stdin == from_file
+    assert cli("verify", "-", input=data).exit_code == 0
+    listing = inspect_json(cli, "-", "--files", "2", input=data)["listing"]
+    assert any(
+        entry["path"].endswith("/bin/link") and entry["linkname"] == "app" for entry in listing
+    )
+
+
+@pytest.mark.parametrize("form", ["docker-archive", "oci-archive"])
+def test_podman_save_archives(
+    image: tuple[Path, BuildResult], form: str, podman_storage: Path, cli: Cli
+) -> None:
+    archive, result = image
+    podman(podman_storage, "load", "-q", "-i", str(archive))
+    saved = podman_storage / "saved.tar"
+    podman(podman_storage, "save", "-q", "--format", form, "-o", str(saved), "test/image:latest")
+    summary = inspect_json(cli, saved)
+    assert summary["repo_tags"] == ["localhost/test/image:latest"]
+    assert [layer["diff_id"] for layer in summary["layers"]] == [
+        layer.diff_id for layer in result.layers
+    ]
+    assert cli("verify", str(saved)).exit_code == 0
+
+
+@pytest.mark.skipif(not docker_answers(), reason="no Docker daemon answers `docker info`")
+def test_docker_save_archive(image: tuple[Path, BuildResult], tmp_path: Path, cli: Cli) -> None:
+    archive, result = image
+    tag = "guix-image-test/save:" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]
+    subprocess.run(["docker", "load", "-i", str(archive)], check=True, capture_output=True)
+    try:
+        subprocess.run(["docker", "tag", "test/image:latest", tag], check=True, capture_output=True)
+        saved = tmp_path / "saved.tar"
+        subprocess.run(["docker", "save", "-o", str(saved), tag], check=True, capture_output=True)
+        summary = inspect_json(cli, saved)
+        assert tag in summary["repo_tags"]
+        assert [layer["diff_id"] for layer in summary["layers"]] == [
+            layer.diff_id for layer in result.layers
+        ]
+        assert cli("verify", str(saved)).exit_code == 0
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag, "test/image:latest"], capture_output=True)
+
+
+def docker25_archive(oci_dir: Path, target: Path) -> None:
+    """What `docker save` writes since Docker 25: an OCI layout plus a manifest.json."""
+    index = json.loads((oci_dir / "index.json").read_text())
+    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((oci_dir / "blobs" / "sha256" / manifest_digest).read_bytes())
+    legacy = [
+        {
+            "Config": "blobs/sha256/" + manifest["config"]["digest"].split(":")[1],
+            "RepoTags": ["docker25:latest"],
+            "Layers": [
+                "blobs/sha256/" + layer["digest"].split(":")[1] for layer in manifest["layers"]
+            ],
+        }
+    ]
+    (oci_dir / "manifest.json").write_text(json.dumps(legacy))
+    with tarfile.open(target, "w") as tar:
+        for path in sorted(oci_dir.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(oci_dir)), recursive=False)
+
+
+def test_docker_25_archives(image: tuple[Path, BuildResult], tmp_path: Path, cli: Cli) -> None:
+    archive, result = image
+    layout = Path(convert(archive, "oci", tmp_path))
+    target = tmp_path / "docker25.tar"
+    docker25_archive(layout, target)
+    summary = inspect_json(cli, target)
+    assert summary["format"] == "docker-archive (Docker 25+ OCI layout)"
+    assert "docker25:latest" in summary["repo_tags"]
+    assert [layer["diff_id"] for layer in summary["layers"]] == [
+        layer.diff_id for layer in result.layers
+    ]
+    assert cli("verify", str(target)).exit_code == 0
+
+
+def multi_image_archive(first: Path, second: Path, target: Path) -> None:
+    members: dict[str, bytes] = {}
+    manifest = []
+    for prefix, source in (("a", first), ("b", second)):
+        with tarfile.open(source) as tar:
+            [entry] = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+            for name in [entry["Config"], *entry["Layers"]]:
+                members[f"{prefix}/{name}"] = tar.extractfile(name).read()  # type: ignore[union-attr]
+            manifest.append(
+                {
+                    "Config": f"{prefix}/{entry['Config']}",
+                    "RepoTags": [f"multi-{prefix}:1"],
+                    "Layers": [f"{prefix}/{name}" for name in entry["Layers"]],
+                }
+            )
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_archives_with_several_images(
+    store: StoreTree, build: BuildFn, tmp_path: Path, cli: Cli
+) -> None:
+    one, _ = build(store.config([[store.item("one", {"f": "1"})]]))
+    two, _ = build(
+        store.config([[store.item("two", {"f": "2"})], [store.item("three", {"g": "3"})]])
+    )
+    multi = tmp_path / "multi.tar"
+    multi_image_archive(one, two, multi)
+    ambiguous = cli("inspect", str(multi))
+    assert ambiguous.exit_code == 2
+    assert "holds 2 images; choose one with --image: 1 (multi-a:1" in ambiguous.stderr
+    assert len(inspect_json(cli, multi, "--image", "2")["layers"]) == 2
+    assert len(inspect_json(cli, multi, "--image", "multi-a:1")["layers"]) == 1
+    assert len(inspect_json(cli, multi, "--image", "multi-b")["layers"]) == 2
+    missing = cli("inspect", str(multi), "--image", "3")
+    assert missing.exit_code == 2 and "there is no image 3" in missing.stderr
+
+
+def test_image_names_match_by_repository_not_by_host() -> None:
+    def image(tag: str) -> Image[StoredLayer]:
+        return Image(
+            format="docker-archive",
+            repo_tags=[tag],
+            config_location="c",
+            config_bytes=b"{}",
+            config={},
+            layers=[],
+        )
+
+    images = [image("registry:5000/app:1.0"), image("registry:5000/other:2")]
+    assert select_image(images, "registry:5000/other", "x") is images[1]
+    assert select_image(images, "registry:5000/app", "x") is images[0]
+    with pytest.raises(Exception, match="no image is tagged 'registry'"):
+        select_image(images, "registry", "x")
+
+
+def test_build_from_a_compressed_oci_base(
+    store: StoreTree, build: BuildFn, tmp_path: Path, cli: Cli
+) -> None:
+    base, base_result = build(
+        store.config([[store.item("base", {"etc/os": "x" * 10_000})]], repo_tag="b:1")
+    )
+    oci_base = convert(base, "oci-archive", tmp_path)
+    image, _ = build(store.config([[store.item("top", {"t": "t"})]], from_image=oci_base))
+    archive = read_archive(image)
+    assert archive["config"]["rootfs"]["diff_ids"][0] == base_result.layers[0].diff_id
+    assert layer_members(archive["layers"][0])[-1].name.endswith("etc/os")
+    assert cli("verify", str(image)).exit_code == 0
+
+
+def test_a_small_layer_that_starts_like_json_is_still_a_layer(tmp_path: Path, cli: Cli) -> None:
+    layer = layer_tar([("[", b"coreutils ships one"), ("{x}", b"")])
+    archive = archive_of([layer], tmp_path / "j.tar")
+    from_file = json.loads(cli("inspect", str(archive), "--json").stdout)
+    piped = cli("inspect", "-", "--json", input=archive.read_bytes())
+    assert piped.exit_code == 0, piped.stderr
+    assert json.loads(piped.stdout)["layers"] == from_file["layers"]
+
+
+def test_a_fifo_or_process_substitution_is_read_as_a_stream(
+    tmp_path: Path, image_file: Path
+) -> None:
+    result = subprocess.run(
+        f"{shlex.join(GUIX_IMAGE)} inspect <(cat {shlex.quote(str(image_file))}) --json",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["repo_tags"] == ["test/image:latest"]
+
+
+def test_malformed_env_and_history_in_an_archive_are_refused(tmp_path: Path, cli: Cli) -> None:
+    layer = layer_tar([("f", b"1")])
+    for bad in (
+        {"config": {"Env": [1, 2]}},
+        {"config": {"Env": "A=1"}},
+        {"history": [{"comment": 5}]},
+    ):
+        archive = archive_of([layer], tmp_path / "bad.tar", **bad)
+        result = cli("inspect", str(archive))
+        assert result.exit_code == 2, (bad, result.output)
+        assert result.stderr.count("\n") == 1

@@ -1,0 +1,83 @@
+"""`verify`: an archive's digests against its bytes, in every form, and against a
+rebuild or another archive."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from guix_image.build.engine import BuildResult
+
+from .support.archives import flip_byte
+from .support.cli import Cli, inspect_json
+from .support.stores import BuildFn, StoreTree
+from .support.tools import convert
+
+
+@pytest.mark.parametrize("form", ["docker-archive", "oci-archive", "oci-zstd", "oci-gzip"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_verify_catches_a_flipped_byte_in_any_layer(
+    image: tuple[Path, BuildResult], form: str, layer: int, tmp_path: Path, cli: Cli
+) -> None:
+    archive, _ = image
+    target = Path(convert(archive, form, tmp_path))
+    summary = inspect_json(cli, target)
+    if target.is_dir():
+        blob = target / "blobs" / "sha256" / summary["layers"][layer]["digest"].split(":")[1]
+        data = bytearray(blob.read_bytes())
+        flip_byte(data, 0, len(data))
+        blob.write_bytes(data)
+    else:
+        with tarfile.open(target) as outer:
+            names = [
+                m
+                for m in outer.getmembers()
+                if m.size == summary["layers"][layer]["size"] and m.isfile()
+            ]
+            member = next(
+                m
+                for m in names
+                if summary["layers"][layer]["diff_id"].split(":")[1] in m.name or True
+            )
+        data = bytearray(target.read_bytes())
+        flip_byte(data, member.offset_data + 1024, member.offset_data + member.size - 1024)
+        target.write_bytes(data)
+    result = cli("verify", str(target), "--json")
+    assert result.exit_code == 1, result.output
+    failed = [check for check in json.loads(result.stdout)["checks"] if not check["ok"]]
+    assert failed and all(check["name"].startswith(f"layer {layer + 1}") for check in failed)
+
+
+def test_verify_rebuild_reproduces_and_names_what_changed(
+    store: StoreTree, build: BuildFn, tmp_path: Path, cli: Cli
+) -> None:
+    item = store.item("r", {"bin/r": "one"})
+    document = store.config([[store.item("base", {"x": "1"})], [item]])
+    archive, _ = build(document)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(document))
+    ok = cli("verify", str(archive), "--rebuild", str(config), "--json")
+    assert ok.exit_code == 0, ok.stdout
+    assert any(c["name"] == "rebuild layer 2" and c["ok"] for c in json.loads(ok.stdout)["checks"])
+    (item / "bin" / "r").write_text("two")
+    changed = cli("verify", str(archive), "--rebuild", str(config), "--json")
+    assert changed.exit_code == 1
+    report = json.loads(changed.stdout)
+    assert report["mismatch"]["layer"] == 2
+    assert [c["path"].rsplit("/", 1)[-1] for c in report["mismatch"]["files"]] == ["r"]
+
+
+def test_verify_against_another_archive(store: StoreTree, build: BuildFn, cli: Cli) -> None:
+    item = store.item("v", {"f": "1"})
+    a, _ = build(store.config([[item]]))
+    b, _ = build(store.config([[item]]))
+    assert cli("verify", str(a), "--against", str(b)).exit_code == 0
+    (item / "f").write_text("2")
+    c, _ = build(store.config([[item]]))
+    result = cli("verify", str(a), "--against", str(c))
+    assert result.exit_code == 1
+    assert "FAIL  against layer 1" in result.stdout
+    assert "First differing layer: 1" in result.stdout
