@@ -15,6 +15,8 @@ each as a ratio to the floor measured in the same run:
     cold         guix-image build, empty layer cache, to a pipe
     warm         guix-image build, layer digests cached, to a pipe
     --reference  any 'COMMAND {config}' given, e.g. the seed script
+    --baseline   another guix-image (say, the code before a change), cold and
+                 warm, its readers and its start-up, in the same rounds
 
 Peak RSS is the process's maximum resident set size (getrusage). The startup
 rows are absolute: `guix-image --help` and one shell-completion request.
@@ -22,6 +24,7 @@ The package's bytecode is compiled first, as `pip install` does.
 
     python3 tests/bench/bench.py                  # the 1.2 GB store
     python3 tests/bench/bench.py --size small     # about 100 MB, under a minute
+    python3 tests/bench/bench.py --baseline /tmp/old/bin/guix-image   # before/after
 """
 
 from __future__ import annotations
@@ -329,6 +332,11 @@ def main() -> None:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "guix-image-bench"
     )
     parser.add_argument("--reference", action="append", default=[], metavar="'COMMAND {config}'")
+    parser.add_argument(
+        "--baseline",
+        metavar="GUIX_IMAGE",
+        help="another guix-image executable to measure beside this one, interleaved",
+    )
     parser.add_argument("--record", type=Path, help="write the table to this Markdown file")
     args = parser.parse_args()
 
@@ -363,13 +371,19 @@ def main() -> None:
             [["sh", "-c", reference.format(config=config)], ["cat"]],
             None,
         )
+    baseline_build = [args.baseline, "build", "-q", str(config)] if args.baseline else []
+    baseline_warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "baseline-warm")}
+    if args.baseline:
+        run_timed([baseline_build, ["cat"]], baseline_warm_env)
+        cases["baseline cold"] = ([baseline_build, ["cat"]], None)
+        cases["baseline warm"] = ([baseline_build, ["cat"]], baseline_warm_env)
 
     results = {name: Measurement(name) for name in cases}
     for run in range(args.runs):
         for name, (commands, case_env) in cases.items():
             env = case_env
-            if name == "guix-image cold":  # an empty cache every time
-                env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"cold-{run}")}
+            if name in ("guix-image cold", "baseline cold"):  # an empty cache every time
+                env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"{name}-{run}")}
             seconds, rss = run_timed(commands, env)
             results[name].seconds.append(seconds)
             results[name].rss_kb.append(rss)
@@ -382,6 +396,9 @@ def main() -> None:
         "guix-image inspect ARCHIVE": [[*guix_image, "inspect", "--json", str(archive)]],
         "guix-image verify ARCHIVE": [[*guix_image, "verify", str(archive)]],
     }
+    if args.baseline:
+        readers["baseline inspect ARCHIVE"] = [[args.baseline, "inspect", "--json", str(archive)]]
+        readers["baseline verify ARCHIVE"] = [[args.baseline, "verify", str(archive)]]
     reader_results = {name: Measurement(name) for name in readers}
     for _ in range(args.runs):
         for name, commands in readers.items():
@@ -410,6 +427,8 @@ def main() -> None:
             },
         ),
     }
+    if args.baseline:
+        startup["baseline --help"] = ([[args.baseline, "--help"]], None)
     startup_results = {name: Measurement(name) for name in startup}
     for _ in range(max(10, args.runs)):
         for name, (commands, env) in startup.items():
@@ -421,7 +440,8 @@ def main() -> None:
     lines = [
         f"### {args.size}: {summary}",
         "",
-        f"{args.runs} runs, medians; {machine()}.",
+        f"{args.runs} runs, medians; {machine()}."
+        + (f" Baseline: {args.baseline}." if args.baseline else ""),
         "",
         "| command | median s | x floor | peak RSS MiB |",
         "|---|---|---|---|",
