@@ -63,6 +63,8 @@ class LayerCache:
 
     Checkpoints are taken and kept every `checkpoint_interval` bytes of a
     layer (see fastpath/sha256.py); entries with another interval have none.
+    A member list is not kept if a ctime in it is `racy_margin` ns or less
+    older than its walk (see member_list.py).
     """
 
     def __init__(
@@ -71,10 +73,12 @@ class LayerCache:
         warn: Callable[[str], None],
         *,
         checkpoint_interval: int = sha256.CHECKPOINT_INTERVAL,
+        racy_margin: int = member_list.RACY_NS,
     ) -> None:
         self.directory = directory / "layers"
         self.warn = warn
         self.checkpoint_interval = checkpoint_interval
+        self._racy_margin = racy_margin
         self._writable = True
         # This build's member lists: those being written, by key, and the
         # paths of those it read or wrote, which trimming must leave alone.
@@ -167,7 +171,9 @@ class LayerCache:
             return None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            writer = MemberListWriter(self.directory, tag, self._unwritable)
+            writer = MemberListWriter(
+                self.directory, tag, self._unwritable, racy_margin=self._racy_margin
+            )
         except OSError as error:
             self._unwritable(error)
             return None

@@ -94,6 +94,7 @@ class MemberListWriter:
         on_error: Callable[[OSError], None],
         *,
         chunk_members: int = CHUNK_MEMBERS,
+        racy_margin: int = RACY_NS,
     ) -> None:
         import tempfile  # here: a rebuild records no list, and skips the import
 
@@ -101,6 +102,7 @@ class MemberListWriter:
         self._file = os.fdopen(fd, "wb")
         self._tag = tag
         self._chunk_members = chunk_members  # at most CHUNK_MEMBERS
+        self._racy_margin = racy_margin
         self._on_error: Callable[[OSError], None] | None = on_error
         self._members: list[Member] = []
         self._count = 0
@@ -118,7 +120,8 @@ class MemberListWriter:
         """End the list and close its file. `read_since`: when (`time.time_ns()`) its
         first identity was read: a list holding a ctime too close to it is not kept."""
         self._write_chunk()
-        if self._on_error is not None and not _too_recent(self._newest_ctime, read_since):
+        recent = _too_recent(self._newest_ctime, read_since, self._racy_margin)
+        if self._on_error is not None and not recent:
             self._write(_CHUNK_HEADER.pack(0, 0, 0))
             try:
                 length = self._file.tell()
@@ -184,8 +187,10 @@ class MemberListWriter:
             on_error(error)
 
 
-def _too_recent(ctime: int, read_since: int) -> bool:
-    margin = _RACY_COARSE_NS if ctime % 1_000_000_000 == 0 else RACY_NS
+def _too_recent(ctime: int, read_since: int, margin: int) -> bool:
+    """Whether `ctime` is within `margin` ns of `read_since` (2 s for whole seconds)."""
+    if ctime % 1_000_000_000 == 0:
+        margin = max(margin, _RACY_COARSE_NS)
     return ctime >= read_since - margin
 
 

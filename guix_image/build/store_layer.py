@@ -132,6 +132,7 @@ class StoreLayer(Layer):
     def key(self, database: StoreDatabase | None) -> str:
         """The layer's cache key (without looking it up)."""
         return self.cache_key or cache_key(self.recipe(database))
+
     def recipe(self, database: StoreDatabase | None) -> dict[str, Any]:
         """Everything the layer's bytes depend on, cheaply: the cache key's input."""
         paths = sorted(set(self.paths))
