@@ -119,7 +119,9 @@ def build_image(
                 pending.append(archive.add_layer(layer, report.layer_progress))
             out.drain()
             measured = [digest.result() for digest in pending]
-            for number, (layer, layer_measured) in enumerate(zip(plan.layers, measured, strict=True), 1):
+            for number, (layer, layer_measured) in enumerate(
+                zip(plan.layers, measured, strict=True), 1
+            ):
                 layer.check(layer_measured, number)
             image_config = _image_config(config, plan, [m.digest for m in measured])
             report.message("Adding manifests...")
@@ -139,9 +141,7 @@ def build_image(
     result.forked = out.forked
     result.layers = [
         _built(number, layer, layer_measured, plan.store_layers.get(number - 1))
-        for number, (layer, layer_measured) in enumerate(
-            zip(plan.layers, measured, strict=True), 1
-        )
+        for number, (layer, layer_measured) in enumerate(zip(plan.layers, measured, strict=True), 1)
     ]
     return result
 
