@@ -3,10 +3,43 @@
 It reads headers and hands out member contents as byte ranges of the
 underlying stream; it never extracts anything and never treats a member name
 as a path to open. It understands what real image tools write (POSIX ustar,
-PAX extended headers, GNU long names, base-256 numbers) and refuses, with an
-`ArchiveError` that says where, what could make two readers disagree:
-bad checksums, negative or malformed sizes, oversized or malformed PAX
-records, and members cut short by the end of the stream.
+PAX extended headers, GNU long names, base-256 numbers).
+
+**One reading, the loaders'.** Docker, containerd, podman, skopeo and umoci
+read tars with Go's `archive/tar`. This reader reads an archive exactly as
+Go's does, and refuses, with an `ArchiveError` that names the offset and
+why, every archive that Go refuses or that Go and Python's `tarfile` (the
+other reader users check with) would read differently: then no verdict of
+ours can be contradicted by a loader. Where readers differ, and what we do:
+
+- numeric fields: Go trims spaces and NULs at both ends, tarfile cuts at the
+  first NUL; base-256 is read by Go for any first byte with the high bit,
+  by tarfile only for 0x80 and 0xff. A field is refused unless both read it
+  the same (so a leading NUL before digits, or base-256 beyond 0x80, is).
+- a zero block: the end, if the next block is zero too or the stream ends;
+  a zero block followed by a header is refused (Go refuses it, tarfile
+  stops there).
+- typeflag NUL: a directory if the name ends in '/' (both readers; Go
+  looks at the final name, tarfile at the header's, so they must agree),
+  else a regular file. Header-only types (links, devices, directories,
+  fifos) have no contents, whatever their size field says.
+- PAX `x` headers: Go applies only the last one before a member, tarfile
+  all of them (the first winning): several are refused unless that reads
+  alike. A `g` header is not applied (Go, docker): one that tarfile would
+  apply to later members (path, size, ...) is refused, as is an `x`, `L` or
+  `K` pending before it. A PAX record with an empty value, a NUL in a key,
+  or a NUL in a path, link target or owner name is refused (Go refuses
+  them or keeps the ustar value, tarfile takes them); so are NUL padding
+  after the records, and GNU sparse records (not supported).
+- GNU `L`/`K` and PAX `path`/`linkpath`: Go lets the long name win,
+  tarfile the one that came first: both present and different is refused,
+  as are two long names before one member. A long name ends at its first NUL.
+- the ustar `prefix` is joined to the name when the magic is POSIX's, as
+  both read it (for STAR's shorter prefix, only if the two agree); for a
+  GNU or pre-POSIX header, tarfile would read a prefix (and owner names)
+  that Go ignores: such a header with bytes there is refused.
+- an extended header with no member after it, and an archive cut short,
+  are refused.
 """
 
 from __future__ import annotations
@@ -14,6 +47,7 @@ from __future__ import annotations
 import io
 import math
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -51,6 +85,84 @@ TYPE_NAMES = {
 
 _NO_PAX: dict[str, str] = {}  # shared, never modified
 _ZERO_BLOCK = bytes(BLOCK)
+_EXTENSIONS = frozenset({PAX_HEADER, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK})
+_POSIX_MAGIC = b"ustar\0"
+_GNU_MAGIC = b"ustar  \0"
+# mode, uid, gid (8 bytes each), size and mtime (12) as writers store them:
+# octal digits and a NUL (or a space where a digit would be).
+_COMMON_NUMBERS = re.compile(rb"(?:[0-7]{6}[0-7 ]\0){3}(?:[0-7]{10}[0-7 ]\0){2}")
+_COMMON_DEVICES = re.compile(rb"(?:[0-7]{6}[0-7 ]\0|\0{8}){2}")
+_NUMERIC_FIELDS = (
+    (100, 108, "mode"),
+    (108, 116, "uid"),
+    (116, 124, "gid"),
+    (136, 148, "mtime"),
+)
+# PAX records tarfile applies to a member (Go does too, but keeps the ustar
+# value for an empty one), those Go refuses a NUL in, and the times Go parses.
+_PAX_APPLIED = frozenset({"path", "linkpath", "size", "mtime", "uid", "gid", "uname", "gname"})
+_PAX_STRINGS = frozenset({"path", "linkpath", "uname", "gname"})
+_PAX_TIMES = frozenset({"mtime", "atime", "ctime"})
+_PAX_TIME = re.compile(rb"[0-9]{1,18}(?:\.[0-9]{1,18})?")
+
+
+class _Pending:
+    """The extension headers read before a member: its PAX records and GNU long names."""
+
+    __slots__ = ("after_global", "long_link", "long_name", "pax")
+
+    def __init__(self) -> None:
+        self.pax: dict[str, str] | None = None
+        self.long_name: bytes | None = None
+        self.long_link: bytes | None = None
+        self.after_global = False  # tarfile needs a member after a global header
+
+    def any(self) -> bool:
+        return (
+            self.pax is not None
+            or self.long_name is not None
+            or self.long_link is not None
+            or self.after_global
+        )
+
+    def add(
+        self,
+        typeflag: bytes,
+        payload: bytes,
+        parse: Callable[[bytes, int], dict[str, str]],
+        offset: int,
+    ) -> str | None:
+        """Take an extension header; what makes it ambiguous, if anything."""
+        if typeflag in (GNU_LONGNAME, GNU_LONGLINK):
+            value = _cstring(payload)
+            which = "long_name" if typeflag == GNU_LONGNAME else "long_link"
+            if getattr(self, which) not in (None, value):
+                return "two GNU long names before one member"
+            setattr(self, which, value)
+            return self._conflict()
+        records = parse(payload, offset)
+        if typeflag == PAX_GLOBAL:
+            if self.any():
+                return "an extended header before a global one"
+            self.after_global = True
+            applied = sorted(records.keys() & _PAX_APPLIED)
+            return f"a global PAX header setting {', '.join(applied)}" if applied else None
+        if self.pax is not None and {**records, **self.pax} != records:
+            return "two PAX headers before one member"
+        self.pax = records
+        return self._conflict()
+
+    def _conflict(self) -> str | None:
+        """A GNU long name and a PAX path (or link) that say different things."""
+        pax = self.pax or _NO_PAX
+        for key, long in (("path", self.long_name), ("linkpath", self.long_link)):
+            if (
+                long is not None
+                and key in pax
+                and pax[key].encode("utf-8", "surrogateescape") != long
+            ):
+                return f"a GNU long name and a PAX {key} that differ"
+        return None
 
 
 class TarMember:
@@ -144,11 +256,20 @@ class TarMember:
 
 
 def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveError]) -> int:
-    """A numeric header field: octal digits, or GNU base-256 (never negative)."""
-    if field_bytes[0] & 0x80:  # base-256: big-endian two's complement, 0x40 the sign
+    """A numeric header field, as Go's archive/tar and Python's tarfile both read it.
+
+    Octal digits (spaces before, spaces or NULs after), or GNU base-256 with
+    a first byte of 0x80; anything the two read differently is an error.
+    """
+    if field_bytes[0] & 0x80:  # base-256: big-endian, 0x80 the marker
         if field_bytes[0] & 0x40:
             raise error(f"negative {what} in header")
-        return int.from_bytes(field_bytes, "big") & ~(0x80 << (8 * (len(field_bytes) - 1)))
+        if field_bytes[0] != 0x80:  # Go reads the low bits of the first byte, tarfile fails
+            raise error(f"base-256 {what} with bits in its first byte; readers disagree on it")
+        big = int.from_bytes(field_bytes[1:], "big")
+        if big >> 63:  # Go reads it into an int64
+            raise error(f"{what} in header is too large")
+        return big
     value = _octal(field_bytes)
     if value is None:  # int() alone would also take "-1", "+7", "0o7", "1_0"
         text = field_bytes.split(b"\0", 1)[0].strip(b" ")
@@ -157,17 +278,35 @@ def parse_number(field_bytes: bytes, what: str, error: Callable[[str], ArchiveEr
 
 
 def _octal(field_bytes: bytes) -> int | None:
-    """An octal text field, or None if it holds anything but octal digits."""
+    """An octal text field; None if it is malformed or Go and tarfile read it differently."""
     digits = field_bytes.rstrip(b"\0 ")
     if digits.isdigit():  # what every writer stores: digits, then NULs or spaces
         try:
             return int(digits, 8)
         except ValueError:  # an 8 or a 9
             return None
-    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
-    if field_bytes[0] & 0x80 or text.translate(None, b"01234567"):
+    go, python = _go_octal(field_bytes), _tarfile_octal(field_bytes)
+    return go if go is not None and go == python else None
+
+
+def _go_octal(field_bytes: bytes) -> int | None:
+    """archive/tar's parseOctal: trim spaces and NULs, cut at a NUL, ParseUint base 8."""
+    text = field_bytes.strip(b" \0").split(b"\0", 1)[0]
+    if not text:
+        return 0
+    if text.translate(None, b"01234567"):
         return None
-    return int(text or b"0", 8)
+    value = int(text, 8)
+    return value if value < 1 << 63 else None  # then an int64
+
+
+def _tarfile_octal(field_bytes: bytes) -> int | None:
+    """tarfile's nti: cut at a NUL, strip whitespace, int(base 8)."""
+    try:
+        text = field_bytes.split(b"\0", 1)[0].decode("ascii").strip()
+        return int(text or "0", 8)
+    except ValueError:
+        return None
 
 
 def pax_number(pax: dict[str, str], key: str, error: Callable[[str], ArchiveError]) -> int:
@@ -289,33 +428,28 @@ class TarReader:
     def _next(self) -> TarMember | None:
         if self._content_end > self._position:
             self._skip_to(self._content_end)
-        pax: dict[str, str] = _NO_PAX
-        long_name: bytes | None = None
-        long_link: bytes | None = None
+        pending: _Pending | None = None  # made when an extension header comes: rarely
         while True:
             header_offset = self._position
             block = self._read_block()
             if block is None:
+                if pending is not None and pending.any():
+                    raise self._error(header_offset, "an extended header with no member after it")
                 return None
             typeflag, size = self._parse_common(block, header_offset)
-            if typeflag in (PAX_HEADER, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK):
-                if size > MAX_PAX_SIZE:
-                    raise self._error(
-                        header_offset, f"extended header of {size} bytes is too large"
-                    )
-                payload = self._read_exact(size, "extended header")
-                self._skip_exact(padded(size) - size)
-                if typeflag == PAX_HEADER:
-                    pax = {**pax, **self._parse_pax(payload, header_offset)}
-                elif typeflag == GNU_LONGNAME:
-                    long_name = payload.rstrip(b"\0")
-                elif typeflag == GNU_LONGLINK:
-                    long_link = payload.rstrip(b"\0")
-                # Global PAX headers are not applied: readers disagree on them.
-                continue
-            if pax:
-                size = self._apply_pax_size(pax, size, header_offset)
-            return self._member(block, header_offset, typeflag, size, pax, long_name, long_link)
+            if typeflag not in _EXTENSIONS:
+                return self._member(block, header_offset, typeflag, size, pending)
+            if size > MAX_PAX_SIZE:
+                raise self._error(header_offset, f"extended header of {size} bytes is too large")
+            payload = self._read_exact(size, "extended header")
+            # tarfile reads the padding as part of the header; Go does not.
+            if self._read_exact(padded(size) - size, "extended header").strip(b"\0"):
+                raise self._error(header_offset, "an extended header padded with data")
+            if pending is None:
+                pending = _Pending()
+            problem = pending.add(typeflag, payload, self._parse_pax, header_offset)
+            if problem:
+                raise self._error(header_offset, f"{problem}; readers disagree on it")
 
     def _member(
         self,
@@ -323,29 +457,31 @@ class TarReader:
         header_offset: int,
         typeflag: bytes,
         size: int,
-        pax: dict[str, str],
-        long_name: bytes | None,
-        long_link: bytes | None,
+        pending: _Pending | None,
     ) -> TarMember:
-        if typeflag in (b"\0", CONTTYPE):
+        header_name = _cstring(block[0:100])
+        name = header_name
+        if block[345] and block[257:263] == _POSIX_MAGIC:  # a ustar prefix
+            name = self._prefixed(block, header_name, header_offset)
+        pax, long_link = _NO_PAX, None
+        if pending is not None:
+            pax, long_link = pending.pax or _NO_PAX, pending.long_link
+            name = pending.long_name if pending.long_name is not None else name
+        text = name.decode("utf-8", "surrogateescape")
+        if "path" in pax and (pending is None or pending.long_name is None):
+            text = pax["path"]
+        if typeflag == b"\0":  # the old regular file flag; a directory with a trailing '/'
+            if text.endswith("/") != header_name.endswith(b"/"):
+                raise self._error(header_offset, "a type NUL member whose name and header disagree")
+            typeflag = DIRTYPE if text.endswith("/") else REGTYPE
+        elif typeflag == CONTTYPE:
             typeflag = REGTYPE
-        name = _cstring(block[0:100])
-        if block[257:263] == b"ustar\0" and block[345]:  # POSIX ustar: a prefix
-            name = _cstring(block[345:500]) + b"/" + name
-        if long_name is not None:
-            name = long_name
+        if pax:
+            size = self._apply_pax_size(pax, size, header_offset)
         if typeflag in HEADER_ONLY_TYPES:
             size = 0
         member = TarMember(
-            pax["path"] if "path" in pax else name.decode("utf-8", "surrogateescape"),
-            typeflag,
-            size,
-            self._position,
-            header_offset,
-            pax,
-            block,
-            long_link,
-            self.name,
+            text, typeflag, size, self._position, header_offset, pax, block, long_link, self.name
         )
         if not member.name:
             raise self._error(header_offset, "member has an empty name")
@@ -353,7 +489,19 @@ class TarReader:
         self._content_end = self._position + padded(size)
         return member
 
+    def _prefixed(self, block: bytes, name: bytes, offset: int) -> bytes:
+        """The name joined to the ustar prefix, as both readers join it."""
+        prefix = _cstring(block[345:500])
+        if block[508:512] == b"tar\0" and _cstring(block[345:476]) != prefix:  # STAR's is shorter
+            raise self._error(offset, "a STAR prefix that readers read apart")
+        return prefix + b"/" + name
+
     def _parse_common(self, block: bytes, offset: int) -> tuple[bytes, int]:
+        """The typeflag and size of a header whose checksum and numbers are sound.
+
+        Every numeric field is checked, whether or not it is used: Go's
+        reader refuses a header with any malformed one.
+        """
         stored = _octal(block[148:156])  # parsed inline: this runs for every entry
         size = _octal(block[124:136])
         if stored is None:
@@ -365,6 +513,20 @@ class TarReader:
             signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
             if stored != signed:
                 raise self._error(offset, "bad header checksum (not a tar archive, or corrupt)")
+        if not _COMMON_NUMBERS.fullmatch(block, 100, 148):
+            for start, end, what in _NUMERIC_FIELDS:
+                self._number(block[start:end], offset, what)
+        magic = block[257:265]
+        if magic[:6] == _POSIX_MAGIC:
+            if not _COMMON_DEVICES.fullmatch(block, 329, 345):
+                self._number(block[329:337], offset, "devmajor")
+                self._number(block[337:345], offset, "devminor")
+        elif block[257:500].strip(b"\0") and (
+            magic != _GNU_MAGIC or _cstring(block[345:500]) or block[329:345].strip(b"\0")
+        ):
+            # tarfile reads owner names, device numbers and a prefix from any
+            # header; Go only from POSIX and GNU ones, and never a GNU prefix.
+            raise self._error(offset, "a header of an old format with fields readers read apart")
         return block[156:157], size
 
     def _apply_pax_size(self, pax: dict[str, str], size: int, offset: int) -> int:
@@ -376,17 +538,13 @@ class TarReader:
         return pax_size
 
     def _parse_pax(self, payload: bytes, offset: int) -> dict[str, str]:
-        # Values are decoded losslessly whatever hdrcharset says.
+        """PAX records as Go and tarfile both read them (see the module's docstring)."""
         records: dict[str, str] = {}
         position = 0
         while position < len(payload):
-            if payload[position] == 0:  # some writers pad the payload with NULs
-                if payload[position:].strip(b"\0"):
-                    raise self._error(offset, "malformed PAX header (data after padding)")
-                break
             space = payload.find(b" ", position, position + 20)
             digits = payload[position:space] if space > 0 else b""
-            if not digits.isdigit():
+            if not digits.isdigit() or not digits.isascii():
                 raise self._error(offset, "malformed PAX header (bad record length)")
             length = int(digits)
             end = position + length
@@ -396,6 +554,15 @@ class TarReader:
             if not equals or not key:
                 raise self._error(offset, "malformed PAX header (record without key=value)")
             text = key.decode("utf-8", "surrogateescape")
+            if b"\0" in key or (text in _PAX_STRINGS and b"\0" in value):
+                raise self._error(offset, f"PAX record {text!r} holds a NUL")
+            if text in _PAX_APPLIED and not value:
+                raise self._error(offset, f"PAX record {text!r} is empty; readers disagree on it")
+            if text.startswith("GNU.sparse."):
+                raise self._error(offset, "GNU sparse files are not supported")
+            if text in _PAX_TIMES and not _PAX_TIME.fullmatch(value):
+                shown = value.decode("utf-8", "backslashreplace")
+                raise self._error(offset, f"PAX {text} {shown!r} is not a number")
             records[text] = value.decode("utf-8", "surrogateescape")
             position = end
         return records
@@ -446,7 +613,11 @@ class TarReader:
             if len(block) < BLOCK:
                 raise self._truncated("header")
         self._position = position + BLOCK
-        if block == _ZERO_BLOCK:  # the end-of-archive marker
+        if block == _ZERO_BLOCK:  # the end-of-archive marker, if a zero block or the end follows
+            following = self._read_fully(BLOCK)
+            if following and following != _ZERO_BLOCK:
+                raise self._error(position, "a zero block followed by a header")
+            self._position += len(following)
             return None
         return block
 
