@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import strict_json
 from ..fastpath import sha256
 from ..model import canonical_json, is_sha256_digest
 from . import member_list
@@ -234,8 +234,8 @@ def _abandoned(entry: os.DirEntry[str], now: float) -> bool:
 
 def _parse_entry(data: bytes, key: str, interval: int) -> CachedLayer | None:
     try:
-        document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        document = strict_json.loads(data)
+    except strict_json.JSONRefused:
         return None
     if not isinstance(document, dict) or document.get("version") != ENTRY_VERSION:
         return None

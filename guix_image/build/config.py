@@ -6,13 +6,13 @@ user can find it; nothing here touches the file system.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import strict_json
 from ..errors import InputError
 from ..store.paths import is_inside, normalise_path
 
@@ -98,17 +98,12 @@ def parse_config(
 ) -> BuildConfig:
     """Parse and validate a config document; `repo_tag` overrides the config's."""
     try:
-        document = json.loads(text, parse_constant=_no_constants)
-    except UnicodeDecodeError as error:
-        raise InputError(f"{source}: not UTF-8 text: {error}") from None
-    except json.JSONDecodeError as error:
+        document = strict_json.loads(text)
+    except strict_json.JSONRefused as error:
+        if str(error).startswith("not UTF-8"):
+            raise InputError(f"{source}: {error}") from None
         raise InputError(f"{source}: not valid JSON: {error}") from None
     return validate_config(document, source=source, now=now, repo_tag=repo_tag)
-
-
-def _no_constants(name: str) -> Any:
-    # Python's json takes NaN and Infinity; JSON, Docker and our readers do not.
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def validate_config(

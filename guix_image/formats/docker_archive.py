@@ -24,7 +24,7 @@ from ..model import (
 )
 from ..tar.format import END_OF_ARCHIVE, REGTYPE, padding
 from ..tar.writer import HeaderEncoder
-from .documents import digest_in_name
+from .documents import DOCKER_MANIFEST_KEYS, check_key_case, digest_in_name
 from .limits import MAX_LAYERS, MAX_MANIFEST_SIZE, MAX_MANIFESTS
 from .sources import ConfigReader, Source
 from .stored_layer import StoredLayer
@@ -114,6 +114,7 @@ def _image(source: Source, configs: ConfigReader, entry: Any, position: int) -> 
     where = f"{source.name}: manifest.json[{position}]"
     if not isinstance(entry, dict):
         raise ArchiveError(f"{where} is not an object")
+    check_key_case(entry, DOCKER_MANIFEST_KEYS, where)
     config_name = entry.get("Config")
     layer_names = entry.get("Layers")
     repo_tags = entry.get("RepoTags") or []

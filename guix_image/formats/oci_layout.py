@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ArchiveError
 from ..model import SHA256_PREFIX, Check, Image, is_sha256_digest, sha256_digest
-from .documents import parse_json
+from .documents import DESCRIPTOR_KEYS, OCI_MANIFEST_KEYS, check_key_case, parse_json
 from .limits import (
     MANIFESTS_KEPT_BYTES,
     MAX_INDEX_DEPTH,
@@ -84,6 +84,7 @@ class _Walk:
             raise ArchiveError(f"{source.name}: indexes nested more than {MAX_INDEX_DEPTH} deep")
         if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
             raise ArchiveError(f'{source.name}: {where} has no "manifests" list')
+        check_key_case(index, OCI_MANIFEST_KEYS, f"{source.name}: {where}")
         for position, descriptor in enumerate(index["manifests"]):
             self.walked += 1
             if self.walked > MAX_MANIFESTS:
@@ -91,6 +92,7 @@ class _Walk:
             here = f"{where} manifests[{position}]"
             if not isinstance(descriptor, dict):
                 raise ArchiveError(f"{source.name}: {here} is not a descriptor object")
+            check_key_case(descriptor, DESCRIPTOR_KEYS, f"{source.name}: {here}")
             location = blob_location(descriptor, f"{source.name}: {here}")
             data, digest, document = self._manifest(location)
             checks = _descriptor_checks(f"manifest {location}", descriptor, data, digest)
@@ -124,6 +126,7 @@ def _image(
     tags: list[str],
 ) -> Image[StoredLayer]:
     where = f"{source.name}: manifest {location}"
+    check_key_case(manifest, OCI_MANIFEST_KEYS, where)
     config_descriptor = manifest.get("config")
     layer_descriptors = manifest.get("layers")
     if not isinstance(config_descriptor, dict):
@@ -147,7 +150,9 @@ def _image(
         config_digest=config_digest,
     )
     diff_ids = image.diff_ids
+    check_key_case(config_descriptor, DESCRIPTOR_KEYS, f"{where} config")
     for number, descriptor in enumerate(layer_descriptors, 1):
+        check_key_case(descriptor, DESCRIPTOR_KEYS, f"{where} layers[{number - 1}]")
         layer_location = blob_location(descriptor, f"{where} layers[{number - 1}]")
         size = source.size_of(layer_location)
         image.layers.append(

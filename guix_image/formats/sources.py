@@ -15,11 +15,11 @@ followed inside the archive only, a bounded number of times.
 from __future__ import annotations
 
 import io
-import json
 import os
 import stat
 from typing import Any, BinaryIO, cast
 
+from .. import strict_json
 from ..errors import ArchiveError, InputError
 from ..model import sha256_digest
 from ..tar.format import LNKTYPE, REGTYPE, SYMTYPE
@@ -380,8 +380,8 @@ def _looks_like_metadata(key: str, data: bytes) -> bool:
     if data.lstrip()[:1] not in (b"{", b"["):
         return False
     try:
-        json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        strict_json.loads(data)
+    except strict_json.JSONRefused:
         return False
     return True
 
