@@ -420,3 +420,63 @@ def test_example_does_not_depend_on_the_umask(tmp_path: Path, cli_runner: CliRun
     assert read_archive(tmp_path / f"{0o022}.tar")["manifest"][0]["RepoTags"] == [
         "guix-image-example:latest"
     ]
+
+
+# -- what loaders refuse, or would make a build hang, is bad input at the start ----------
+
+
+def test_over_125_layers_are_refused_before_any_output(store: StoreTree, tmp_path: Path) -> None:
+    items = [store.item(f"i{n}", {"f": str(n)}) for n in range(126)]
+    chunks: list[bytes] = []
+    config = validate_config(store.config([[item] for item in items]))
+    with pytest.raises(InputError, match="would have 126 layers; `docker load` refuses more"):
+        build_image(config, lambda block: chunks.append(bytes(block)))
+    assert chunks == []
+
+
+def test_a_config_over_4_mib_is_refused_before_any_output(store: StoreTree) -> None:
+    item = store.item("x", {"f": "1"})
+    labels = {f"label-{n}": "v" * 1000 for n in range(4200)}
+    config = validate_config(store.config([[item]], config={"Labels": labels}))
+    chunks: list[bytes] = []
+    with pytest.raises(InputError, match=r"the image config would be .* loaders refuse more"):
+        build_image(config, lambda block: chunks.append(bytes(block)))
+    assert chunks == []
+
+
+@pytest.mark.parametrize("which", ["layer.tar", "checksum"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_customisation_file_that_is_not_a_file_is_refused_at_once(
+    which: str, kind: str, store: StoreTree, tmp_path: Path, cli_runner: Any
+) -> None:
+    directory = customisation(tmp_path, small_tar())
+    (directory / which).unlink()
+    if kind == "fifo":
+        os.mkfifo(directory / which)
+    else:
+        (directory / which).symlink_to("/dev/zero")
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(
+            store.config([[store.item("x", {"f": "1"})]], customisation_layer=str(directory))
+        )
+    )
+    result = cli_runner.invoke(main, ["build", str(config), "-o", str(tmp_path / "o.tar")])
+    assert result.exit_code == 2, result.output
+    assert "not a regular file" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "o.tar").exists()
+
+
+def test_a_base_image_that_is_a_fifo_is_refused(
+    store: StoreTree, tmp_path: Path, cli_runner: Any
+) -> None:
+    os.mkfifo(tmp_path / "base.tar")
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps(
+            store.config([[store.item("x", {"f": "1"})]], from_image=str(tmp_path / "base.tar"))
+        )
+    )
+    result = cli_runner.invoke(main, ["build", str(config), "-o", str(tmp_path / "o.tar")])
+    assert result.exit_code == 2, result.output
+    assert "neither a file nor an OCI layout directory" in result.stderr

@@ -856,3 +856,49 @@ def test_a_crashed_builds_temporary_files_are_cleaned_up(tmp_path: Path) -> None
     cache._trim()
     assert not stale.exists()
     assert fresh.exists()  # perhaps a build running now
+
+
+# -- entries and lists that are not what they seem -------------------------------------
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "garbage"])
+def test_an_entry_that_is_not_a_readable_entry_is_ignored_and_dropped(
+    target: str,
+    image_config: tuple[StoreTree, Path],
+    tmp_path: Path,
+    private_cache: Path,
+    cli_runner: CliRunner,
+) -> None:
+    _, config = image_config
+    assert cli_build(cli_runner, config, tmp_path / "1.tar")[0] == 0
+    entry = entries(private_cache)[0]
+    entry.unlink()
+    if target == "fifo":
+        os.mkfifo(entry)
+    elif target == "garbage":
+        entry.write_bytes(b"[" * 5000)
+    else:
+        entry.symlink_to(target)
+    started = time.monotonic()
+    code, stderr = cli_build(cli_runner, config, tmp_path / "2.tar")
+    assert code == 0, stderr
+    assert time.monotonic() - started < 30
+    assert "dropping it" in stderr
+    assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()
+    assert entry.is_file() and not entry.is_symlink()  # dropped, then written again
+
+
+def test_a_member_list_that_is_a_fifo_is_not_waited_on(
+    image_config: tuple[StoreTree, Path],
+    tmp_path: Path,
+    private_cache: Path,
+    cli_runner: CliRunner,
+) -> None:
+    _, config = image_config
+    assert cli_build(cli_runner, config, tmp_path / "1.tar")[0] == 0
+    for path in member_lists(private_cache):
+        path.unlink()
+        os.mkfifo(path)
+    code, stderr = cli_build(cli_runner, config, tmp_path / "2.tar")
+    assert code == 0, stderr
+    assert (tmp_path / "1.tar").read_bytes() == (tmp_path / "2.tar").read_bytes()

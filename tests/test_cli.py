@@ -663,3 +663,100 @@ def test_build_into_a_closed_pipe_stops_quietly(store: StoreTree, tmp_path: Path
     )
     assert pipeline.stdout.strip() == "status=141"
     assert pipeline.stderr == ""
+
+
+# -- closed standard streams, early interrupts ------------------------------------------
+
+
+def run_with_closed(fd: int, arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """guix-image with standard descriptor `fd` closed, as `>&-` leaves it."""
+    return subprocess.run(
+        [*GUIX_IMAGE, *arguments],
+        cwd=cwd,
+        capture_output=fd != 2,
+        stdout=None if fd != 2 else subprocess.PIPE,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(fd),
+        timeout=60,
+    )
+
+
+def test_a_closed_stdout_is_an_error_never_a_silent_loss(tmp_path: Path) -> None:
+    built = run_with_closed(1, ["build", "--example"], tmp_path)
+    assert built.returncode == 2
+    assert built.stderr.decode() == "Error: standard output is closed; use -o FILE\n"
+    archive = tmp_path / "e.tar"
+    assert (
+        run_with_closed(1, ["build", "--example", "-q", "-o", str(archive)], tmp_path).returncode
+        == 0
+    )
+    listed = run_with_closed(1, ["inspect", str(archive)], tmp_path)
+    assert listed.returncode == 1
+    assert listed.stderr.decode() == "Error: cannot write the output: standard output is closed\n"
+
+
+def test_a_closed_stderr_never_puts_diagnostics_into_the_archive(tmp_path: Path) -> None:
+    archive = tmp_path / "e.tar"
+    built = run_with_closed(2, ["build", "--example", "-o", str(archive)], tmp_path)
+    assert built.returncode == 0
+    with tarfile.open(archive) as tar:
+        assert tar.getnames()[-1] == "manifest.json"
+    reference = tmp_path / "ref.tar"
+    assert (
+        subprocess.run([*GUIX_IMAGE, "build", "--example", "-q", "-o", str(reference)]).returncode
+        == 0
+    )
+    assert archive.read_bytes() == reference.read_bytes()
+    to_stdout = run_with_closed(2, ["build", "--example"], tmp_path)
+    assert to_stdout.returncode == 0 and to_stdout.stdout == reference.read_bytes()
+
+
+def test_a_closed_stdin_reads_as_empty(tmp_path: Path) -> None:
+    result = run_with_closed(0, ["inspect", "-"], tmp_path)
+    assert result.returncode == 2
+    assert b"not an image archive" in result.stderr and b"Traceback" not in result.stderr
+
+
+def python_start_up() -> float:
+    """How long this Python takes to start and do nothing (the least of three)."""
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        times.append(time.monotonic() - started)
+    return min(times)
+
+
+def test_an_early_interrupt_prints_no_traceback(tmp_path: Path) -> None:
+    """Ctrl-C while guix-image imports itself ends quietly (before that, during the
+    interpreter's own start, what happens is Python's)."""
+    start_up = python_start_up()
+    for after in (0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15):
+        delay = start_up + after
+        process = subprocess.Popen(
+            [*GUIX_IMAGE, "build", "--example", "-o", str(tmp_path / "e.tar")],
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        # No frame of ours in a traceback: one from Python's own start (its site
+        # module, runpy finding the package) comes before any code of ours runs.
+        if b"init_import_site" in stderr:
+            continue  # Python's start, before any of guix-image
+        assert not re.search(rb'File "[^"]*/guix_image/', stderr), (delay, stderr)
+        assert process.returncode in (130, -signal.SIGINT, 0), (delay, process.returncode)
+
+
+def test_one_pipe_given_twice_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for arguments in (
+        ["diff-layers", str(fifo), str(fifo)],
+        ["verify", str(fifo), "--against", str(fifo)],
+    ):
+        result = subprocess.run(
+            [*GUIX_IMAGE, *arguments], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 2
+        assert "one pipe, which can be read only once" in result.stderr

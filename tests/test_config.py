@@ -243,3 +243,16 @@ def test_valid_repo_tags() -> None:
         "Registry.Example.com/x",
     ):
         assert validate_config(BASE, repo_tag=tag).repo_tag == tag
+
+
+@pytest.mark.parametrize("epoch", ["1_000", "+5", " 7 ", "\u0661\u0662", "-3", "1e3", ""])
+def test_source_date_epoch_is_an_ascii_decimal_integer(
+    epoch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", epoch)
+    with pytest.raises(InputError, match=r"SOURCE_DATE_EPOCH=.* is not a number of seconds"):
+        validate_config(config_with(created="now"))
+
+
+def test_a_fractional_id_is_named_as_such() -> None:
+    assert error_for(config_with(uid=1.5)).endswith("'uid': must be a whole number, not 1.5")

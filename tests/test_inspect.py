@@ -15,7 +15,7 @@ from guix_image.build.engine import BuildResult
 
 from .support.archives import archive_of, flip_byte, layer_tar
 from .support.cli import Cli, inspect_json
-from .support.tools import GUIX_IMAGE
+from .support.tools import GUIX_IMAGE, require
 
 
 def test_inspect_json_is_documented_and_complete(image: tuple[Path, BuildResult], cli: Cli) -> None:
@@ -213,3 +213,43 @@ def test_a_layer_of_a_pipe_is_listed_as_of_standard_input(
     from_file = inspect_json(cli, archive, "--files", "2")
     assert json.loads(listed.stdout)["listing"] == from_file["listing"]
     assert any(entry["path"].endswith("/bin/link") for entry in from_file["listing"])
+
+
+def test_trees_and_whiteouts_1000_deep_are_read(tmp_path: Path, cli: Cli) -> None:
+    deep = "/".join(["d"] * 1000)
+    lower = layer_tar([("d", None), (deep, None), (deep + "/f", b"x")])
+    upper = layer_tar([("d/.wh.d", b"")])
+    archive = archive_of([lower, upper], tmp_path / "deep.tar")
+    for arguments in (["--json"], ["--files", "--json"], ["--files", "1", "--tree"]):
+        result = cli("inspect", str(archive), *arguments)
+        assert result.exit_code == 0, result.output[-500:]
+    merged = inspect_json(cli, archive, "--files")["listing"]
+    assert [entry["path"] for entry in merged] == ["d"]
+
+
+def test_an_opaque_directory_hides_the_lower_layers_as_umoci_does(tmp_path: Path, cli: Cli) -> None:
+    """Below an opaque whiteout, nothing of the lower layers shows, even below a
+    subdirectory the upper layer declares again."""
+    require("skopeo")
+    require("umoci")
+    lower = layer_tar(
+        [("a", None), ("a/b", None), ("a/b/f", b"lower"), ("a/g", b"lower"), ("k", b"kept")]
+    )
+    upper = layer_tar([("a", None), ("a/b", None), ("a/.wh..wh..opq", b""), ("a/h", b"upper")])
+    archive = archive_of([lower, upper], tmp_path / "opaque.tar")
+    listed = {entry["path"] for entry in inspect_json(cli, archive, "--files")["listing"]}
+    layout = tmp_path / "layout"
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"docker-archive:{archive}", f"oci:{layout}:t"],
+        check=True,
+        capture_output=True,
+    )
+    bundle = tmp_path / "bundle"
+    subprocess.run(
+        ["umoci", "unpack", "--rootless", "--image", f"{layout}:t", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
+    rootfs = bundle / "rootfs"
+    unpacked = {path.relative_to(rootfs).as_posix() for path in rootfs.rglob("*")}
+    assert listed == unpacked == {"a", "a/b", "a/h", "k"}

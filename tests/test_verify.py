@@ -11,7 +11,7 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import flip_byte
+from .support.archives import flip_byte, oci_files, write_layout
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 from .support.tools import convert
@@ -81,3 +81,29 @@ def test_verify_against_another_archive(store: StoreTree, build: BuildFn, cli: C
     assert result.exit_code == 1
     assert "FAIL  against layer 1" in result.stdout
     assert "First differing layer: 1" in result.stdout
+
+
+def test_a_blob_bigger_than_its_descriptor_says_is_not_hashed(tmp_path: Path, cli: Cli) -> None:
+    """A terabyte of holes behind a descriptor of 2,048 bytes fails at once."""
+    import time
+
+    layout = write_layout(tmp_path / "layout", oci_files())
+    blob = layout / the_layer(layout)
+    with blob.open("r+b") as file:
+        file.truncate(1 << 40)  # sparse: no disk used
+    started = time.monotonic()
+    result = cli("verify", str(layout), "--json")
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1, result.output
+    failed = {
+        check["name"]: check for check in json.loads(result.stdout)["checks"] if not check["ok"]
+    }
+    assert "layer 1 blob size" in failed
+    assert "not read" in failed["layer 1 readable"]["actual"]
+
+
+def the_layer(layout: Path) -> str:
+    index = json.loads((layout / "index.json").read_text())
+    manifest_path = "blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / manifest_path).read_text())
+    return "blobs/sha256/" + manifest["layers"][0]["digest"].split(":")[1]

@@ -56,19 +56,36 @@ def merge_layers(layers: Sequence[Sequence[HasPath]]) -> tuple[dict[str, MergedE
         if children is None:
             children = {}
             for path in merged:
-                children.setdefault(path.rpartition("/")[0], set()).add(path)
+                link(children, path)
         return children
 
     def remove(path: str, by_layer: int) -> None:
+        """Delete `path` and everything below it (iteratively: trees may be deep)."""
         tree = index()
-        entry = merged.pop(path, None)
-        if entry is not None:
-            if entry.record.type == "file" and entry.record.size:
-                waste.note(path, entry.record.size, entry.layer)
-                waste.offenders[path][1].append(by_layer)
-            tree.get(path.rpartition("/")[0], set()).discard(path)
-        for child in list(tree.pop(path, ())):
-            remove(child, by_layer)
+        stack = [path]
+        while stack:
+            current = stack.pop()
+            entry = merged.pop(current, None)
+            if entry is not None:
+                if entry.record.type == "file" and entry.record.size:
+                    waste.note(current, entry.record.size, entry.layer)
+                    waste.offenders[current][1].append(by_layer)
+                tree.get(current.rpartition("/")[0], set()).discard(current)
+            stack.extend(tree.pop(current, ()))
+
+    def hide_lower(directory: str, by_layer: int) -> None:
+        """An opaque whiteout: every entry below `directory` from a lower layer goes,
+        also below a subdirectory the same layer declared again (overlayfs shows
+        none of the lower directory)."""
+        tree = index()
+        stack = [directory]
+        while stack:
+            for child in list(tree.get(stack.pop(), ())):
+                entry = merged.get(child)  # None: a directory no entry declared
+                if entry is not None and entry.layer < by_layer:
+                    remove(child, by_layer)
+                else:
+                    stack.append(child)
 
     for number, records in enumerate(layers, 1):
         for record in records:
@@ -78,9 +95,7 @@ def merge_layers(layers: Sequence[Sequence[HasPath]]) -> tuple[dict[str, MergedE
             directory, _, name = path.rpartition("/")
             if name.startswith(WHITEOUT_PREFIX):
                 if name == OPAQUE_WHITEOUT:
-                    for child in list(index().get(directory, ())):
-                        if merged[child].layer < number:
-                            remove(child, number)
+                    hide_lower(directory, number)
                 else:
                     remove(f"{directory}/{name[len(WHITEOUT_PREFIX) :]}".lstrip("/"), number)
                 continue
@@ -89,10 +104,23 @@ def merge_layers(layers: Sequence[Sequence[HasPath]]) -> tuple[dict[str, MergedE
                 remove(path, number)
             merged[path] = MergedEntry(record, number)
             if children is not None:
-                children.setdefault(directory, set()).add(path)
+                link(children, path)
     for path in waste.offenders:
         waste.offenders[path][1] = sorted(set(waste.offenders[path][1]))
     return merged, waste
+
+
+def link(children: dict[str, set[str]], path: str) -> None:
+    """Record `path` in its directory, and each directory in its own, up to one
+    already recorded: a layer may hold a/b/c with no entry for a/b, and deleting
+    a must still reach it."""
+    while path:
+        directory = path.rpartition("/")[0]
+        siblings = children.setdefault(directory, set())
+        if path in siblings:
+            return
+        siblings.add(path)
+        path = directory
 
 
 def duplicated_paths(layers: Sequence[Sequence[HasPath]]) -> dict[str, list[int]]:

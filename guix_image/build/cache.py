@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import strict_json
 from ..fastpath import sha256
+from ..files import read_regular
 from ..model import canonical_json, is_sha256_digest
 from . import member_list
 from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
@@ -37,6 +38,8 @@ LAYER_FORMAT = "guix-image/layer-tar/1"
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 MEMBER_LISTS_BUDGET = 512 << 20
+# An entry holds its checkpoints: 64 hex digits per 4 MiB, 16 MiB for a 1 TiB layer.
+MAX_ENTRY_SIZE = 16 << 20
 _MEMBERS = ".members"
 _TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
 _ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed build's
@@ -94,15 +97,17 @@ class LayerCache:
     def get(self, key: str) -> CachedLayer | None:
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            data = read_regular(path, MAX_ENTRY_SIZE, follow=False)
         except FileNotFoundError:
             return None
         except OSError as error:
-            self.warn(f"cannot read cache entry {path}: {error.strerror}; ignoring it")
+            self.warn(f"cannot read cache entry {path}: {error.strerror}; dropping it")
+            self.drop(key)
             return None
         entry = _parse_entry(data, key, self.checkpoint_interval)
         if entry is None:
-            self.warn(f"ignoring unreadable cache entry {path}")
+            self.warn(f"ignoring unreadable cache entry {path}; dropping it")
+            self.drop(key)
         return entry
 
     def put(self, key: str, layer: CachedLayer) -> None:
@@ -141,8 +146,9 @@ class LayerCache:
         self._writable = False
 
     def drop(self, key: str) -> None:
+        """Remove entry `key` and its member list (housekeeping: never fails)."""
         for path in (self._path(key), self._members_path(key)):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 path.unlink()
 
     def member_list(self, key: str, tag: bytes) -> MemberList | None:

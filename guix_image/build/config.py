@@ -173,9 +173,13 @@ def validate_config(
 
 def _now() -> datetime:
     # SOURCE_DATE_EPOCH is the reproducible-builds way to pin "now".
+    # It is "an ASCII decimal integer" (reproducible-builds.org): int() alone
+    # would also take " 7 ", "+5", "1_000" and other scripts' digits.
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch is not None:
         try:
+            if not (epoch.isascii() and epoch.isdigit()) or len(epoch) > 12:
+                raise ValueError(epoch)
             return datetime.fromtimestamp(int(epoch), UTC)
         except (ValueError, OverflowError, OSError):
             raise InputError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds") from None
@@ -277,7 +281,10 @@ class _Fields:
             return default
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             expected = {str: "a string", list: "a list", dict: "an object", int: "a number"}[kind]
-            raise self.error(name, f"must be {expected}, not {_type_name(value)}")
+            found = _type_name(value)
+            if kind is int and isinstance(value, float):  # not "a number, not a number"
+                expected, found = "a whole number", repr(value)
+            raise self.error(name, f"must be {expected}, not {found}")
         return value
 
     def string(self, name: str, default: Any = _MISSING, allow_empty: bool = False) -> str:

@@ -16,10 +16,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..errors import InputError
 from ..fastpath import HashingWriter, Sink
 from ..formats.docker_archive import DockerArchiveWriter
+from ..formats.limits import MAX_CONFIG_SIZE
 from ..formats.stored_layer import StoredLayer
-from ..model import HistoryEntry, Image, ImageConfig, Layer, Measured, merge_env
+from ..model import SHA256_PREFIX, HistoryEntry, Image, ImageConfig, Layer, Measured, merge_env
 from ..store.database import StoreDatabase
 from .cache import LayerCache
 from .config import BuildConfig
@@ -98,11 +100,7 @@ def build_image(
     report = progress or SilentProgress()
     plan = plan_layers(config, root=root, max_planned=max_planned)
     result = BuildResult(image_id="", repo_tags=[config.repo_tag] if config.repo_tag else [])
-    if len(plan.layers) > MOBY_MAX_LAYERS:
-        result.warnings.append(
-            f"the image has {len(plan.layers)} layers; "
-            f"`docker load` refuses more than {MOBY_MAX_LAYERS}"
-        )
+    _refuse_what_loaders_refuse(config, plan)
     caching = _Caching(cache, plan, config.store_dir, root) if cache is not None else None
     scan_ahead = _ScanAhead(plan, caching)
     interval = cache.checkpoint_interval if cache is not None else None
@@ -144,6 +142,22 @@ def build_image(
         for number, (layer, layer_measured) in enumerate(zip(plan.layers, measured, strict=True), 1)
     ]
     return result
+
+
+def _refuse_what_loaders_refuse(config: BuildConfig, plan: Plan) -> None:
+    """Before a byte is written: an image loaders would refuse is bad input."""
+    if len(plan.layers) > MOBY_MAX_LAYERS:
+        raise InputError(
+            f"the image would have {len(plan.layers)} layers; "
+            f"`docker load` refuses more than {MOBY_MAX_LAYERS}"
+        )
+    # Every diff_id has the same length: the config's size is known now.
+    placeholders = [SHA256_PREFIX + "0" * 64] * len(plan.layers)
+    size = len(_image_config(config, plan, placeholders).to_bytes())
+    if size > MAX_CONFIG_SIZE:
+        raise InputError(
+            f"the image config would be {size} bytes; loaders refuse more than {MAX_CONFIG_SIZE}"
+        )
 
 
 def _built(

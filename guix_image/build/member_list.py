@@ -34,6 +34,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import NamedTuple
 
+from ..files import open_regular
+
 MAGIC = b"guix-image member list 1\n"
 _FILE_HEADER = struct.Struct("<QQ64s")
 _CHUNK_HEADER = struct.Struct("<III")
@@ -262,7 +264,7 @@ class MemberList:
 
 def _open(path: str) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return open_regular(path, follow=False)
     except FileNotFoundError:
         raise
     except OSError as error:

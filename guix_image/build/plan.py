@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import InputError
+from ..files import open_regular, read_regular
 from ..formats.stored_layer import StoredLayer, TarFileLayer
 from ..model import SHA256_PREFIX, Image, Layer, is_sha256_digest
 from ..store.walk import Store
@@ -67,6 +68,8 @@ def _base_image(path: str | None) -> Image[StoredLayer] | None:
     from ..formats.sources import open_source
 
     where = "config field 'from_image'"
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        raise InputError(f"{where}: {path} is neither a file nor an OCI layout directory")
     try:
         with open_source(path, HEADERS) as source:
             images = read_images(source)
@@ -93,8 +96,7 @@ def _customisation_layer(directory: str) -> TarFileLayer:
     checksum_path = os.path.join(directory, "checksum")
     layer_path = os.path.join(directory, "layer.tar")
     try:
-        with open(checksum_path, encoding="ascii", errors="replace") as f:
-            checksum = f.read().strip()
+        checksum = read_regular(checksum_path, 4096).decode("ascii", "replace").strip()
     except OSError as error:
         raise InputError(f"{where}: cannot read checksum: {error.strerror}") from None
     if not is_sha256_digest(SHA256_PREFIX + checksum):
@@ -105,7 +107,7 @@ def _customisation_layer(directory: str) -> TarFileLayer:
     digest = hashlib.sha256()
     size = 0
     try:
-        with open(layer_path, "rb") as f:
+        with os.fdopen(open_regular(layer_path), "rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
                 size += len(chunk)

@@ -50,9 +50,9 @@ class GuixImageGroup(click.Group):
         except click.ClickException as error:
             error.show()
             sys.exit(error.exit_code)
-        except click.Abort:
-            click.echo("guix-image: aborted", err=True)
-            sys.exit(1)
+        except click.Abort:  # Click's word for a KeyboardInterrupt while it parses
+            click.echo("guix-image: interrupted", err=True)
+            sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:

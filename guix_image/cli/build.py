@@ -70,6 +70,10 @@ def build(
         raise click.UsageError("give either CONFIG or --example")
     if example and root is not None:
         raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
+    from .streams import CLOSED
+
+    if output in (None, "-") and 1 in CLOSED:
+        raise CommandError("standard output is closed; use -o FILE", 2)
     if output in (None, "-") and sys.stdout.isatty():
         raise CommandError(
             "refusing to write an image archive to a terminal; use -o FILE or a pipe", 2

@@ -116,6 +116,7 @@ def diff_layers(
 
     if archive_a == "-" and archive_b == "-":
         raise CommandError("only one of A and B can be standard input", 2)
+    _refuse_one_pipe_twice(archive_a, archive_b)
     if report_dir is not None and "-" in (archive_a, archive_b):
         raise CommandError("--report-dir needs both archives as files, not standard input", 2)
     ignore = Ignore(timestamps=ignore_timestamps, ownership=ignore_ownership)
@@ -188,6 +189,8 @@ def verify(
         raise CommandError("give --rebuild or --against, not both", 2)
     if archive == "-" and (against == "-" or getattr(rebuild_config, "name", "") == "<stdin>"):
         raise CommandError("only one input can be standard input", 2)
+    if against is not None:
+        _refuse_one_pipe_twice(archive, against)
     options = checking.read_options(comparing=rebuild_config is not None or against is not None)
     with opened(archive, options, image) as (source, chosen):
         total = sum(layer.size for layer in chosen.layers)
@@ -212,3 +215,18 @@ def _rebuild(config_file: Any, root: str | None) -> Any:
 
     config = parse_config(config_file.read(), source=config_file.name)
     return lambda fd: build_image(config, fd, root=root)
+
+
+def _refuse_one_pipe_twice(first: str, second: str) -> None:
+    """A pipe (a FIFO, `<(...)`) can be read once: given twice, the second read would wait
+    for ever."""
+    import os
+    import stat
+
+    try:
+        same = os.path.samefile(first, second)
+        mode = os.stat(first).st_mode
+    except (OSError, ValueError):
+        return  # not there, or "-": the readers say so
+    if same and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise CommandError(f"{first} and {second} are one pipe, which can be read only once", 2)

@@ -200,11 +200,17 @@ def inspect_tree(out: Output, entries: list[ListedFile], label: str) -> None:
     root = Tree(Text(label))
     nodes: dict[str, Any] = {"": root}
 
-    def node(path: str) -> Any:  # a directory, made up if the layer has no entry for it
-        if path not in nodes:
-            parent, _, name = path.rpartition("/")
-            nodes[path] = node(parent).add(Text(printable(name) + "/"))
-        return nodes[path]
+    def node(path: str) -> Any:
+        """The directory's node, made up (with its parents) where no entry declared it;
+        iteratively, as trees may be deep."""
+        missing = []
+        while path not in nodes:
+            missing.append(path)
+            path = path.rpartition("/")[0]
+        for directory in reversed(missing):
+            name = directory.rpartition("/")[2]
+            nodes[directory] = nodes[directory.rpartition("/")[0]].add(Text(printable(name) + "/"))
+        return nodes[path if not missing else missing[0]]
 
     for entry in entries:
         record = entry.record

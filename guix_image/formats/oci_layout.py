@@ -164,6 +164,7 @@ def _image(
                 diff_id=diff_ids[number - 1] if number <= len(diff_ids) else None,
                 digest=descriptor["digest"],
                 media_type=descriptor.get("mediaType"),
+                declared_size=_declared_size(descriptor),
             )
         )
         image.checks.append(
@@ -191,3 +192,8 @@ def _tags(descriptor: dict[str, Any]) -> list[str]:
     return [annotations[key] for key in TAG_ANNOTATIONS if isinstance(annotations.get(key), str)][
         :1
     ]
+
+
+def _declared_size(descriptor: dict[str, Any]) -> int | None:
+    size = descriptor.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, cast
 
 from .. import strict_json
 from ..errors import ArchiveError, InputError
+from ..files import open_regular
 from ..model import sha256_digest
 from ..tar.format import LNKTYPE, REGTYPE, SYMTYPE
 from ..tar.reader import TarMember, TarReader, is_climbing, normalise_member_name
@@ -193,12 +194,20 @@ class DirectorySource(Source):
     def read_bytes(self, location: str, limit: int, what: str) -> bytes:
         path = self._path(location, what)
         _check_limit(os.stat(path).st_size, limit, what, self.name)
-        with open(path, "rb") as f:
+        with self._open(path, location, what) as f:
             return f.read(limit + 1)
 
     def open_blob(self, location: str) -> BinaryIO:
-        fd = os.open(self._path(location, "member"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        return open(fd, "rb")
+        return self._open(self._path(location, "member"), location, "member")
+
+    def _open(self, path: str, location: str, what: str) -> BinaryIO:
+        try:
+            return open(open_regular(path, follow=False), "rb")
+        except OSError as error:  # unreadable: the layout is not one we can read
+            reason = error.strerror or str(error)
+            raise ArchiveError(
+                f"{self.name}: {what} {location!r} cannot be read: {reason}"
+            ) from None
 
     def extent(self, location: str) -> tuple[str, int, int] | None:
         path = self._path(location, "member")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from ..errors import FileChanged, InputError
+from ..files import open_regular
 from ..model import Layer, Progress, TarSink
 from .layer_tar import LayerContents, ReadOptions
 from .sources import Source
@@ -35,8 +36,10 @@ class StoredLayer(Layer):
         diff_id: str | None,
         digest: str | None = None,
         media_type: str | None = None,
+        declared_size: int | None = None,
     ) -> None:
         self.source, self.index, self.location = source, index, location
+        self.declared_size = declared_size  # what an OCI descriptor says the size is
         self.size: int = size  # bytes as stored
         self.diff_id, self.digest, self.media_type = diff_id, digest, media_type
         self.description = f"{source.name}: layer {index} ({location})"
@@ -114,7 +117,7 @@ class TarFileLayer(Layer):
 def copy_extent(out: TarSink, path: str, offset: int, size: int) -> None:
     """Copy `size` bytes of the file at `path` from `offset` (more may follow them)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except OSError as error:
         raise InputError(f"cannot read {path}: {error.strerror}") from None
     try:
