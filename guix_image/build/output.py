@@ -2,7 +2,10 @@
 
 `atomic_output` writes to a temporary file beside the target and renames it
 into place on success; on any error, SIGINT, SIGTERM or SIGHUP the temporary
-file is removed and the target is left as it was.
+file is removed and the target is left as it was. A build killed outright
+(SIGKILL, a crash) cannot remove it: each temporary file is locked (flock)
+by the build writing it, so the next build to the same place removes those
+whose lock it can take, proof that their writer is gone.
 """
 
 from __future__ import annotations
@@ -64,26 +67,67 @@ def atomic_output(path: str) -> Iterator[int]:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise InputError(f"output {path}: directory {directory} does not exist")
+    prefix = f".{os.path.basename(path)}."
+    remove_dead_parts(directory, prefix)
     try:
-        import tempfile  # here: a build to a pipe skips the import
-
-        fd, temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".part", dir=directory
-        )
+        fd, temporary = _locked_temporary(directory, prefix)
     except OSError as error:
         raise InputError(f"cannot create output {path}: {error.strerror}") from None
     try:
         yield fd
         os.fchmod(fd, 0o666 & ~current_umask())
-        os.close(fd)
-        fd = -1
-        os.replace(temporary, path)
+        os.replace(temporary, path)  # while still locked: no cleaner takes it
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+    finally:
+        os.close(fd)
+
+
+def _locked_temporary(directory: str, prefix: str) -> tuple[int, str]:
+    """A new `prefix*.part` file, locked before it bears that name (see above)."""
+    import tempfile  # here: a build to a pipe skips the import
+
+    fd, new = tempfile.mkstemp(prefix=prefix, suffix=".new", dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        temporary = new.removesuffix(".new") + ".part"
+        os.rename(new, temporary)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(new)
+        raise
+    return fd, temporary
+
+
+def remove_dead_parts(directory: str, prefix: str) -> list[str]:
+    """Remove the `prefix*.part` files in `directory` whose writer is gone; their names.
+
+    Housekeeping, never a reason to fail.
+    """
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".part")]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: nobody writes it
+            if os.fstat(fd).st_ino == os.lstat(path).st_ino:
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass  # locked (alive), or gone meanwhile
+        finally:
+            os.close(fd)
+    return removed
 
 
 @contextlib.contextmanager

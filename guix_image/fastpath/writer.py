@@ -332,4 +332,5 @@ class HashingWriter:
         if error is not None:
             if isinstance(error, GuixImageError | BrokenPipeError):
                 raise error  # a closed pipe: the reader stopped, we stop too
-            raise OperationError(f"cannot write the output: {error}") from error
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise OperationError(f"cannot write the output: {reason}") from error
