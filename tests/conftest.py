@@ -96,3 +96,24 @@ def podman_storage() -> Iterator[Path]:
     yield storage
     subprocess.run(["chmod", "-R", "u+w", str(storage)], capture_output=True)
     shutil.rmtree(storage, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Go's archive/tar and encoding/json, built from tests/support/oracle/oracle.go
+    with the system's Go (offline: standard library only)."""
+    require("go")
+    work = tmp_path_factory.mktemp("go")
+    binary = work / "oracle"
+    environment = {**os.environ, "GOCACHE": str(work / "cache"), "HOME": str(work)}
+    environment.update(GOPATH=str(work / "path"), GOFLAGS="", GO111MODULE="off")
+    source = Path(__file__).parent / "support" / "oracle" / "oracle.go"
+    built = subprocess.run(
+        ["go", "build", "-o", str(binary), str(source)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    return binary

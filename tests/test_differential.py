@@ -41,31 +41,11 @@ from .support.archives import (
     tar,
 )
 from .support.cli import Cli
-from .support.tools import docker_answers, require
+from .support.tools import docker_answers
 
-ORACLE = Path(__file__).parent / "support" / "oracle" / "oracle.go"
 HEADER_ONLY = {"1", "2", "3", "4", "5", "6"}
 # A reading: one (name, type, link target, content sha256) per entry, or why it failed.
 Reading = list[tuple[str, str, str, str]] | str
-
-
-@pytest.fixture(scope="session")
-def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Go's archive/tar and encoding/json, compiled from tests/support/oracle."""
-    require("go")
-    work = tmp_path_factory.mktemp("go")
-    binary = work / "oracle"
-    environment = {**os.environ, "GOCACHE": str(work / "cache"), "HOME": str(work)}
-    environment.update(GOPATH=str(work / "path"), GOFLAGS="", GO111MODULE="off")
-    built = subprocess.run(
-        ["go", "build", "-o", str(binary), str(ORACLE)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr
-    return binary
 
 
 def entry(name: str, kind: str, link: str, content: bytes) -> tuple[str, str, str, str]:

@@ -149,21 +149,27 @@ def test_a_temporary_file_still_being_written_is_left_alone(tmp_path: Path) -> N
     assert live.exists() and not dead.exists()
 
 
-def test_signals_at_any_moment_leave_a_whole_archive_or_nothing(
-    store: StoreTree, tmp_path: Path
-) -> None:
+def with_reference(
+    store: StoreTree, tmp_path: Path, layers: int, files: int, size: int
+) -> tuple[Path, Path]:
+    """A config of `layers` store items of `files` random files each, and the archive a
+    calm build without the cache makes of it."""
     items = [
-        store.item(f"i{n}", {f"f{k}": os.urandom(50_000) for k in range(40)}) for n in range(4)
+        store.item(f"i{n}", {f"f{k}": os.urandom(size) for k in range(files)})
+        for n in range(layers)
     ]
     settle()
     config = write_config(tmp_path / "c.json", store.config([[item] for item in items]))
     reference = tmp_path / "reference.tar"
-    assert (
-        subprocess.run(
-            [*GUIX_IMAGE, "build", "-q", "--no-cache", str(config), "-o", str(reference)]
-        ).returncode
-        == 0
-    )
+    calm = [*GUIX_IMAGE, "build", "-q", "--no-cache", str(config), "-o", str(reference)]
+    assert subprocess.run(calm).returncode == 0
+    return config, reference
+
+
+def test_signals_at_any_moment_leave_a_whole_archive_or_nothing(
+    store: StoreTree, tmp_path: Path
+) -> None:
+    config, reference = with_reference(store, tmp_path, layers=4, files=40, size=50_000)
     out = tmp_path / "out"
     out.mkdir()
     rng = random.Random(14)
@@ -189,18 +195,7 @@ def test_signals_at_any_moment_leave_a_whole_archive_or_nothing(
 
 
 def test_four_builds_at_once_share_one_cache(store: StoreTree, tmp_path: Path) -> None:
-    items = [
-        store.item(f"i{n}", {f"f{k}": os.urandom(30_000) for k in range(30)}) for n in range(3)
-    ]
-    settle()
-    config = write_config(tmp_path / "c.json", store.config([[item] for item in items]))
-    reference = tmp_path / "reference.tar"
-    assert (
-        subprocess.run(
-            [*GUIX_IMAGE, "build", "-q", "--no-cache", str(config), "-o", str(reference)]
-        ).returncode
-        == 0
-    )
+    config, reference = with_reference(store, tmp_path, layers=3, files=30, size=30_000)
     for rounds in range(2):  # cold, then warm
         processes = [build_process(config, tmp_path / f"{rounds}-{n}.tar") for n in range(4)]
         for process in processes:

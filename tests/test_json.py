@@ -9,7 +9,6 @@ refuses, we refuse with one line and exit 2.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,6 @@ from guix_image.formats.documents import (
 from .support.archives import archive_of, layer_tar
 from .support.cli import Cli
 from .support.stores import StoreTree, write_config
-from .support.tools import require
-
-ORACLE = Path(__file__).parent / "support" / "oracle" / "oracle.go"
 
 # Documents every reader must refuse or read alike, as bytes.
 TRICKS: dict[str, bytes] = {
@@ -124,22 +120,6 @@ def our_view(document: Any) -> dict[str, Any]:
         "Manifests": None,
         "Layers": None,
     }
-
-
-@pytest.fixture(scope="module")
-def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require("go")
-    work = tmp_path_factory.mktemp("go")
-    environment = {**os.environ, "GOCACHE": str(work / "cache"), "HOME": str(work)}
-    environment.update(GOPATH=str(work / "path"), GOFLAGS="", GO111MODULE="off")
-    subprocess.run(
-        ["go", "build", "-o", str(work / "oracle"), str(ORACLE)],
-        check=True,
-        capture_output=True,
-        env=environment,
-        timeout=600,
-    )
-    return work / "oracle"
 
 
 @pytest.mark.tools

@@ -378,6 +378,7 @@ class TarReader:
             getattr(stream, "pread", None) if self._end is not None else None
         )
         self._window = b""  # bytes from _window_start, read ahead by a positioned read
+        self._sound_numbers: set[bytes] = set()  # header numbers already checked
         self._window_start = 0
 
     @property
@@ -513,21 +514,33 @@ class TarReader:
             signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
             if stored != signed:
                 raise self._error(offset, "bad header checksum (not a tar archive, or corrupt)")
-        if not _COMMON_NUMBERS.fullmatch(block, 100, 148):
-            for start, end, what in _NUMERIC_FIELDS:
-                self._number(block[start:end], offset, what)
         magic = block[257:265]
         if magic[:6] == _POSIX_MAGIC:
-            if not _COMMON_DEVICES.fullmatch(block, 329, 345):
-                self._number(block[329:337], offset, "devmajor")
-                self._number(block[337:345], offset, "devminor")
+            # The other numbers are the same in most headers of an archive:
+            # each combination is checked once.
+            numbers = block[100:124] + block[136:148] + block[329:345]
+            if numbers not in self._sound_numbers:
+                self._check_numbers(block, offset)
+                if len(self._sound_numbers) < 4096:
+                    self._sound_numbers.add(numbers)
         elif block[257:500].strip(b"\0") and (
             magic != _GNU_MAGIC or _cstring(block[345:500]) or block[329:345].strip(b"\0")
         ):
             # tarfile reads owner names, device numbers and a prefix from any
             # header; Go only from POSIX and GNU ones, and never a GNU prefix.
             raise self._error(offset, "a header of an old format with fields readers read apart")
+        else:
+            self._check_numbers(block, offset, devices=False)
         return block[156:157], size
+
+    def _check_numbers(self, block: bytes, offset: int, *, devices: bool = True) -> None:
+        """Mode, owner ids, mtime (and device numbers) as both readers read them."""
+        if not _COMMON_NUMBERS.fullmatch(block, 100, 148):
+            for start, end, what in _NUMERIC_FIELDS:
+                self._number(block[start:end], offset, what)
+        if devices and not _COMMON_DEVICES.fullmatch(block, 329, 345):
+            self._number(block[329:337], offset, "devmajor")
+            self._number(block[337:345], offset, "devminor")
 
     def _apply_pax_size(self, pax: dict[str, str], size: int, offset: int) -> int:
         if "size" not in pax:
