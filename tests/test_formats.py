@@ -258,3 +258,23 @@ def test_malformed_env_and_history_in_an_archive_are_refused(tmp_path: Path, cli
         result = cli("inspect", str(archive))
         assert result.exit_code == 2, (bad, result.output)
         assert result.stderr.count("\n") == 1
+
+
+def test_an_outer_hard_link_to_a_later_member_is_refused(tmp_path: Path, cli: Cli) -> None:
+    """`docker load` extracts the archive: a hard link to what comes later cannot be made."""
+    import io
+
+    layer = layer_tar([("f", b"1")])
+    archive = archive_of([layer], tmp_path / "a.tar")
+    with tarfile.open(archive) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]  # type: ignore[union-attr]
+    forward = tmp_path / "forward.tar"
+    with tarfile.open(forward, "w") as tar:
+        alias = tarfile.TarInfo("alias.tar")
+        alias.type, alias.linkname = tarfile.LNKTYPE, "0/layer.tar"
+        tar.addfile(alias)
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+    result = cli("inspect", str(forward))
+    assert result.exit_code == 2
+    assert "hard link to '0/layer.tar', which does not come before it" in result.stderr

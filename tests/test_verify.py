@@ -4,6 +4,7 @@ rebuild or another archive."""
 from __future__ import annotations
 
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import flip_byte, oci_files, write_layout
+from .support.archives import archive_of, flip_byte, oci_files, write_layout
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
-from .support.tools import convert
+from .support.tools import convert, docker_answers
 
 
 @pytest.mark.parametrize("form", ["docker-archive", "oci-archive", "oci-zstd", "oci-gzip"])
@@ -107,3 +108,34 @@ def the_layer(layout: Path) -> str:
     manifest_path = "blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]
     manifest = json.loads((layout / manifest_path).read_text())
     return "blobs/sha256/" + manifest["layers"][0]["digest"].split(":")[1]
+
+
+def hard_link_layer(forward: bool) -> bytes:
+    """A layer holding `link`, a hard link to `target`, after or before it."""
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        target = tarfile.TarInfo("target")
+        target.size = 4
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.LNKTYPE, "target"
+        members = (
+            [(link, None), (target, b"data")] if forward else [(target, b"data"), (link, None)]
+        )
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["to-a-later-entry", "to-an-earlier-one"])
+def test_a_hard_link_docker_cannot_extract_fails(forward: bool, tmp_path: Path, cli: Cli) -> None:
+    archive = archive_of([hard_link_layer(forward)], tmp_path / "links.tar")
+    result = cli("verify", str(archive), "--json")
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    assert checks["layer 1 hard links to earlier entries"]["ok"] is not forward
+    assert result.exit_code == (1 if forward else 0)
+    if docker_answers():  # what the loader says, where it can be asked
+        loaded = subprocess.run(["docker", "load", "-i", str(archive)], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", "crafted:1"], capture_output=True)
+        assert (loaded.returncode == 0) is not forward, loaded.stderr

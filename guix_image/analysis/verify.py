@@ -110,6 +110,15 @@ def check_archive(
                 ", ".join(read.unsafe) or "all",
             )
         )
+        if read.hard_links:  # a line only where there are any
+            checks.append(
+                Check(
+                    f"{prefix} hard links to earlier entries",
+                    not read.unlinkable,
+                    "all",
+                    ", ".join(read.unlinkable) or "all",
+                )
+            )
     return Verdict(checks)
 
 

@@ -107,6 +107,10 @@ class LayerContents:
     paths: list[Entry] | None = None
     duplicates: list[str] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)  # names or hard links that climb out
+    hard_links: int = 0
+    # Hard links whose target is not an earlier entry of this layer: docker
+    # cannot extract them (it links to what it has extracted already).
+    unlinkable: list[str] = field(default_factory=list)
 
     def entry_list(self) -> list[FileRecord] | list[Entry]:
         return self.files if self.files is not None else self.paths or []
@@ -183,6 +187,11 @@ def _note_entry(contents: LayerContents, seen: set[str], member: TarMember) -> s
         member.type == LNKTYPE and is_climbing(member.linkname.lstrip("/"))
     ):
         contents.unsafe.append(member.name)
+    if member.type == LNKTYPE:
+        contents.hard_links += 1
+        target = normalise_member_name(member.linkname)
+        if target == key or target not in seen:
+            contents.unlinkable.append(member.name)
     return key
 
 

@@ -344,6 +344,15 @@ def _members(reader: TarReader, name: str, index: dict[str, TarMember]) -> Any:
                 f"{name}: duplicate member {member.name!r} (also {index[key].name!r}); "
                 "loaders disagree on which one counts"
             )
+        if (
+            member.type == LNKTYPE
+            and not is_climbing(member.linkname.lstrip("/"))  # refused as escaping, when used
+            and normalise_member_name(member.linkname) not in index
+        ):
+            raise ArchiveError(
+                f"{name}: member {member.name!r} is a hard link to {member.linkname!r}, "
+                "which does not come before it; loaders cannot extract it"
+            )
         index[key] = member
         yield member
 
