@@ -93,7 +93,7 @@ class GuixImageGroup(click.Group):
 
 
 def run() -> None:
-    """The console entry point: `main`, then a quick exit.
+    """The command line (see __main__.run, the console entry point), then a quick exit.
 
     Python's own shutdown frees every object one at a time (about 10 ms after
     a build); once the output is flushed, the kernel can free them all at once.
