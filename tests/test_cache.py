@@ -89,9 +89,7 @@ def core_build(
     config = validate_config(document)
     warnings.extend(config.warnings)
     with atomic_output(str(output)) as fd:
-        result = build_image(config, fd, cache=cache, **options)
-    warnings.extend(result.warnings)
-    return result
+        return build_image(config, fd, cache=cache, **options)
 
 
 def no_temporary_output(output: Path) -> bool:

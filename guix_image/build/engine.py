@@ -12,7 +12,6 @@ is left behind (see output.py).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -77,7 +76,6 @@ class BuildResult:
     repo_tags: list[str]
     layers: list[BuiltLayer] = field(default_factory=list)
     bytes_written: int = 0
-    warnings: list[str] = field(default_factory=list)
     forked: bool = False  # whether a forked process hashed and wrote (see fastpath)
 
 
@@ -191,8 +189,7 @@ class _Caching:
         including the layers it did not reach."""
         for layer in self.store_layers.values():
             if layer.cache is None or layer.cached is not None:
-                with contextlib.suppress(OSError):
-                    self.cache.drop(layer.key(self.database))
+                self.cache.drop(layer.key(self.database))
 
     def record(self, measured: list[Measured]) -> None:
         for position, layer in self.store_layers.items():

@@ -114,8 +114,6 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
                     result = build_image(config, fd, **options)
     finally:
         progress.close()
-    for warning in result.warnings:
-        note(f"warning: {warning}")
     for layer in result.layers:
         state = "cached digest confirmed" if layer.cached else "hashed"
         if layer.listed:
