@@ -26,6 +26,7 @@ LAYERS = {
     "guix_image": 0,  # the version
     "guix_image.errors": 0,
     "guix_image.model": 1,
+    "guix_image.spill": 1,
     "guix_image.tar": 2,
     "guix_image.fastpath": 3,
     "guix_image.store": 3,

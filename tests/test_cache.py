@@ -731,6 +731,35 @@ def test_a_cache_that_fills_up_only_warns(
     assert (tmp_path / "o.tar").read_bytes() == (tmp_path / "p.tar").read_bytes()
 
 
+def test_an_entry_that_cannot_be_written_takes_its_member_list_with_it(
+    listed_image: tuple[StoreTree, Path],
+    tmp_path: Path,
+    private_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cli_runner: CliRunner,
+) -> None:
+    """The disk fills up between a layer's member list and its entry: the list,
+    which is only ever used with its entry, does not stay behind."""
+    _, config = listed_image
+    opened = os.fdopen
+
+    def full_for_entries(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        file = opened(fd, mode, *args, **kwargs)
+        if "/.entry-" in os.readlink(f"/proc/self/fd/{fd}"):
+            file.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return file
+
+    monkeypatch.setattr(os, "fdopen", full_for_entries)
+    code, stderr = cli_build_verbose(cli_runner, config, tmp_path / "o.tar")
+    assert code == 0
+    assert "warning: cannot write the layer cache" in stderr
+    layers = private_cache / "layers"
+    assert not list(layers.glob("*.json"))
+    assert member_lists(private_cache) == []
+    assert not [p for p in layers.iterdir() if p.name.startswith(".")]
+
+
 def test_a_reader_that_goes_away_keeps_the_cache(
     store: StoreTree, tmp_path: Path, private_cache: Path, cli_runner: CliRunner
 ) -> None:
@@ -771,7 +800,7 @@ def test_a_failed_build_keeps_no_member_list(
 
 
 def write_lists(directory: Path, keys: list[str]) -> dict[str, int]:
-    """A list per key, each older than the next; their sizes."""
+    """A list per key, each older than the next, beside its entry; their sizes."""
     sizes = {}
     for age, key in enumerate(keys):
         cache = LayerCache(directory, pytest.fail)
@@ -782,12 +811,13 @@ def write_lists(directory: Path, keys: list[str]) -> dict[str, int]:
         cache.commit_member_lists()
         path = directory / "layers" / f"{key}.members"
         os.utime(path, (1000 + age, 1000 + age))
+        (directory / "layers" / f"{key}.json").write_bytes(b"{}")
         sizes[key] = path.stat().st_size
     return sizes
 
 
 def remaining(directory: Path) -> list[str]:
-    return sorted(p.name for p in (directory / "layers").iterdir())
+    return sorted(p.name for p in (directory / "layers").glob("*.members"))
 
 
 def test_the_least_recently_used_lists_go_first(tmp_path: Path) -> None:
@@ -851,9 +881,19 @@ def test_a_crashed_builds_temporary_files_are_cleaned_up(tmp_path: Path) -> None
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
     os.utime(stale, (1, 1))
+    # Member lists: one whose entry a crash kept from being written, one with its
+    # entry, and one whose entry perhaps a build running now is about to write.
+    orphan, kept, young = (tmp_path / "layers" / f"{key}.members" for key in "abc")
+    for path in (orphan, kept, young):
+        path.write_bytes(b"x")
+    (tmp_path / "layers" / "b.json").write_bytes(b"{}")
+    os.utime(orphan, (1, 1))
+    os.utime(kept, (1, 1))
     cache._trim()
     assert not stale.exists()
     assert fresh.exists()  # perhaps a build running now
+    assert not orphan.exists()
+    assert kept.exists() and young.exists()
 
 
 # -- entries and lists that are not what they seem -------------------------------------

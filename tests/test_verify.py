@@ -12,10 +12,10 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import archive_of, flip_byte, oci_files, write_layout
+from .support.archives import archive_of, flip_byte, layer_tar, oci_files, write_layout
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
-from .support.tools import convert, docker_answers
+from .support.tools import convert, docker_answers, podman, require
 
 
 @pytest.mark.parametrize("form", ["docker-archive", "oci-archive", "oci-zstd", "oci-gzip"])
@@ -139,3 +139,62 @@ def test_a_hard_link_docker_cannot_extract_fails(forward: bool, tmp_path: Path, 
         loaded = subprocess.run(["docker", "load", "-i", str(archive)], capture_output=True)
         subprocess.run(["docker", "rmi", "-f", "crafted:1"], capture_output=True)
         assert (loaded.returncode == 0) is not forward, loaded.stderr
+
+
+def docker_filesystem(archive: Path, tmp_path: Path) -> set[str]:
+    """The paths of the filesystem docker makes of the image (via docker export)."""
+    loaded = subprocess.run(
+        ["docker", "load", "-i", str(archive)], capture_output=True, text=True, check=True
+    )
+    image = loaded.stdout.strip().rsplit(" ", 1)[-1]
+    container = subprocess.run(
+        ["docker", "create", image], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        exported = tmp_path / "exported.tar"
+        subprocess.run(["docker", "export", "-o", str(exported), container], check=True)
+        with tarfile.open(exported) as tar:
+            return {member.name.rstrip("/") for member in tar.getmembers()}
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+        subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+
+
+def podman_filesystem(archive: Path, storage: Path) -> set[str]:
+    """The paths of the filesystem podman's vfs driver makes of the image."""
+    loaded = podman(storage, "load", "-q", "-i", str(archive)).stdout.strip()
+    image = loaded.rsplit(" ", 1)[-1]
+    mounted = Path(podman(storage, "image", "mount", image).stdout.strip())
+    try:
+        return {path.relative_to(mounted).as_posix() for path in mounted.rglob("*")}
+    finally:
+        podman(storage, "image", "umount", image)
+
+
+def test_layers_loaders_apply_differently_fail(
+    tmp_path: Path, podman_storage: Path, cli: Cli
+) -> None:
+    """An opaque whiteout after an entry of its own layer: podman's vfs driver (which
+    extracts layers in place) deletes the entry, docker on overlayfs keeps it. No
+    verdict on what such an image holds can stand: verify fails, naming the entry.
+    The whiteout before the layer's entries (as docker writes it) passes."""
+    require("podman")
+    lower = layer_tar([("o", None), ("o/x", None), ("o/x/old", b"1")])
+    contested = layer_tar([("o/x/new", b"2"), ("o/.wh..wh..opq", b""), ("o/y", b"3")])
+    archive = archive_of([lower, contested], tmp_path / "contested.tar", config={"Cmd": ["/y"]})
+    result = cli("verify", str(archive), "--json")
+    assert result.exit_code == 1, result.output
+    [check] = [c for c in json.loads(result.stdout)["checks"] if not c["ok"]]
+    assert check["name"] == "layers every loader applies alike"
+    assert check["actual"] == "they differ at 1: o/x/new"
+    listed = {entry["path"] for entry in inspect_json(cli, archive, "--files")["listing"]}
+    assert listed == {"o", "o/x/new", "o/y"}  # as overlayfs has it
+    assert podman_filesystem(archive, podman_storage) == {"o", "o/y"}
+    if docker_answers():
+        assert {"o/x/new", "o/y"} <= docker_filesystem(archive, tmp_path)
+    ordered = layer_tar([("o/.wh..wh..opq", b""), ("o/x/new", b"2"), ("o/y", b"3")])
+    fine = archive_of([lower, ordered], tmp_path / "ordered.tar")
+    result = cli("verify", str(fine), "--json")
+    assert result.exit_code == 0, result.output
+    names = [c["name"] for c in json.loads(result.stdout)["checks"]]
+    assert "layers every loader applies alike" in names

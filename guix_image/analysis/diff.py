@@ -24,7 +24,7 @@ from ..formats.stored_layer import StoredLayer
 from ..formats.streams import open_layer
 from ..model import Image
 from ..tar.reader import TarReader, normalise_member_name
-from .overlay import merge_layers
+from .overlay import merged_filesystem
 from .read import read_layers
 
 TIMESTAMP_FIELDS = ("mtime",)
@@ -193,16 +193,15 @@ def diff_images(
                 _records(layers_a[position]), _records(layers_b[position]), fields
             )
         layer_diffs.append(LayerDiff(position + 1, id_a, id_b, files))
-    merged_a, _ = merge_layers([_records(layer) for layer in layers_a])
-    merged_b, _ = merge_layers([_records(layer) for layer in layers_b])
+    merged_a, merged_b = merged(layers_a), merged(layers_b)
     files = compare_files(
-        [entry.record for entry in merged_a.values()],
-        [entry.record for entry in merged_b.values()],
+        [record for record, _ in merged_a.values()],
+        [record for record, _ in merged_b.values()],
         fields,
         # A record is the same file on both sides if it comes from the same
         # layer (same diff_id) at the same position.
-        origin_a={path: (e.layer, ids_a[e.layer - 1]) for path, e in merged_a.items()},
-        origin_b={path: (e.layer, ids_b[e.layer - 1]) for path, e in merged_b.items()},
+        origin_a={path: (layer, ids_a[layer - 1]) for path, (_, layer) in merged_a.items()},
+        origin_b={path: (layer, ids_b[layer - 1]) for path, (_, layer) in merged_b.items()},
     )
     config = compare_configs(a.image.config, b.image.config, ignore)
     layers = LayerSets(
@@ -219,6 +218,14 @@ def diff_images(
 
 def _records(layer: LayerContents) -> list[FileRecord]:
     return layer.files or []
+
+
+def merged(contents: list[LayerContents]) -> dict[str, tuple[FileRecord, int]]:
+    """The merged filesystem: each path's record and layer (read with keep_records)."""
+    return {
+        survivor.path: (survivor.record(), survivor.layer)
+        for survivor in merged_filesystem([layer.rows for layer in contents])
+    }
 
 
 def compare_files(
@@ -295,12 +302,12 @@ def write_report(
     """Write the merged-filesystem version of each of `paths` under DIR/<side_name>/."""
     if side.source.kind == "stream":
         raise InputError("--report-dir needs archives read from files, not standard input")
-    merged, _ = merge_layers([_records(layer) for layer in contents])
+    filesystem = merged(contents)
     wanted: dict[int, set[str]] = {}
     for path in paths:
-        entry = merged.get(path)
-        if entry is not None and entry.record.type == "file":
-            wanted.setdefault(entry.layer, set()).add(path)
+        record, layer = filesystem.get(path, (None, 0))
+        if record is not None and record.type == "file":
+            wanted.setdefault(layer, set()).add(path)
     root = _report_root(directory, side_name)
     written = 0
     for number, layer_paths in sorted(wanted.items()):

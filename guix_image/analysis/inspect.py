@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..formats.layer_tar import FILES, PATHS, FileRecord, LayerContents, ReadOptions
+from ..formats.layer_tar import HEADERS, RECORDS, FileRecord, LayerContents, ReadOptions
 from ..formats.sources import Source
 from ..formats.stored_layer import StoredLayer
 from ..model import Image
-from .overlay import duplicated_paths, merge_layers
+from .overlay import merged_filesystem, tally
 from .read import read_layers
 
-TOP_OFFENDERS = 10
 ALL = "all"  # --files with no layer number: the merged filesystem
 
 
@@ -90,10 +90,19 @@ class InspectReport:
     total_size: int
     files: int
     waste: WasteSummary
-    listing: list[ListedFile] | None = None  # with --files
+    # With --files: the entries, produced as they are read (once), in bounded memory.
+    listing: Iterable[ListedFile] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        document = {
+        """The whole report; its listing (if any) is consumed."""
+        document = self.summary_json()
+        if self.listing is not None:
+            document["listing"] = [entry.to_json() for entry in self.listing]
+        return document
+
+    def summary_json(self) -> dict[str, Any]:
+        """The report without its listing, which `to_json` puts last."""
+        return {
             "format": self.format,
             "repo_tags": self.repo_tags,
             "config_digest": self.config_digest,
@@ -106,9 +115,6 @@ class InspectReport:
             "files": self.files,
             "waste": self.waste.to_json(),
         }
-        if self.listing is not None:
-            document["listing"] = [entry.to_json() for entry in self.listing]
-        return document
 
 
 def read_options(files: str | int | None, from_stream: bool) -> ReadOptions:
@@ -117,7 +123,7 @@ def read_options(files: str | int | None, from_stream: bool) -> ReadOptions:
     A stream is read once, before the layer to list is known, so it keeps
     full records of every layer as soon as any is listed.
     """
-    return FILES if files == ALL or (from_stream and files is not None) else PATHS
+    return RECORDS if files == ALL or (from_stream and files is not None) else HEADERS
 
 
 def inspect_image(
@@ -130,13 +136,14 @@ def inspect_image(
     """
     options = read_options(files, source.kind == "stream")
     contents = read_layers(source, image, options)
-    if isinstance(files, int) and contents[files - 1].files is None:
-        contents[files - 1] = image.layers[files - 1].read(FILES)
     report = summarize(image, contents)
     if files == ALL:
         report.listing = merged_files(contents)
     elif isinstance(files, int):
-        report.listing = [ListedFile(record) for record in contents[files - 1].files or []]
+        listed = contents[files - 1]
+        if not options.keep_records:
+            listed = image.layers[files - 1].read(RECORDS)
+        report.listing = map(ListedFile, listed.records_in_archive_order())
     return report
 
 
@@ -157,16 +164,13 @@ def summarize(image: Image[StoredLayer], contents: list[LayerContents]) -> Inspe
         )
         for layer, read, entry in zip(image.layers, contents, history, strict=True)
     ]
-    records = [layer.entry_list() for layer in contents]
-    merged, waste = merge_layers(records)
-    duplicates = duplicated_paths(records)
+    counted = tally([layer.rows for layer in contents])
     total = sum(layer.size for layer in image.layers)
     # Waste is in uncompressed bytes, so the efficiency is too (as dive's).
     unpacked = sum(
         read.size if read.size is not None else layer.size
         for layer, read in zip(image.layers, contents, strict=True)
     )
-    offenders = sorted(waste.offenders.items(), key=lambda item: (-item[1][0], item[0]))
     return InspectReport(
         format=image.format,
         repo_tags=image.repo_tags,
@@ -177,24 +181,17 @@ def summarize(image: Image[StoredLayer], contents: list[LayerContents]) -> Inspe
         config=image.settings,
         layers=layers,
         total_size=total,
-        files=len(merged),
+        files=counted.files,
         waste=WasteSummary(
-            bytes=waste.bytes,
-            efficiency=round(1 - waste.bytes / unpacked, 4) if unpacked else 1.0,
-            largest=[
-                Offender(path, wasted, layer_numbers)
-                for path, (wasted, layer_numbers) in offenders[:TOP_OFFENDERS]
-            ],
-            duplicated_files=len(duplicates),
+            bytes=counted.waste_bytes,
+            efficiency=round(1 - counted.waste_bytes / unpacked, 4) if unpacked else 1.0,
+            largest=[Offender(*offender) for offender in counted.largest()],
+            duplicated_files=counted.duplicated_files,
         ),
     )
 
 
-def merged_files(contents: list[LayerContents]) -> list[ListedFile]:
-    merged, _ = merge_layers([layer.files or [] for layer in contents])
-    return [
-        ListedFile(entry.record, entry.layer)
-        for _, entry in sorted(
-            merged.items(), key=lambda item: item[0].encode("utf-8", "surrogateescape")
-        )
-    ]
+def merged_files(contents: list[LayerContents]) -> Iterator[ListedFile]:
+    """The merged filesystem in tree order (the layers read with keep_records)."""
+    for survivor in merged_filesystem([layer.rows for layer in contents]):
+        yield ListedFile(survivor.record(), survivor.layer)

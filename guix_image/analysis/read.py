@@ -11,11 +11,12 @@ from typing import Any
 
 from .. import fastpath
 from ..errors import ArchiveError
-from ..formats.layer_tar import Entry, FileRecord, LayerContents, ReadOptions
+from ..formats.layer_tar import FileRecord, LayerContents, ReadOptions
 from ..formats.limits import MAX_ENTRIES
 from ..formats.sources import Source
 from ..formats.stored_layer import StoredLayer
 from ..model import Image
+from ..spill import Runs, Scratch, SortedRows
 
 # Below this many bytes of layers in all, forking costs more than it saves.
 FORK_MIN_BYTES = 256 << 20
@@ -66,56 +67,66 @@ def _read(
     on_layer: OnLayer | None,
     fork_min_bytes: int,
 ) -> list[LayerContents]:
-    def read(layer: StoredLayer) -> LayerContents:
-        contents = layer.read(options)
-        if on_layer is not None:
-            on_layer(layer)
-        return contents
-
     if source.kind == "stream" or len(chosen) < 2:
-        return [read(layer) for layer in chosen]
+        scratch = Scratch()
+        return [_read_one(layer, options, scratch, on_layer) for layer in chosen]
     # Biggest layers first, so that the workers end together.
     order = sorted(chosen, key=lambda layer: -layer.size)
     forking = sum(layer.size for layer in chosen) >= fork_min_bytes and fastpath.can_fork()
     hashing = options.hash_blob or options.hash_diff or options.hash_files
+    scratch = Scratch(forking=forking)
     # Every file's record and digest costs more to send back from a process
     # than the GIL costs threads; anything smaller is better forked.
     if hashing and (options.keep_files or not forking):
         # Three threads on two cores: while one parses headers (holding the
         # GIL), the other two can hash.
         with ThreadPoolExecutor(3, "guix-image-read") as threads:
-            done = list(threads.map(read, order))
+            done = list(
+                threads.map(lambda layer: _read_one(layer, options, scratch, on_layer), order)
+            )
     elif forking:
-        packed = fastpath.forked_map(lambda layer: _packed(layer.read(options)), order)
-        done = [_unpacked(*contents) for contents in packed]
+        packed = fastpath.forked_map(lambda layer: _packed(layer.read(options, scratch)), order)
+        done = [_unpacked(*contents, scratch) for contents in packed]
     else:
-        return [read(layer) for layer in chosen]
+        return [_read_one(layer, options, scratch, on_layer) for layer in chosen]
     results = {id(layer): contents for layer, contents in zip(order, done, strict=True)}
     return [results[id(layer)] for layer in chosen]
 
 
+def _read_one(
+    layer: StoredLayer, options: ReadOptions, scratch: Scratch, on_layer: OnLayer | None
+) -> LayerContents:
+    contents = layer.read(options, scratch)
+    if on_layer is not None:
+        on_layer(layer)
+    return contents
+
+
 Columns = list[tuple[Any, ...]] | None
+Packed = tuple[LayerContents, Columns, tuple[Runs, int]]
 
 
-def _packed(contents: LayerContents) -> tuple[LayerContents, Columns]:
-    """A layer's contents, with its entries as columns, to be sent back from a worker.
+def _packed(contents: LayerContents) -> Packed:
+    """A layer's contents to be sent back from a worker: its rows written out to
+    the scratch file the parent shares, its records (if kept) as columns.
 
-    A list of named tuples or records pickles one object at a time: for the
-    20,000 entries of a layer, that took longer than reading half of them.
+    A list of records pickles one object at a time: for the 20,000 entries
+    of a layer, that took longer than reading half of them.
     """
+    rows = contents.rows.detach()
+    columns = None
     if contents.files is not None:
         columns = list(zip(*map(_RECORD_FIELDS, contents.files), strict=True))
-        return replace(contents, files=[]), columns
-    if contents.paths is not None:
-        return replace(contents, paths=[]), list(zip(*contents.paths, strict=True))
-    return contents, None
+    files: list[FileRecord] | None = None if contents.files is None else []
+    return replace(contents, files=files, rows=SortedRows()), columns, rows
 
 
-def _unpacked(contents: LayerContents, columns: Columns) -> LayerContents:
+def _unpacked(
+    contents: LayerContents, columns: Columns, rows: tuple[Runs, int], scratch: Scratch
+) -> LayerContents:
+    contents.rows = SortedRows.attach(rows, scratch)
     if columns is not None and contents.files is not None:
         contents.files = list(itertools.starmap(FileRecord, zip(*columns, strict=True)))
-    elif columns is not None and contents.paths is not None:
-        contents.paths = list(map(Entry._make, zip(*columns, strict=True)))
     return contents
 
 

@@ -22,6 +22,7 @@ from ..formats.sources import Source, StreamSource
 from ..formats.stored_layer import StoredLayer
 from ..model import Check, Image
 from .diff import FILE_FIELDS, FileChange, compare_files
+from .overlay import tally
 from .read import OnLayer, TooMuchWork, read_layers
 
 
@@ -119,7 +120,31 @@ def check_archive(
                     ", ".join(read.unlinkable) or "all",
                 )
             )
+    checks.extend(_loaders_agree(contents))
     return Verdict(checks)
+
+
+def _loaders_agree(contents: list[LayerContents | ArchiveError]) -> list[Check]:
+    """Whether overlayfs (docker's overlay2, containerd, podman) and extraction in
+    place (the vfs driver) make one filesystem of the layers: they do not where a
+    whiteout covers what its own layer put before it, or a layer puts entries
+    below a lower layer's file. A loader would contradict any verdict on what such
+    an image holds. A line where the layers have whiteouts, or where it fails."""
+    layers = [read for read in contents if isinstance(read, LayerContents)]
+    if len(layers) < len(contents):
+        return []  # a layer is unreadable: that check failed already
+    whiteouts = any(layer.whiteouts for layer in layers)
+    below_files = len(layers) > 1 and any(layer.implied_directories for layer in layers)
+    if not (whiteouts or below_files):
+        return []  # nothing the two could disagree on
+    counted = tally([layer.rows for layer in layers])
+    if not counted.contested and not whiteouts:
+        return []
+    found = "overlayfs and vfs agree"
+    if counted.contested:
+        found = f"they differ at {counted.contested}: " + ", ".join(counted.contested_paths)
+    name = "layers every loader applies alike"
+    return [Check(name, not counted.contested, "overlayfs and vfs agree", found)]
 
 
 def _read_each(

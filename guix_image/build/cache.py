@@ -43,6 +43,7 @@ MAX_ENTRY_SIZE = 16 << 20
 _MEMBERS = ".members"
 _TEMPORARY_PREFIXES = (".entry-", member_list.TEMPORARY_PREFIX)
 _ABANDONED = 24 * 3600  # seconds after which a temporary file is a crashed build's
+_ORPHANED = 3600  # seconds after which a member list with no entry is a crashed build's
 
 
 def default_directory() -> Path:
@@ -111,7 +112,10 @@ class LayerCache:
         return entry
 
     def put(self, key: str, layer: CachedLayer) -> None:
+        """Record entry `key`; if it cannot be, its member list goes too (a list
+        is only ever used with its entry, and would stay unused)."""
         if not self._writable:
+            self._forget_member_list(key)
             return
         document = {
             "version": ENTRY_VERSION,
@@ -139,6 +143,11 @@ class LayerCache:
                 raise
         except OSError as error:
             self._unwritable(error)
+            self._forget_member_list(key)
+
+    def _forget_member_list(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            self._members_path(key).unlink()
 
     def _unwritable(self, error: OSError) -> None:
         if self._writable:
@@ -205,7 +214,9 @@ class LayerCache:
         self._pending.clear()
 
     def _trim(self, budget: int = MEMBER_LISTS_BUDGET) -> None:
-        """Remove least recently used member lists beyond `budget` bytes, and crashes' leftovers.
+        """Remove least recently used member lists beyond `budget` bytes, and crashes'
+        leftovers: temporary files, and lists whose entry was never written (a build
+        commits a list just before its entry).
 
         Housekeeping, never a reason to fail: another build may be renaming
         or trimming the same files.
@@ -218,6 +229,10 @@ class LayerCache:
                     with contextlib.suppress(OSError):
                         if entry.name.endswith(_MEMBERS):
                             st = entry.stat(follow_symlinks=False)
+                            key = entry.name[: -len(_MEMBERS)]
+                            if now - st.st_mtime > _ORPHANED and not self._path(key).exists():
+                                os.unlink(entry.path)
+                                continue
                             lists.append((st.st_mtime_ns, st.st_size, entry.path))
                         elif entry.name.startswith(_TEMPORARY_PREFIXES) and _abandoned(entry, now):
                             os.unlink(entry.path)

@@ -64,7 +64,10 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
         report = inspect_image(source, chosen, listed)
     from . import render
 
-    if as_json or report.listing is None:
+    if as_json and report.listing is not None:
+        items = (entry.to_json() for entry in report.listing)
+        output().json_streamed(report.summary_json(), "listing", items)
+    elif as_json or report.listing is None:
         emit(report, as_json, render.inspect_summary)
     elif tree:
         label = "merged filesystem" if listed == ALL else f"layer {listed}"

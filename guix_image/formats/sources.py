@@ -23,6 +23,7 @@ from .. import strict_json
 from ..errors import ArchiveError, InputError
 from ..files import open_regular
 from ..model import sha256_digest
+from ..spill import Scratch
 from ..tar.format import LNKTYPE, REGTYPE, SYMTYPE
 from ..tar.reader import TarMember, TarReader, is_climbing, normalise_member_name
 from .documents import parse_image_config, parse_json
@@ -77,9 +78,10 @@ class Source:
         raise NotImplementedError
 
     def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions
+        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
     ) -> LayerContents:
-        """What is inside layer `index` (from 1), the blob at `location` of `size` bytes."""
+        """What is inside layer `index` (from 1), the blob at `location` of `size` bytes;
+        its rows spill to `scratch`."""
         raise NotImplementedError
 
     def open_blob(self, location: str) -> BinaryIO:
@@ -151,11 +153,12 @@ class TarSource(Source):
         return self.name, member.offset, member.size
 
     def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions
+        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
     ) -> LayerContents:
         blob = self.open_blob(location)
+        name = layer_name(self.name, index, location)
         try:
-            return read_layer(blob, layer_name(self.name, index, location), options, blob_size=size)
+            return read_layer(blob, name, options, blob_size=size, scratch=scratch)
         finally:
             blob.close()
 
@@ -214,10 +217,11 @@ class DirectorySource(Source):
         return path, 0, os.stat(path).st_size
 
     def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions
+        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
     ) -> LayerContents:
+        name = layer_name(self.name, index, location)
         with self.open_blob(location) as blob:
-            return read_layer(blob, layer_name(self.name, index, location), options, blob_size=size)
+            return read_layer(blob, name, options, blob_size=size, scratch=scratch)
 
 
 class StreamSource(Source):
@@ -233,6 +237,7 @@ class StreamSource(Source):
     def __init__(self, stream: BinaryIO, name: str, options: ReadOptions) -> None:
         self.name = name
         self.options = options
+        self.scratch = Scratch()  # for the rows of every layer of the stream
         self.members: dict[str, TarMember] = {}
         self.metadata: dict[str, bytes] = {}
         self.layers: dict[str, LayerContents | ArchiveError] = {}
@@ -257,7 +262,8 @@ class StreamSource(Source):
 
     def _read_layer(self, stream: BinaryIO, key: str, size: int) -> LayerContents | ArchiveError:
         try:
-            return read_layer(stream, f"{self.name}: {key}", self.options, blob_size=size)
+            name = f"{self.name}: {key}"
+            return read_layer(stream, name, self.options, blob_size=size, scratch=self.scratch)
         except ArchiveError as error:  # it may not be a layer at all: report it only if it is
             return error
 
@@ -279,7 +285,7 @@ class StreamSource(Source):
         return self.metadata[key]
 
     def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions
+        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
     ) -> LayerContents:
         if not self.options.covers(options):
             raise RuntimeError("the stream was read with too few options")

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from ..errors import FileChanged, InputError
 from ..files import open_regular
 from ..model import Layer, Progress, TarSink
+from ..spill import Scratch
 from .layer_tar import LayerContents, ReadOptions
 from .sources import Source
 from .streams import detect_compression, open_layer
@@ -46,9 +47,10 @@ class StoredLayer(Layer):
         self._compression: str | None = None
         self._tar_size: int | None = None
 
-    def read(self, options: ReadOptions) -> LayerContents:
-        """What is inside: digests, entries, as much as `options` asks for."""
-        return self.source.read_layer(self.location, self.index, self.size, options)
+    def read(self, options: ReadOptions, scratch: Scratch | None = None) -> LayerContents:
+        """What is inside: digests, entries, as much as `options` asks for; its
+        entries' rows spill to `scratch` (a file of their own by default)."""
+        return self.source.read_layer(self.location, self.index, self.size, options, scratch)
 
     def open_blob(self) -> BinaryIO:
         """The blob's bytes as stored (not for a stream read once)."""

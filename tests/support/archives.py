@@ -335,6 +335,33 @@ def archive_of(
     return target
 
 
+def archive_of_files(blobs: list[Path], diff_ids: list[str], target: Path) -> Path:
+    """A Docker archive of layer blobs stored in files (too big to hold in memory)."""
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [
+        {
+            "Config": config_name,
+            "RepoTags": ["crafted:1"],
+            "Layers": [f"{i}/layer.tar" for i in range(len(blobs))],
+        }
+    ]
+    with tarfile.open(target, "w") as tar:
+        for i, blob in enumerate(blobs):
+            tar.add(blob, f"{i}/layer.tar")
+        for name, data in ((config_name, config), ("manifest.json", json.dumps(manifest).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return target
+
+
 def read_archive(path: Path) -> dict[str, Any]:
     """manifest, config and layer member bytes of a Docker archive, via Python's tarfile."""
     with tarfile.open(path) as outer:
