@@ -368,12 +368,17 @@ def test_the_quick_exit_flushes_everything_first(
     assert (tmp_path / "listing.txt").read_text().count("file-0") == 3000
     (tmp_path / "broken.tar").write_bytes(archive.read_bytes()[:-5000])
     failed = subprocess.run(
-        [*GUIX_IMAGE, "verify", str(tmp_path / "broken.tar")], capture_output=True
+        [*GUIX_IMAGE, "inspect", str(tmp_path / "broken.tar")], capture_output=True
     )
     assert failed.returncode == 2
     assert failed.stdout == b""
     assert "truncated archive" in failed.stderr.decode()
     assert failed.stderr.decode().count("\n") == 1
+    checked = subprocess.run(
+        [*GUIX_IMAGE, "verify", str(tmp_path / "broken.tar")], capture_output=True
+    )
+    assert checked.returncode == 1  # a damaged archive is a failed check
+    assert b"truncated archive" in checked.stdout and checked.stderr == b""
 
 
 def test_tree_needs_files_and_root_does_not_go_with_example(

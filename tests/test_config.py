@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from guix_image.build.config import parse_config, validate_config
+from guix_image.build.engine import BuildResult
+from guix_image.cli import main
 from guix_image.errors import InputError
 from guix_image.store.paths import is_inside
 
@@ -256,3 +261,18 @@ def test_source_date_epoch_is_an_ascii_decimal_integer(
 
 def test_a_fractional_id_is_named_as_such() -> None:
     assert error_for(config_with(uid=1.5)).endswith("'uid': must be a whole number, not 1.5")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_image_archive_given_as_config_is_named(
+    image: tuple[Path, BuildResult], compressed: bool, tmp_path: Path, cli_runner: CliRunner
+) -> None:
+    archive, _ = image
+    given = archive
+    if compressed:
+        given = tmp_path / "image.tar.gz"
+        given.write_bytes(gzip.compress(archive.read_bytes()))
+    result = cli_runner.invoke(main, ["build", str(given), "-o", str(tmp_path / "o.tar")])
+    assert result.exit_code == 2
+    assert f"{given} is an image archive, not a build config" in result.stderr
+    assert not (tmp_path / "o.tar").exists()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import tarfile
 from pathlib import Path
 
-from .support.archives import archive_of, layer_tar
-from .support.cli import Cli
+from .support.archives import archive_of, flip_byte, layer_tar
+from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 
 
@@ -38,7 +41,7 @@ def test_diff_layers_finds_what_changed(
     assert changes["share/old"]["change"] == "removed"
     assert {f["field"] for f in changes["bin/tool"]["fields"]} == {"size", "mtime", "sha256"}
     assert "share/same" in changes  # its mtime changed
-    assert {"field": "config.Env", "a": ["V=1"], "b": ["V=2"]} in diff["config"]
+    assert {"field": "config.Env", "a": ["V=1"], "b": ["V=2"], "kind": "value"} in diff["config"]
     full = prefix + "bin/tool"
     assert (tmp_path / "report" / "a" / full).read_text() == "v1"
     assert (tmp_path / "report" / "b" / full).read_text() == "v2!"
@@ -95,3 +98,99 @@ def test_report_dir_refuses_standard_input_before_writing(
     assert result.exit_code == 2
     assert "--report-dir needs both archives as files" in result.stderr
     assert not report.exists()
+
+
+def damaged_copy(good: Path, target: Path) -> Path:
+    """`good` with one byte flipped inside the contents of a file of its layer."""
+    data = bytearray(good.read_bytes())
+    with tarfile.open(good) as outer:
+        member = outer.getmember("0/layer.tar")
+    flip_byte(data, member.offset_data + 2048, member.offset_data + member.size - 2048)
+    target.write_bytes(data)
+    return target
+
+
+def test_a_flipped_byte_is_never_identical(tmp_path: Path, cli: Cli) -> None:
+    """The layers claim the same diff_id at the same place: their bytes are hashed
+    anyway, and the damaged archive is named (it used to be "Identical.")."""
+    layer = layer_tar([("d", None), ("d/big", b"x" * 100_000)])
+    good = archive_of([layer], tmp_path / "a.tar")
+    bad = damaged_copy(good, tmp_path / "bad.tar")
+    for first, second in ((good, bad), (bad, good)):
+        result = cli("diff-layers", str(first), str(second), "--json")
+        assert result.exit_code == 2, result.output
+        assert f"{bad}: layer 1's bytes hash to sha256:" in result.stderr
+        assert "the archive is damaged" in result.stderr
+        assert json.loads(result.stdout)["exit_code"] == 2  # --json: the error as JSON too
+    assert cli("diff-layers", str(good), str(good)).exit_code == 0
+
+
+def reserialised(archive: Path, target: Path) -> Path:
+    """`archive` with its config written in other bytes (indented), the same fields:
+    as a podman re-save can do."""
+    with tarfile.open(archive) as outer:
+        members = {m.name: outer.extractfile(m).read() for m in outer if m.isfile()}  # type: ignore[union-attr]
+    [entry] = json.loads(members.pop("manifest.json"))
+    config = json.loads(members.pop(entry["Config"]))
+    data = json.dumps(config, indent=2).encode()
+    entry["Config"] = hashlib.sha256(data).hexdigest() + ".json"
+    members[entry["Config"]] = data
+    members["manifest.json"] = json.dumps([entry]).encode()
+    with tarfile.open(target, "w") as out:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            out.addfile(info, io.BytesIO(content))
+    return target
+
+
+def test_a_config_in_other_bytes_is_one_verdict(tmp_path: Path, cli: Cli) -> None:
+    """Same layers, same config fields, other config bytes: the image IDs differ, so
+    diff-layers says so (kind "serialisation", exit 1) as verify --against does."""
+    layer = layer_tar([("d", None), ("d/f", b"x")])
+    first = archive_of([layer], tmp_path / "a.tar", config={"Cmd": ["/d/f"]})
+    second = reserialised(first, tmp_path / "b.tar")
+    result = cli("diff-layers", str(first), str(second), "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["identical"] is False and report["files"] == []
+    [change] = report["config"]
+    assert change["kind"] == "serialisation" and change["a"] != change["b"]
+    text = cli("diff-layers", str(first), str(second))
+    assert "the same fields, in other bytes" in text.stdout
+    verdict = cli("verify", str(first), "--against", str(second), "--json")
+    assert verdict.exit_code == 1
+    failed = [c["name"] for c in json.loads(verdict.stdout)["checks"] if not c["ok"]]
+    assert failed == ["against config digest"]
+
+
+def layer_with_xattrs(xattrs: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("bin/tool")
+        info.size = 1
+        info.pax_headers = xattrs
+        tar.addfile(info, io.BytesIO(b"x"))
+    return buffer.getvalue()
+
+
+def test_an_xattr_difference_is_shown_and_compared(tmp_path: Path, cli: Cli) -> None:
+    """A file capability (SCHILY.xattr.security.capability) on one side only: the
+    difference is named (it was exit 1 with an empty file list)."""
+    plain = archive_of([layer_with_xattrs({})], tmp_path / "a.tar")
+    capable = archive_of(
+        [
+            layer_with_xattrs(
+                {"SCHILY.xattr.security.capability": "cap", "LIBARCHIVE.xattr.user.b%20c": "dg=="}
+            )
+        ],
+        tmp_path / "b.tar",
+    )
+    listing = inspect_json(cli, capable, "--files")["listing"]
+    assert listing[0]["xattrs"] == {"security.capability": "cap", "user.b c": "v"}
+    assert "xattrs" not in inspect_json(cli, plain, "--files")["listing"][0]
+    result = cli("diff-layers", str(plain), str(capable), "--json")
+    assert result.exit_code == 1
+    [change] = json.loads(result.stdout)["files"]
+    assert change["path"] == "bin/tool" and change["change"] == "modified"
+    assert [field["field"] for field in change["fields"]] == ["xattrs"]

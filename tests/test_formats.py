@@ -10,6 +10,7 @@ import json
 import shlex
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ from guix_image.formats.images import select_image
 from guix_image.formats.stored_layer import StoredLayer
 from guix_image.model import Image
 
-from .support.archives import archive_of, layer_members, layer_tar, read_archive
+from .support.archives import archive_of, header, layer_members, layer_tar, read_archive
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
-from .support.tools import GUIX_IMAGE, convert, docker_answers, podman
+from .support.tools import GUIX_IMAGE, convert, docker_answers, podman, require
 
 FORMS = ["docker-archive", "oci", "oci-archive", "oci-gzip", "oci-zstd", "docker-archive-gzip"]
 
@@ -116,21 +117,37 @@ def test_docker_save_archive(image: tuple[Path, BuildResult], tmp_path: Path, cl
         subprocess.run(["docker", "rmi", "-f", tag, "test/image:latest"], capture_output=True)
 
 
-def docker25_archive(oci_dir: Path, target: Path) -> None:
-    """What `docker save` writes since Docker 25: an OCI layout plus a manifest.json."""
+def docker25_archive(
+    oci_dir: Path, target: Path, tags: tuple[str, ...] = ("docker25:latest",)
+) -> None:
+    """What `docker save` writes since Docker 25: an OCI layout plus a manifest.json,
+    and (as moby's image exporter does) an index.json entry per tag, each naming the
+    same manifest."""
     index = json.loads((oci_dir / "index.json").read_text())
-    manifest_digest = index["manifests"][0]["digest"].split(":")[1]
+    descriptor = index["manifests"][0]
+    manifest_digest = descriptor["digest"].split(":")[1]
     manifest = json.loads((oci_dir / "blobs" / "sha256" / manifest_digest).read_bytes())
     legacy = [
         {
             "Config": "blobs/sha256/" + manifest["config"]["digest"].split(":")[1],
-            "RepoTags": ["docker25:latest"],
+            "RepoTags": list(tags),
             "Layers": [
                 "blobs/sha256/" + layer["digest"].split(":")[1] for layer in manifest["layers"]
             ],
         }
     ]
     (oci_dir / "manifest.json").write_text(json.dumps(legacy))
+    index["manifests"] = [
+        {
+            **descriptor,
+            "annotations": {
+                "io.containerd.image.name": f"docker.io/library/{tag}",
+                "org.opencontainers.image.ref.name": tag.rpartition(":")[2],
+            },
+        }
+        for tag in tags
+    ]
+    (oci_dir / "index.json").write_text(json.dumps(index))
     with tarfile.open(target, "w") as tar:
         for path in sorted(oci_dir.rglob("*")):
             tar.add(path, arcname=str(path.relative_to(oci_dir)), recursive=False)
@@ -148,6 +165,115 @@ def test_docker_25_archives(image: tuple[Path, BuildResult], tmp_path: Path, cli
         layer.diff_id for layer in result.layers
     ]
     assert cli("verify", str(target)).exit_code == 0
+
+
+def test_a_docker_25_archive_of_two_tags_is_one_image(
+    image: tuple[Path, BuildResult], tmp_path: Path, cli: Cli
+) -> None:
+    """`docker save app:1 app:alt` since Docker 25: index.json names one manifest
+    twice; `docker load` loads one image with two tags, and so do we."""
+    archive, result = image
+    layout = Path(convert(archive, "oci", tmp_path))
+    target = tmp_path / "docker25.tar"
+    docker25_archive(layout, target, ("app:1", "app:alt"))
+    summary = inspect_json(cli, target)  # one image: no --image needed
+    assert {"docker.io/library/app:1", "docker.io/library/app:alt"} <= set(summary["repo_tags"])
+    assert {"app:1", "app:alt"} <= set(summary["repo_tags"])
+    chosen = inspect_json(cli, target, "--image", "app:alt")
+    assert chosen["config_digest"] == summary["config_digest"]
+    assert [layer["diff_id"] for layer in summary["layers"]] == [
+        layer.diff_id for layer in result.layers
+    ]
+    assert cli("verify", str(target)).exit_code == 0
+
+
+COMPRESSORS = {"gzip": ["gzip", "-c"], "zstd": ["zstd", "-q", "-c"], "xz": ["xz", "-c"]}
+COMPRESSORS["bzip2"] = ["bzip2", "-c"]
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESSORS))
+def test_a_compressed_archive_is_read_from_a_file_and_from_standard_input(
+    image: tuple[Path, BuildResult], compression: str, tmp_path: Path, cli: Cli
+) -> None:
+    """What `guix pack -f docker` and nixpkgs write, and `docker save | gzip` makes:
+    the whole archive compressed, as `docker load` reads it."""
+    command = COMPRESSORS[compression]
+    require(command[0])
+    archive, result = image
+    packed = tmp_path / f"image.tar.{compression}"
+    with packed.open("wb") as out:
+        subprocess.run([*command, str(archive)], stdout=out, check=True)
+    expected = [layer.diff_id for layer in result.layers]
+    for target, stdin in ((packed, None), ("-", packed.read_bytes())):
+        summary = inspect_json(cli, target, input=stdin)
+        assert summary["format"] == f"docker-archive, {compression}-compressed"
+        assert summary["config_digest"] == result.image_id
+        assert [layer["diff_id"] for layer in summary["layers"]] == expected
+        verdict = cli("verify", str(target), "--json", input=stdin)
+        assert verdict.exit_code == 0, verdict.output
+    assert cli("diff-layers", str(archive), str(packed)).exit_code == 0
+
+
+@pytest.mark.skipif(not docker_answers(), reason="no Docker daemon answers `docker info`")
+def test_docker_loads_the_compressed_archive_we_read(
+    image: tuple[Path, BuildResult], tmp_path: Path, cli: Cli
+) -> None:
+    archive, result = image
+    packed = tmp_path / "image.tar.gz"
+    with packed.open("wb") as out:
+        subprocess.run(["gzip", "-c", str(archive)], stdout=out, check=True)
+    loaded = subprocess.run(
+        ["docker", "load", "-i", str(packed)], capture_output=True, text=True, check=True
+    )
+    name = loaded.stdout.strip().rsplit(" ", 1)[-1]
+    try:
+        docker_id = subprocess.run(
+            ["docker", "image", "inspect", name, "--format", "{{.Id}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    finally:
+        subprocess.run(["docker", "rmi", "-f", name], capture_output=True)
+    assert docker_id == inspect_json(cli, packed)["config_digest"] == result.image_id
+
+
+def test_a_whole_archive_bomb_is_refused_from_a_file_and_from_a_pipe(
+    tmp_path: Path, cli: Cli
+) -> None:
+    """A gzip of 2 GiB of zeros behind one member's header: refused at 200 times
+    what was read, without inflating it all."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head = header("big", size=2 << 30)
+    bomb = deflate.compress(head)
+    zeros = bytes(1 << 20)
+    for _ in range(2048):
+        bomb += deflate.compress(zeros)
+    bomb += deflate.flush()
+    (tmp_path / "bomb.tar.gz").write_bytes(bomb)
+    for target, stdin in ((str(tmp_path / "bomb.tar.gz"), None), ("-", bomb)):
+        result = cli("inspect", target, input=stdin)
+        assert result.exit_code == 2, result.output
+        assert "decompression bomb" in result.stderr
+
+
+def test_what_is_not_an_archive_is_named(tmp_path: Path, cli: Cli) -> None:
+    config = tmp_path / "app.json"
+    config.write_text('{"architecture": "amd64"}')
+    for target, stdin in ((str(config), None), ("-", config.read_bytes())):
+        result = cli("inspect", target, input=stdin)
+        assert result.exit_code == 2
+        assert "is JSON, not an image archive (a build config? use `guix-image build`)" in (
+            result.stderr
+        )
+    result = cli("inspect", "bbapp:1")
+    assert result.exit_code == 2
+    assert "bbapp:1 is not a file; for an image in Docker use `docker save bbapp:1 | " in (
+        result.stderr
+    )
+    (tmp_path / "empty.tar").write_bytes(b"")
+    result = cli("verify", str(tmp_path / "empty.tar"))
+    assert result.exit_code == 2 and "is empty, not an image archive" in result.stderr
 
 
 def multi_image_archive(first: Path, second: Path, target: Path) -> None:

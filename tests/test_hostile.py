@@ -177,7 +177,7 @@ class Run:
     `command` is split on spaces; `{}` is the hostile archive, `{good}` a clean
     one, and `-` feeds the hostile archive on standard input. `code` 2 means
     one line on stderr matching `pattern`; 0 or 1 mean `pattern` is searched
-    in stdout (a FAIL line for verify) and stderr stays empty.
+    in stdout (a FAIL line for verify) and stderr holds warnings at most.
     """
 
     command: str
@@ -197,8 +197,14 @@ class Case:
 
 
 def refused(pattern: str, *commands: str) -> tuple[Run, ...]:
-    """Exit 2 with one error line matching `pattern` for each command (default inspect, verify)."""
-    return tuple(Run(c, 2, pattern) for c in commands or ("inspect {}", "verify {}"))
+    """Exit 2 with one error line matching `pattern` for each command (default inspect,
+    verify); for verify, a damaged archive is one failed check (exit 1) saying so."""
+    return tuple(
+        failed_check("archive readable: .*" + pattern, c)
+        if c.startswith("verify")
+        else Run(c, 2, pattern)
+        for c in commands or ("inspect {}", "verify {}")
+    )
 
 
 def ok(command: str, pattern: str) -> Run:
@@ -443,6 +449,7 @@ def truncated_layer() -> bytes:
 
 
 def bzip2_layer() -> bytes:
+    """bzip2 magic over garbage (bzip2 and xz layers are read, as docker loads them)."""
     return docker_archive(layers=[b"BZh91AY&SY" + bytes(600)])
 
 
@@ -900,11 +907,11 @@ CASES = [
         ),
     ),
     Case(
-        "layer-bzip2",
+        "layer-bad-bzip2",
         static(bzip2_layer),
         (
-            *refused(r"bzip2 compressed layers are not supported", "inspect {}"),
-            failed_check(r"layer 1 readable: .*bzip2 compressed layers are not supported"),
+            *refused(r"layer 1 \(.*\): bad bzip2 data", "inspect {}"),
+            failed_check(r"layer 1 readable: .*bad bzip2 data"),
         ),
     ),
     Case(
@@ -984,14 +991,14 @@ CASES = [
     Case(
         "oci-manifests-share-one-config",
         static(manifests_share_one_config),
-        refused(r"images", "inspect {}"),
+        (ok("inspect {}", SUMMARY),),  # one manifest listed again is one image
         isolated=True,
         seconds=8,
     ),
     Case(
         "oci-large-manifest-listed-1000-times",
         static(large_manifests(1, 1000)),
-        refused(r"holds 1000 images", "inspect {}"),
+        (ok("inspect {}", SUMMARY),),
         isolated=True,
         seconds=1,  # read once: 0.4 s where hashing is slow; 1,000 times: 8.5 s
     ),
@@ -1129,8 +1136,8 @@ def _check(outcome: Outcome, run: Run, case: Case) -> None:
         assert len(lines) == 1, f"{where}\nexpected exactly one line on stderr"
         assert lines[0].startswith("Error: "), where
         assert re.search(run.pattern, lines[0]), f"{where}\n{run.pattern!r} not in the error"
-    else:
-        assert outcome.stderr == "", where
+    else:  # stderr holds warnings at most (inspect's, of what does not add up)
+        assert all(line.startswith("warning: ") for line in outcome.stderr.splitlines()), where
         assert re.search(run.pattern, outcome.stdout), f"{where}\n{run.pattern!r} not in stdout"
     assert outcome.seconds < limit, f"{where}\ntook {outcome.seconds:.1f}s, over {limit:.1f}s"
     if outcome.peak_rss_mb is not None:

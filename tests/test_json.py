@@ -152,10 +152,14 @@ def test_a_lower_case_key_of_a_loaders_field_is_refused_in_an_archive(
     layer = layer_tar([("f", b"1")])
     for config in ({"config": {"cmd": ["/evil"]}}, {"Variant": "v8"}):
         archive = archive_of([layer], tmp_path / "a.tar", **config)
-        for command in ("inspect", "verify"):
-            result = cli(command, str(archive))
-            assert result.exit_code == 2, (config, result.output)
-            assert "is read by loaders as" in result.stderr and result.stderr.count("\n") == 1
+        result = cli("inspect", str(archive))
+        assert result.exit_code == 2, (config, result.output)
+        assert "is read by loaders as" in result.stderr and result.stderr.count("\n") == 1
+        result = cli("verify", str(archive))  # a failed check: the archive is unreadable
+        assert result.exit_code == 1, (config, result.output)
+        assert "FAIL  archive readable" in result.stdout and "is read by loaders as" in (
+            result.stdout
+        )
 
 
 @pytest.mark.parametrize(
@@ -176,10 +180,12 @@ def test_a_manifest_go_reads_otherwise_is_refused(config: bytes, tmp_path: Path,
         info = tarfile.TarInfo("manifest.json")
         info.size = len(config)
         tar.addfile(info, io.BytesIO(config))
-    for command in ("inspect", "verify"):
-        result = cli(command, str(archive))
-        assert result.exit_code == 2 and "manifest.json is" in result.stderr, result.output
-        assert result.stderr.count("\n") == 1
+    result = cli("inspect", str(archive))
+    assert result.exit_code == 2 and "manifest.json is" in result.stderr, result.output
+    assert result.stderr.count("\n") == 1
+    result = cli("verify", str(archive))
+    assert result.exit_code == 1 and "manifest.json is" in result.stdout, result.output
+    assert "FAIL  archive readable" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,16 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import archive_of, flip_byte, layer_tar, oci_files, write_layout
+from .support.archives import (
+    archive_of,
+    descriptor,
+    flip_byte,
+    image_config,
+    layer_tar,
+    oci_files,
+    sha256,
+    write_layout,
+)
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 from .support.tools import convert, docker_answers, podman, require
@@ -198,3 +207,84 @@ def test_layers_loaders_apply_differently_fail(
     assert result.exit_code == 0, result.output
     names = [c["name"] for c in json.loads(result.stdout)["checks"]]
     assert "layers every loader applies alike" in names
+
+
+def test_the_other_archive_is_checked_by_its_bytes_too(tmp_path: Path, cli: Cli) -> None:
+    """`verify A --against B` where B claims A's digests but one of its bytes is
+    flipped: B's own checks fail (it used to pass on B's claims)."""
+    layer = layer_tar([("d", None), ("d/big", b"x" * 100_000)])
+    good = archive_of([layer], tmp_path / "a.tar")
+    data = bytearray(good.read_bytes())
+    with tarfile.open(good) as outer:
+        member = outer.getmember("0/layer.tar")
+    flip_byte(data, member.offset_data + 2048, member.offset_data + member.size - 2048)
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(data)
+    result = cli("verify", str(good), "--against", str(bad), "--json")
+    assert result.exit_code == 1, result.output
+    failed = [check["name"] for check in json.loads(result.stdout)["checks"] if not check["ok"]]
+    assert failed == ["other archive layer 1 diff_id"]
+
+
+def test_an_unreadable_archive_is_a_failed_check_in_json(tmp_path: Path, cli: Cli) -> None:
+    """A truncated download: `verify --json | jq .ok` says false (it printed nothing)."""
+    layer = layer_tar([("d", None), ("d/big", b"x" * 100_000)])
+    good = archive_of([layer], tmp_path / "a.tar")
+    truncated = tmp_path / "trunc.tar"
+    truncated.write_bytes(good.read_bytes()[:60_000])
+    result = cli("verify", str(truncated), "--json")
+    assert result.exit_code == 1, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["ok"] is False
+    [check] = verdict["checks"]
+    assert check["name"] == "archive readable" and "truncated" in check["actual"]
+    missing = cli("verify", str(tmp_path / "nowhere.tar"), "--json")
+    assert missing.exit_code == 2  # not an archive at all: trouble, said in JSON too
+    assert json.loads(missing.stdout) == {
+        "error": f"{tmp_path / 'nowhere.tar'}: no such file or directory",
+        "exit_code": 2,
+    }
+
+
+def test_a_media_type_that_names_another_compression_fails(tmp_path: Path, cli: Cli) -> None:
+    """`+gzip` over uncompressed bytes (skopeo 1.9 with
+    --dest-oci-accept-uncompressed-layers writes it; umoci refuses it): a FAIL in
+    verify, a warning from inspect."""
+    layer = layer_tar([("f", b"1")])
+    config = image_config([sha256(layer)])
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor(config, "application/vnd.oci.image.config.v1+json"),
+            "layers": [descriptor(layer, "application/vnd.oci.image.layer.v1.tar+gzip")],
+        }
+    ).encode()
+    layout = write_layout(tmp_path / "layout", oci_files([layer], config=config, manifest=manifest))
+    result = cli("verify", str(layout), "--json")
+    assert result.exit_code == 1
+    [failed] = [c for c in json.loads(result.stdout)["checks"] if not c["ok"]]
+    assert (failed["name"], failed["expected"], failed["actual"]) == (
+        "layer 1 compression",
+        "gzip",
+        "none",
+    )
+    shown = cli("inspect", str(layout))
+    assert shown.exit_code == 0
+    assert "warning: layer 1: its media type application/vnd.oci.image.layer.v1.tar+gzip " in (
+        shown.stderr
+    )
+    fine = write_layout(tmp_path / "fine", oci_files([layer], config=config))
+    assert cli("verify", str(fine)).exit_code == 0
+    assert "warning" not in cli("inspect", str(fine)).stderr
+
+
+def test_inspect_warns_of_what_does_not_add_up(tmp_path: Path, cli: Cli) -> None:
+    """A config whose diff_ids outnumber the manifest's layers: inspect says so."""
+    layer = layer_tar([("f", b"1")])
+    archive = archive_of(
+        [layer], tmp_path / "a.tar", rootfs={"type": "layers", "diff_ids": [sha256(layer)] * 2}
+    )
+    shown = cli("inspect", str(archive))
+    assert shown.exit_code == 0
+    assert "warning: layer count: expected 2, found 1" in shown.stderr

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputError
-from ..formats.layer_tar import EVERYTHING, FILES, FileRecord, LayerContents
+from ..errors import ArchiveError, InputError
+from ..formats.layer_tar import EVERYTHING, FileRecord, LayerContents, ReadOptions
 from ..formats.sources import Source
 from ..formats.stored_layer import StoredLayer
 from ..formats.streams import open_layer
@@ -40,6 +40,7 @@ FILE_FIELDS = (
     "size",
     "linkname",
     "sha256",
+    "xattrs",
 )
 
 
@@ -79,9 +80,15 @@ class FieldChange:
     field: str
     a: Any
     b: Any
+    # Config changes only: "value", or "serialisation" when the configs hold the
+    # same fields in other bytes (the image IDs differ all the same).
+    kind: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"field": self.field, "a": self.a, "b": self.b}
+        document = {"field": self.field, "a": self.a, "b": self.b}
+        if self.kind is not None:
+            document["kind"] = self.kind
+        return document
 
 
 @dataclass
@@ -154,20 +161,39 @@ class DiffReport:
         }
 
 
+# Layers the other image has at the same position: their files are the same
+# files once their bytes are checked against the digests both images claim.
+CHECKED_FILES = ReadOptions(hash_blob=True, hash_diff=True, keep_files=True, keep_records=True)
+
+
 def read_for_diff(side: Side, same: set[int]) -> list[LayerContents]:
-    """Every layer's entries; contents hashed unless the other image has the same
-    layer at the same position (then its files are the same files)."""
+    """Every layer's entries, and its bytes checked against the digests the image
+    claims for it (a layer is compared by its bytes, never by a claim); files'
+    contents hashed unless the other image has the same layer at the same place."""
     hashed = [layer for layer in side.image.layers if layer.index not in same]
     plain = [layer for layer in side.image.layers if layer.index in same]
     stream = side.source.kind == "stream"  # read once, with everything
     by_index: dict[int, LayerContents] = {}
-    for layers, wanted in ((hashed, EVERYTHING), (plain, FILES)):
+    for layers, wanted in ((hashed, EVERYTHING), (plain, CHECKED_FILES)):
         options = EVERYTHING if stream else wanted
         for layer, contents in zip(
             layers, read_layers(side.source, side.image, options, layers), strict=True
         ):
+            _check_claims(side, layer, contents)
             by_index[layer.index] = contents
     return [by_index[layer.index] for layer in side.image.layers]
+
+
+def _check_claims(side: Side, layer: StoredLayer, contents: LayerContents) -> None:
+    claims = [("diff_id", layer.diff_id, contents.diff_id)]
+    if layer.digest is not None:
+        claims.append(("blob digest", layer.digest, contents.blob_digest))
+    for what, claimed, found in claims:
+        if claimed != found:
+            raise ArchiveError(
+                f"{side.source.name}: layer {layer.index}'s bytes hash to {found}, "
+                f"its {what} says {claimed}: the archive is damaged (see `guix-image verify`)"
+            )
 
 
 def diff_images(
@@ -204,6 +230,8 @@ def diff_images(
         origin_b={path: (layer, ids_b[layer - 1]) for path, (_, layer) in merged_b.items()},
     )
     config = compare_configs(a.image.config, b.image.config, ignore)
+    if not ignore.any:
+        config += serialisation(a.image, b.image)
     layers = LayerSets(
         shared=[i for i in ids_a if i in shared],
         only_a=[i for i in ids_a if i not in shared],
@@ -271,8 +299,16 @@ def compare_configs(a: dict[str, Any], b: dict[str, Any], ignore: Ignore) -> lis
         if ignore.timestamps and (key == "created" or key.endswith(".created")):
             continue
         if flat_a.get(key) != flat_b.get(key):
-            differences.append(FieldChange(key, flat_a.get(key), flat_b.get(key)))
+            differences.append(FieldChange(key, flat_a.get(key), flat_b.get(key), "value"))
     return differences
+
+
+def serialisation(a: Image[StoredLayer], b: Image[StoredLayer]) -> list[FieldChange]:
+    """The configs' bytes, where they differ with the same fields: the image IDs
+    differ, so the images are not the same, as verify --against says too."""
+    if a.config_digest == b.config_digest or a.config != b.config:
+        return []
+    return [FieldChange("(config bytes)", a.config_digest, b.config_digest, "serialisation")]
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -81,6 +81,9 @@ class InspectReport:
 
     format: str
     repo_tags: list[str]
+    # What does not add up (said on stderr): failed checks of the image's own
+    # documents, a media type that names another compression than the bytes'.
+    warnings: list[str]
     config_digest: str
     architecture: Any
     os: Any
@@ -171,7 +174,20 @@ def summarize(image: Image[StoredLayer], contents: list[LayerContents]) -> Inspe
         read.size if read.size is not None else layer.size
         for layer, read in zip(image.layers, contents, strict=True)
     )
+    warnings = [
+        f"{check.name}: expected {check.expected}, found {check.actual}"
+        for check in image.checks
+        if not check.ok
+    ]
+    for layer, read in zip(image.layers, contents, strict=True):
+        declared = layer.declared_compression
+        if declared is not None and declared != read.compression:
+            warnings.append(
+                f"layer {layer.index}: its media type {layer.media_type} says "
+                f"{declared}, its bytes are {read.compression}"
+            )
     return InspectReport(
+        warnings=warnings,
         format=image.format,
         repo_tags=image.repo_tags,
         config_digest=image.config_digest,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from ..errors import ArchiveError
@@ -93,6 +93,16 @@ def check_archive(
                     read.blob_digest == layer.digest,
                     layer.digest,
                     str(read.blob_digest),
+                )
+            )
+        declared = layer.declared_compression
+        if declared is not None:  # what a media type says must be what the bytes are
+            checks.append(
+                Check(
+                    f"{prefix} compression",
+                    declared == read.compression,
+                    declared,
+                    read.compression,
                 )
             )
         checks.append(
@@ -203,6 +213,19 @@ def compare_layers(
         checks.append(Check(f"{name} layer {index + 1}", ok, str(expected), str(actual)))
     checks.append(Check.equal(f"{name} config digest", image.config_digest, other_config_digest))
     return checks, first_mismatch
+
+
+def unreadable(error: ArchiveError, which: str = "archive") -> Verdict:
+    """The verdict on an archive that cannot be read as an image at all (truncated,
+    a blob missing, not an image): one failed check saying why."""
+    return Verdict([Check(f"{which} readable", False, "a complete image archive", str(error))])
+
+
+def check_other(verdict: Verdict, source: Source, image: Image[StoredLayer]) -> None:
+    """Add to `verdict` every check of the other archive's own consistency: it is
+    compared by its bytes, as strictly as the first, never by what it claims."""
+    for check in check_archive(source, image).checks:
+        verdict.checks.append(replace(check, name=f"other archive {check.name}"))
 
 
 def compare_images(

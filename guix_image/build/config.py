@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import strict_json
 from ..errors import InputError
+from ..formats.streams import detect_compression
 from ..store.paths import is_inside, normalise_path
 
 # Go's GOARCH names that container images use; anything else loads but is
@@ -97,6 +98,11 @@ def parse_config(
     repo_tag: str | None = None,
 ) -> BuildConfig:
     """Parse and validate a config document; `repo_tag` overrides the config's."""
+    if isinstance(text, bytes) and _looks_like_an_archive(text):
+        raise InputError(
+            f"{source} is an image archive, not a build config "
+            "(to look inside it: `guix-image inspect`; as a base image: `from_image`)"
+        )
     try:
         document = strict_json.loads(text)
     except strict_json.JSONRefused as error:
@@ -104,6 +110,11 @@ def parse_config(
             raise InputError(f"{source}: {error}") from None
         raise InputError(f"{source}: not valid JSON: {error}") from None
     return validate_config(document, source=source, now=now, repo_tag=repo_tag)
+
+
+def _looks_like_an_archive(data: bytes) -> bool:
+    """Compressed (by its magic bytes), or a tar (ustar magic where a header has it)."""
+    return detect_compression(data) != "none" or data[257:262] == b"ustar"
 
 
 def validate_config(

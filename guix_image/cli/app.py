@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -62,7 +63,11 @@ class GuixImageGroup(click.Group):
             show_traceback(ctx)
             from .render import printable
 
-            raise CommandError(printable(str(error)), error.exit_code) from None
+            message = printable(str(error))
+            if ctx.meta.get("guix_image.json"):  # a program reads stdout: tell it too
+                document = {"error": message, "exit_code": error.exit_code}
+                click.echo(json.dumps(document, ensure_ascii=True))
+            raise CommandError(message, error.exit_code) from None
         except KeyboardInterrupt:
             show_traceback(ctx)
             click.echo("guix-image: interrupted", err=True)

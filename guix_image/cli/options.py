@@ -82,8 +82,19 @@ IMAGE_OPTION = click.option(
     shell_complete=complete_image,
     help="The image to use when the archive holds several: a tag, or its number from 1.",
 )
+
+
+def _note_json(ctx: click.Context, _: click.Parameter, value: bool) -> bool:
+    ctx.meta["guix_image.json"] = value  # errors are then a JSON document too
+    return value
+
+
 JSON_OPTION = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document, and nothing else."
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_note_json,
+    help='Print one JSON document, and nothing else (an error too: {"error", "exit_code"}).',
 )
 
 

@@ -14,6 +14,7 @@ from .options import (
     archive_argument,
     common_options,
     emit,
+    note,
     opened,
     output,
     reading_progress,
@@ -62,6 +63,8 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
                 f"--files {listed}: the image has layers 1 to {len(chosen.layers)}", 2
             )
         report = inspect_image(source, chosen, listed)
+        for warning in report.warnings:
+            note(f"warning: {warning} (see `guix-image verify`)")
     from . import render
 
     if as_json and report.listing is not None:
@@ -164,6 +167,23 @@ def diff_layers(
     shell_complete=complete_archive,
     help="Compare the digests with another archive.",
 )
+@click.option(
+    "--store",
+    "store_dir",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR]",
+    type=click.Path(file_okay=False),
+    help="Check every store item against the store's database: NAR hashes, references "
+    "(DIR: the store directory, by default the one the image holds).",
+)
+@click.option(
+    "--db",
+    "database",
+    type=click.Path(dir_okay=False, exists=True),
+    help="With --store: the store database (by default the Guix or Nix one of DIR).",
+)
 @JSON_OPTION
 @common_options
 def verify(
@@ -172,6 +192,8 @@ def verify(
     rebuild_config: Any,
     root: str | None,
     against: str | None,
+    store_dir: str | None,
+    database: str | None,
     as_json: bool,
 ) -> None:
     """Check an image archive's digests against its bytes, or against a rebuild.
@@ -185,25 +207,43 @@ def verify(
       guix-image verify image.tar
       guix-image verify image.tar --rebuild image.json
       guix-image verify image.tar --against rebuilt.tar --json | jq .ok
+      guix-image verify image.tar --store               # against /gnu/store's database
     """
     from ..analysis import verify as checking
 
     if rebuild_config is not None and against is not None:
         raise CommandError("give --rebuild or --against, not both", 2)
+    if database is not None and store_dir is None:
+        raise CommandError("--db goes with --store", 2)
     if archive == "-" and (against == "-" or getattr(rebuild_config, "name", "") == "<stdin>"):
         raise CommandError("only one input can be standard input", 2)
     if against is not None:
         _refuse_one_pipe_twice(archive, against)
+    from ..errors import ArchiveError
+
     options = checking.read_options(comparing=rebuild_config is not None or against is not None)
-    with opened(archive, options, image) as (source, chosen):
-        total = sum(layer.size for layer in chosen.layers)
-        with reading_progress("hashing", total) as advance:
-            verdict = checking.check_archive(source, chosen, on_layer=advance)
-        if rebuild_config is not None:
-            checking.compare_with_rebuild(verdict, chosen, _rebuild(rebuild_config, root))
-        elif against is not None:
-            with opened(against, options, image) as (_, other):
-                checking.compare_images(verdict, "against", chosen, other)
+    # A damaged archive (truncated, a blob missing) is a failed check, not trouble.
+    try:
+        with opened(archive, options, image) as (source, chosen):
+            total = sum(layer.size for layer in chosen.layers)
+            with reading_progress("hashing", total) as advance:
+                verdict = checking.check_archive(source, chosen, on_layer=advance)
+            if store_dir is not None:
+                from ..analysis.store_check import check_against_store
+
+                stored = check_against_store(source, chosen, store_dir or None, database)
+                verdict.checks.extend(stored)
+            if rebuild_config is not None:
+                checking.compare_with_rebuild(verdict, chosen, _rebuild(rebuild_config, root))
+            elif against is not None:
+                try:
+                    with opened(against, options, image) as (other_source, other):
+                        checking.check_other(verdict, other_source, other)
+                        checking.compare_images(verdict, "against", chosen, other)
+                except ArchiveError as error:
+                    verdict.checks.extend(checking.unreadable(error, "other archive").checks)
+    except ArchiveError as error:
+        verdict = checking.unreadable(error)
     from . import render
 
     emit(verdict, as_json, render.verify_report)

@@ -293,7 +293,10 @@ def diff_report(out: Output, report: DiffReport) -> None:
     if report.config:
         out.line("Config:")
         for field in report.config:
-            out.line(f"  {field.field}: {json.dumps(field.a)} -> {json.dumps(field.b)}")
+            if field.kind == "serialisation":
+                out.line(f"  the same fields, in other bytes: {field.a} -> {field.b}")
+            else:
+                out.line(f"  {field.field}: {json.dumps(field.a)} -> {json.dumps(field.b)}")
     if report.identical:
         out.line("Identical.", "green")
     else:

@@ -15,11 +15,17 @@ def read_images(source: Source) -> list[Image[StoredLayer]]:
         images = oci_layout.read_layout(source)
         if source.exists("manifest.json"):  # `docker save` since Docker 25 writes both
             docker_archive.add_repo_tags(source, images)
-        return images
-    if source.exists("manifest.json"):
-        return docker_archive.read_manifest(source)
-    kind = "directory" if source.kind == "directory" else "archive"
-    raise ArchiveError(f"{source.name}: not an image {kind}: it has no manifest.json or index.json")
+    elif source.exists("manifest.json"):
+        images = docker_archive.read_manifest(source)
+    else:
+        kind = "directory" if source.kind == "directory" else "archive"
+        raise ArchiveError(
+            f"{source.name}: not an image {kind}: it has no manifest.json or index.json"
+        )
+    if source.compression != "none":
+        for image in images:
+            image.format += f", {source.compression}-compressed"
+    return images
 
 
 def select_image(

@@ -10,7 +10,9 @@ hashes every file's contents.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
@@ -75,6 +77,9 @@ class FileRecord:
     size: int
     linkname: str
     sha256: str | None = None
+    # Extended attributes (PAX SCHILY.xattr.NAME, or LIBARCHIVE.xattr.NAME in
+    # base64), by name; None where there are none.
+    xattrs: dict[str, str] | None = None
 
     @property
     def is_whiteout(self) -> bool:
@@ -93,6 +98,7 @@ class FileRecord:
             "size": self.size,
             "linkname": self.linkname,
             "sha256": self.sha256,
+            **({"xattrs": self.xattrs} if self.xattrs else {}),
         }
 
 
@@ -305,6 +311,23 @@ def _hash_content(reader: TarReader) -> str:
     return SHA256_PREFIX + digest.hexdigest()
 
 
+def xattrs(pax: dict[str, str]) -> dict[str, str] | None:
+    """The extended attributes PAX records carry, as GNU tar and libarchive write
+    them (a value that is not UTF-8 keeps its bytes as surrogate escapes)."""
+    found = {}
+    for key, value in pax.items():
+        if key.startswith("SCHILY.xattr."):
+            found[key.removeprefix("SCHILY.xattr.")] = value
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote(key.removeprefix("LIBARCHIVE.xattr."))
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except ValueError:
+                raw = value.encode("utf-8", "surrogateescape")
+            found.setdefault(name, raw.decode("utf-8", "surrogateescape"))
+    return dict(sorted(found.items())) or None
+
+
 def _record(path: str, member: TarMember, digest: str | None) -> tuple[Any, ...]:
     """A FileRecord's fields, in order."""
     return (
@@ -319,4 +342,5 @@ def _record(path: str, member: TarMember, digest: str | None) -> tuple[Any, ...]
         member.size,
         member.linkname,
         digest,
+        xattrs(member.pax) if member.pax else None,
     )

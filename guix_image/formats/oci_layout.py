@@ -72,6 +72,7 @@ class _Walk:
     def __init__(self, source: Source, kind: str, configs: ConfigReader) -> None:
         self.source, self.kind, self.configs = source, kind, configs
         self.images: list[Image[StoredLayer]] = []
+        self._by_manifest: dict[str, Image[StoredLayer]] = {}
         self.walked = 0
         # location -> bytes, digest and document: a manifest listed many times is
         # read once, as long as those kept stay within MANIFESTS_KEPT_BYTES
@@ -101,9 +102,17 @@ class _Walk:
             if media_type in INDEX_TYPES or "manifests" in document:
                 self.index(document, location, names, depth + 1)
                 continue
+            same = self._by_manifest.get(location)
+            if same is not None:
+                # One manifest listed again (Docker 25+ `docker save` lists it once
+                # per tag): one image with more names, as `docker load` loads it.
+                same.repo_tags = list(dict.fromkeys([*same.repo_tags, *names]))
+                same.checks[:0] = [check for check in checks if not check.ok]
+                continue
             image = _image(source, self.configs, document, location, self.kind, names)
             image.checks[:0] = checks
             self.images.append(image)
+            self._by_manifest[location] = image
 
     def _manifest(self, location: str) -> tuple[bytes, str, dict[str, Any]]:
         if location in self._manifests:

@@ -24,7 +24,7 @@ from ..errors import ArchiveError, InputError
 from ..files import open_regular
 from ..model import sha256_digest
 from ..spill import Scratch
-from ..tar.format import LNKTYPE, REGTYPE, SYMTYPE
+from ..tar.format import BLOCK, LNKTYPE, REGTYPE, SYMTYPE
 from ..tar.reader import TarMember, TarReader, is_climbing, normalise_member_name
 from .documents import parse_image_config, parse_json
 from .layer_tar import LayerContents, ReadOptions, read_layer
@@ -35,7 +35,7 @@ from .limits import (
     MAX_MEMBERS,
     MAX_STREAM_METADATA,
 )
-from .streams import SliceReader
+from .streams import SliceReader, detect_compression, inflate, peek_compression
 
 
 class ConfigReader:
@@ -67,6 +67,7 @@ class Source:
 
     name: str
     kind: str  # "tar", "directory", "stream"
+    compression = "none"  # of the whole archive
 
     def exists(self, location: str) -> bool:
         raise NotImplementedError
@@ -234,9 +235,12 @@ class StreamSource(Source):
 
     kind = "stream"
 
-    def __init__(self, stream: BinaryIO, name: str, options: ReadOptions) -> None:
+    def __init__(
+        self, stream: BinaryIO, name: str, options: ReadOptions, compression: str = "none"
+    ) -> None:
         self.name = name
         self.options = options
+        self.compression = compression  # of the whole archive
         self.scratch = Scratch()  # for the rows of every layer of the stream
         self.members: dict[str, TarMember] = {}
         self.metadata: dict[str, bytes] = {}
@@ -311,20 +315,71 @@ class _MemberStream(io.RawIOBase):
 
 
 def open_source(path: str, stream_options: ReadOptions, stdin: BinaryIO | None = None) -> Source:
-    """A source for `path`: a tar file, an OCI layout directory, or "-" (read once)."""
+    """A source for `path`: a tar file, an OCI layout directory, or "-" (read once).
+
+    A whole archive compressed with gzip, zstd, xz or bzip2 (as `guix pack -f
+    docker` and nixpkgs write them, and as `docker load` reads them) is read
+    once as it inflates, like a stream.
+    """
     if path == "-":
-        return StreamSource(stdin or _stdin(), "<stdin>", stream_options)
+        return _stream_source(stdin or _stdin(), "<stdin>", stream_options)
     if os.path.isdir(path):
         return DirectorySource(path)
     if not os.path.exists(path):
-        raise InputError(f"{path}: no such file or directory")
-    if not os.path.isfile(path):  # a FIFO, or /dev/fd/N from <(...): read it once, like -
-        try:
-            with open(path, "rb") as stream:
-                return StreamSource(stream, path, stream_options)
-        except OSError as error:
-            raise InputError(f"{path}: {error.strerror}") from None
-    return TarSource(path)
+        raise InputError(_missing(path))
+    try:
+        with open(path, "rb") as stream:
+            if not os.path.isfile(path):  # a FIFO, or /dev/fd/N from <(...): read it once
+                return _stream_source(stream, path, stream_options)
+            head = stream.read(BLOCK)
+            refuse_non_archive(head, path)
+            compression = detect_compression(head)
+            if compression == "none":
+                return TarSource(path)
+            stream.seek(0)
+            inflated = inflate(stream, compression, path, os.fstat(stream.fileno()).st_size)
+            return StreamSource(inflated, path, stream_options, compression)
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror}") from None
+
+
+def _stream_source(stream: BinaryIO, name: str, options: ReadOptions) -> StreamSource:
+    stream, compression = peek_compression(stream)
+    if compression == "none":
+        refuse_non_archive(_head(stream), name)
+        return StreamSource(stream, name, options)
+    return StreamSource(inflate(stream, compression, name, None), name, options, compression)
+
+
+def _head(stream: BinaryIO) -> bytes:
+    """The first block of a stream, which stays where it is."""
+    if stream.seekable():
+        head = stream.read(BLOCK)
+        stream.seek(-len(head), io.SEEK_CUR)
+        return head
+    return cast(io.BufferedReader, stream).peek(BLOCK)[:BLOCK]
+
+
+def refuse_non_archive(head: bytes, name: str) -> None:
+    """Say what a file is when it is plainly not an image archive."""
+    text = head.lstrip(b" \t\r\n")
+    if text[:1] in (b"{", b"["):
+        raise InputError(
+            f"{name} is JSON, not an image archive (a build config? use `guix-image build`)"
+        )
+    if not head:
+        raise InputError(f"{name} is empty, not an image archive")
+
+
+def _missing(path: str) -> str:
+    """No such file: perhaps the user named an image as docker or podman would."""
+    looks_like_a_name = ":" in path or ("/" not in path and "." not in path)
+    if looks_like_a_name and not path.startswith(("/", ".")):
+        return (
+            f"{path} is not a file; for an image in Docker use "
+            f"`docker save {path} | guix-image inspect -`"
+        )
+    return f"{path}: no such file or directory"
 
 
 def layer_name(source: str, index: int, location: str) -> str:

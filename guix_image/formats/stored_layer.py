@@ -23,6 +23,16 @@ from .layer_tar import LayerContents, ReadOptions
 from .sources import Source
 from .streams import detect_compression, open_layer
 
+# OCI (application/vnd.oci.image.layer.v1.tar[+gzip|+zstd], and the
+# nondistributable ones) and Docker (application/vnd.docker.image.rootfs.diff.tar[.gzip]).
+_MEDIA_TYPE_COMPRESSION = (
+    (".tar+gzip", "gzip"),
+    (".tar+zstd", "zstd"),
+    (".tar.gzip", "gzip"),
+    (".tar.zstd", "zstd"),
+    (".tar", "none"),
+)
+
 
 class StoredLayer(Layer):
     """Layer `index` (from 1) of an image in `source`: the blob at `location`."""
@@ -46,6 +56,16 @@ class StoredLayer(Layer):
         self.description = f"{source.name}: layer {index} ({location})"
         self._compression: str | None = None
         self._tar_size: int | None = None
+
+    @property
+    def declared_compression(self) -> str | None:
+        """The compression its media type names ("none", "gzip", "zstd"), if it has
+        one that names a layer."""
+        media_type = self.media_type or ""
+        for suffix, compression in _MEDIA_TYPE_COMPRESSION:
+            if media_type.endswith(suffix):
+                return compression
+        return None
 
     def read(self, options: ReadOptions, scratch: Scratch | None = None) -> LayerContents:
         """What is inside: digests, entries, as much as `options` asks for; its

@@ -6,8 +6,10 @@ decompressor fails with an ArchiveError instead of inflating without limit.
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import io
+import lzma
 import os
 import zlib
 from typing import Any, BinaryIO, cast
@@ -135,25 +137,50 @@ class HashingReader(io.RawIOBase):
         return SHA256_PREFIX + self.hash.hexdigest()
 
 
+class _Counting(io.RawIOBase):
+    """Passes reads through, counting the bytes."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._inner.readinto(buffer) or 0  # type: ignore[attr-defined]
+        self.count += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._inner.read(size)
+        self.count += len(data)
+        return data
+
+
 class Decompressor(io.RawIOBase):
-    """Inflates a gzip or zstd stream, refusing bombs."""
+    """Inflates a gzip, zstd, xz or bzip2 stream (of one or more members), refusing
+    bombs: at no point may it have produced more than MAX_RATIO times what it has
+    read (or the compressed size, if known), beyond a small allowance."""
 
     def __init__(self, inner: BinaryIO, kind: str, name: str, compressed_size: int | None) -> None:
-        self._inner, self._kind, self._name = inner, kind, name
-        self._limit = MAX_RATIO * (compressed_size or 0) + RATIO_ALLOWANCE
+        self._inner = _Counting(inner)
+        self._kind, self._name = kind, name
+        self._known_size = compressed_size or 0
         self._produced = 0
         self._pending = b""
         self._eof = False
-        if kind == "gzip":
-            self._gzip: Any = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif kind == "zstd":
+        if kind == "zstd":
             try:
                 import zstandard
             except ImportError:  # pragma: no cover - it is a dependency
-                raise ArchiveError(f"{name}: zstd layers need the zstandard package") from None
-            self._zstd = zstandard.ZstdDecompressor().stream_reader(inner, read_across_frames=True)
+                raise ArchiveError(f"{name}: zstd data needs the zstandard package") from None
+            reader = zstandard.ZstdDecompressor().stream_reader
+            self._zstd = reader(cast(BinaryIO, self._inner), read_across_frames=True)
+        elif kind in _DECODERS:
+            self._decoder: Any = _DECODERS[kind]()
         else:
-            raise ArchiveError(f"{name}: {kind} compressed layers are not supported")
+            raise ArchiveError(f"{name}: {kind} compressed data is not supported")
 
     def readable(self) -> bool:
         return True
@@ -163,7 +190,8 @@ class Decompressor(io.RawIOBase):
         data = self._read(len(view))
         view[: len(data)] = data
         self._produced += len(data)
-        if self._produced > self._limit:
+        limit = MAX_RATIO * max(self._known_size, self._inner.count) + RATIO_ALLOWANCE
+        if self._produced > limit:
             raise ArchiveError(
                 f"{self._name}: decompression stopped at {self._produced} bytes, over "
                 f"{MAX_RATIO} times the compressed size (a decompression bomb?)"
@@ -177,27 +205,38 @@ class Decompressor(io.RawIOBase):
             except Exception as error:  # zstandard.ZstdError and friends
                 raise ArchiveError(f"{self._name}: bad zstd data: {error}") from None
         while not self._pending and not self._eof:
-            self._pending = self._inflate(size)
+            try:
+                self._pending = self._inflate(size)
+            except (zlib.error, lzma.LZMAError, OSError, EOFError) as error:
+                raise ArchiveError(f"{self._name}: bad {self._kind} data: {error}") from None
         data, self._pending = self._pending[:size], self._pending[size:]
         return data
 
     def _inflate(self, size: int) -> bytes:
-        try:
-            if self._gzip.unconsumed_tail:
-                return bytes(self._gzip.decompress(self._gzip.unconsumed_tail, size))
-            if self._gzip.eof:  # a member ended: another may follow
-                rest = self._gzip.unused_data or self._inner.read(CHUNK)
-                if not rest.strip(b"\0"):
-                    self._eof = True
-                    return b""
-                self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                return bytes(self._gzip.decompress(rest, size))
-            chunk = self._inner.read(CHUNK)
-            if not chunk:
-                raise ArchiveError(f"{self._name}: bad gzip data: the stream ends too early")
-            return bytes(self._gzip.decompress(chunk, size))
-        except zlib.error as error:
-            raise ArchiveError(f"{self._name}: bad gzip data: {error}") from None
+        """Up to `size` more bytes (perhaps none yet), member after member."""
+        decoder = self._decoder
+        if decoder.eof:  # a member ended: another may follow
+            rest = decoder.unused_data or self._inner.read(CHUNK)
+            if not rest.strip(b"\0"):
+                self._eof = True
+                return b""
+            self._decoder = _DECODERS[self._kind]()
+            return bytes(self._decoder.decompress(rest, size))
+        if self._kind == "gzip" and decoder.unconsumed_tail:
+            return bytes(decoder.decompress(decoder.unconsumed_tail, size))
+        if self._kind != "gzip" and not decoder.needs_input:
+            return bytes(decoder.decompress(b"", size))  # output it holds back
+        chunk = self._inner.read(CHUNK)
+        if not chunk:
+            raise EOFError(f"the stream ends too early, {self._inner.count} bytes in")
+        return bytes(decoder.decompress(chunk, size))
+
+
+_DECODERS: dict[str, Any] = {
+    "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    "xz": lzma.LZMADecompressor,
+    "bzip2": bz2.BZ2Decompressor,
+}
 
 
 def peek_compression(stream: BinaryIO) -> tuple[BinaryIO, str]:

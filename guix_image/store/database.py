@@ -1,7 +1,7 @@
 """The store database of Guix (`/var/guix/db/db.sqlite`) or Nix (`/nix/var/nix/db/db.sqlite`).
 
 Read-only: it tells us a registered path's NAR hash (what identifies its
-contents) without reading the path.
+contents) without reading the path, and the paths it refers to (`Refs`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ class StoreDatabase:
         except sqlite3.Error:
             return None
         return row[0] if row and isinstance(row[0], str) else None
+
+    def references(self, path: str) -> list[str] | None:
+        """The store paths `path` refers to (itself, too, if it does), or None if the
+        database does not know `path`."""
+        try:
+            known = self._connection.execute(
+                "SELECT id FROM ValidPaths WHERE path = ?", (path,)
+            ).fetchone()
+            if known is None:
+                return None
+            rows = self._connection.execute(
+                "SELECT path FROM Refs JOIN ValidPaths ON ValidPaths.id = Refs.reference "
+                "WHERE Refs.referrer = ?",
+                (known[0],),
+            ).fetchall()
+        except sqlite3.Error:
+            return None
+        return sorted(row[0] for row in rows if isinstance(row[0], str))
 
     def close(self) -> None:
         self._connection.close()
