@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from guix_image.build.engine import BuildResult
+from guix_image.errors import InputError
 from guix_image.formats.images import select_image
 from guix_image.formats.stored_layer import StoredLayer
 from guix_image.model import Image
@@ -332,8 +333,80 @@ def test_image_names_match_by_repository_not_by_host() -> None:
     images = [image("registry:5000/app:1.0"), image("registry:5000/other:2")]
     assert select_image(images, "registry:5000/other", "x") is images[1]
     assert select_image(images, "registry:5000/app", "x") is images[0]
-    with pytest.raises(Exception, match="no image is tagged 'registry'"):
+    with pytest.raises(Exception, match="no image is named 'registry'"):
         select_image(images, "registry", "x")
+
+
+def named(tag: str, digest: str, **config: str) -> Image[StoredLayer]:
+    image: Image[StoredLayer] = Image(
+        format="oci-archive",
+        repo_tags=[tag] if tag else [],
+        config_location="c",
+        config_bytes=b"{}",
+        config=config,
+        layers=[],
+    )
+    image.config_digest = "sha256:" + digest * 64
+    return image
+
+
+def test_images_are_named_as_docker_names_them() -> None:
+    """`app` is `app:latest`; docker.io/library/ and podman's localhost/ do not
+    matter; an image ID or a unique prefix of one; an ambiguous name is refused
+    with the candidates."""
+    images = [
+        named("docker.io/library/app:latest", "a"),
+        named("localhost/tool:1", "b"),
+        named("tool:2", "b" * 3 + "c"),
+    ]
+    assert select_image(images, "app", "x") is images[0]
+    assert select_image(images, "docker.io/app:latest", "x") is images[0]
+    assert select_image(images, "tool:1", "x") is images[1]
+    assert select_image(images, "localhost/tool:2", "x") is images[2]
+    assert select_image(images, "sha256:aaaa", "x") is images[0]
+    assert select_image(images, "bbbc", "x") is images[2]
+    with pytest.raises(InputError, match=r"'tool' names 2 images; choose one of 2 \(lo"):
+        select_image(images, "tool", "x")
+    with pytest.raises(InputError, match=r"'bbb' names|no image is named 'bbb'"):
+        select_image(images, "bbb", "x")  # too short to be an ID, not a name either
+
+
+def test_a_multi_platform_archive_lists_and_chooses_platforms() -> None:
+    images = [
+        named("app:1", "a", os="linux", architecture="amd64"),
+        named("app:1", "b", os="linux", architecture="arm64", variant="v8"),
+    ]
+    with pytest.raises(
+        InputError, match=r"choose one with --image or --platform: .*linux/arm64/v8"
+    ):
+        select_image(images, None, "x")
+    assert select_image(images, None, "x", "linux/arm64") is images[1]
+    assert select_image(images, "app:1", "x", "linux/amd64") is images[0]
+    with pytest.raises(InputError, match="has no image for linux/s390x; it has 1 "):
+        select_image(images, None, "x", "linux/s390x")
+
+
+def test_skopeo_references_name_the_archive_and_the_image(
+    image: tuple[Path, BuildResult], tmp_path: Path, cli: Cli
+) -> None:
+    """docker-archive:FILE[:name:tag], oci-archive:FILE[:tag], oci:DIR[:tag], as
+    skopeo takes them; two images of one layout compared by naming each."""
+    archive, result = image
+    layout = Path(convert(archive, "oci", tmp_path))
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"docker-archive:{archive}", f"oci:{layout}:second"],
+        check=True,
+        capture_output=True,
+    )
+    for reference in (f"oci:{layout}:t", f"oci:{layout}:second"):
+        summary = inspect_json(cli, reference)
+        assert [layer["diff_id"] for layer in summary["layers"]] == [
+            layer.diff_id for layer in result.layers
+        ]
+    assert inspect_json(cli, f"docker-archive:{archive}:test/image:latest")["repo_tags"]
+    assert cli("diff-layers", f"oci:{layout}:t", f"oci:{layout}:second").exit_code == 0
+    clash = cli("inspect", f"oci:{layout}:t", "--image", "second")
+    assert clash.exit_code == 2 and "names image 't', and --image 'second'" in clash.stderr
 
 
 def test_build_from_a_compressed_oci_base(

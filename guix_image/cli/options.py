@@ -78,9 +78,15 @@ def show_traceback(ctx: click.Context) -> None:
 
 IMAGE_OPTION = click.option(
     "--image",
-    metavar="TAG|N",
+    metavar="NAME|ID|N",
     shell_complete=complete_image,
-    help="The image to use when the archive holds several: a tag, or its number from 1.",
+    help="The image to use when the archive holds several: a name as docker reads it "
+    "(app = app:latest), an image ID or a unique prefix, or its number from 1.",
+)
+PLATFORM_OPTION = click.option(
+    "--platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="The image for this platform, of a multi-platform archive (linux/arm64, ...).",
 )
 
 
@@ -105,18 +111,26 @@ def archive_argument(name: str, metavar: str) -> Callable[[Callable[..., Any]], 
 
 
 @contextlib.contextmanager
-def opened(path: str, stream_options: Any, choice: str | None) -> Iterator[tuple[Any, Any]]:
+def opened(
+    given: str, stream_options: Any, choice: str | None, platform: str | None = None
+) -> Iterator[tuple[Any, Any]]:
     """The archive's source and its chosen image.
 
+    `given` is a path or a skopeo-style reference (`oci:DIR:tag`, ...), whose
+    image must agree with `choice` (--image) if both name one.
     `stream_options`: what to read of every layer if the archive is a stream
     (read once, as it arrives).
     """
     from ..formats.images import read_images, select_image
-    from ..formats.sources import open_source
+    from ..formats.sources import open_source, parse_reference
 
+    path, named = parse_reference(given)
+    if named is not None and choice is not None and named != choice:
+        raise CommandError(f"{given} names image {named!r}, and --image {choice!r}", 2)
     started = time.monotonic()
     with open_source(path, stream_options) as source:
-        image = select_image(read_images(source), choice, "<stdin>" if path == "-" else path)
+        where = "<stdin>" if path == "-" else path
+        image = select_image(read_images(source), named or choice, where, platform)
         verbose(f"{path}: {image.format}, {len(image.layers)} layers")
         yield source, image
     verbose(f"{path}: read in {time.monotonic() - started:.2f} s")

@@ -10,6 +10,7 @@ from .completion import complete_archive, complete_config, complete_layer
 from .options import (
     IMAGE_OPTION,
     JSON_OPTION,
+    PLATFORM_OPTION,
     CommandError,
     archive_argument,
     common_options,
@@ -25,6 +26,7 @@ from .options import (
 @click.command()
 @archive_argument("archive", "ARCHIVE")
 @IMAGE_OPTION
+@PLATFORM_OPTION
 @click.option(
     "--files",
     "files",
@@ -38,7 +40,14 @@ from .options import (
 @click.option("--tree", is_flag=True, help="Draw the files (of --files) as a tree.")
 @JSON_OPTION
 @common_options
-def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_json: bool) -> None:
+def inspect(
+    archive: str,
+    image: str | None,
+    platform: str | None,
+    files: str | None,
+    tree: bool,
+    as_json: bool,
+) -> None:
     """Show an image archive's layers, digests, files and wasted space.
 
     ARCHIVE is a Docker or OCI archive (docker save, podman save, skopeo,
@@ -57,7 +66,10 @@ def inspect(archive: str, image: str | None, files: str | None, tree: bool, as_j
     if tree and files is None:
         raise click.UsageError("--tree draws the files: give --files (or --files N) too")
     listed = _layer_number(files) if files not in (None, "all") else files
-    with opened(archive, read_options(listed, from_stream=True), image) as (source, chosen):
+    with opened(archive, read_options(listed, from_stream=True), image, platform) as (
+        source,
+        chosen,
+    ):
         if isinstance(listed, int) and not 1 <= listed <= len(chosen.layers):
             raise CommandError(
                 f"--files {listed}: the image has layers 1 to {len(chosen.layers)}", 2
@@ -90,6 +102,7 @@ def _layer_number(files: str | None) -> int:
 @archive_argument("archive_a", "A")
 @archive_argument("archive_b", "B")
 @IMAGE_OPTION
+@PLATFORM_OPTION
 @click.option("--ignore-timestamps", is_flag=True, help="Do not compare mtimes and created times.")
 @click.option("--ignore-ownership", is_flag=True, help="Do not compare uid, gid, uname and gname.")
 @click.option(
@@ -103,6 +116,7 @@ def diff_layers(
     archive_a: str,
     archive_b: str,
     image: str | None,
+    platform: str | None,
     ignore_timestamps: bool,
     ignore_ownership: bool,
     report_dir: str | None,
@@ -127,8 +141,8 @@ def diff_layers(
         raise CommandError("--report-dir needs both archives as files, not standard input", 2)
     ignore = Ignore(timestamps=ignore_timestamps, ownership=ignore_ownership)
     with (
-        opened(archive_a, READ_OPTIONS, image) as (source_a, image_a),
-        opened(archive_b, READ_OPTIONS, image) as (source_b, image_b),
+        opened(archive_a, READ_OPTIONS, image, platform) as (source_a, image_a),
+        opened(archive_b, READ_OPTIONS, image, platform) as (source_b, image_b),
     ):
         a, b = Side(source_a, image_a), Side(source_b, image_b)
         report, layers_a, layers_b = diff_images(a, b, ignore)
@@ -147,6 +161,7 @@ def diff_layers(
 @click.command()
 @archive_argument("archive", "ARCHIVE")
 @IMAGE_OPTION
+@PLATFORM_OPTION
 @click.option(
     "--rebuild",
     "rebuild_config",
@@ -189,6 +204,7 @@ def diff_layers(
 def verify(
     archive: str,
     image: str | None,
+    platform: str | None,
     rebuild_config: Any,
     root: str | None,
     against: str | None,
@@ -224,7 +240,7 @@ def verify(
     options = checking.read_options(comparing=rebuild_config is not None or against is not None)
     # A damaged archive (truncated, a blob missing) is a failed check, not trouble.
     try:
-        with opened(archive, options, image) as (source, chosen):
+        with opened(archive, options, image, platform) as (source, chosen):
             total = sum(layer.size for layer in chosen.layers)
             with reading_progress("hashing", total) as advance:
                 verdict = checking.check_archive(source, chosen, on_layer=advance)
@@ -237,7 +253,7 @@ def verify(
                 checking.compare_with_rebuild(verdict, chosen, _rebuild(rebuild_config, root))
             elif against is not None:
                 try:
-                    with opened(against, options, image) as (other_source, other):
+                    with opened(against, options, image, platform) as (other_source, other):
                         checking.check_other(verdict, other_source, other)
                         checking.compare_images(verdict, "against", chosen, other)
                 except ArchiveError as error:

@@ -382,6 +382,22 @@ def _missing(path: str) -> str:
     return f"{path}: no such file or directory"
 
 
+TRANSPORTS = ("docker-archive:", "oci-archive:", "oci:")
+
+
+def parse_reference(text: str) -> tuple[str, str | None]:
+    """A path, and the image it names if any, from what users give skopeo:
+    `docker-archive:FILE[:name:tag]`, `oci-archive:FILE[:tag]`, `oci:DIR[:tag]`,
+    or a plain path (one that exists is always a plain path)."""
+    if os.path.lexists(text):
+        return text, None
+    for transport in TRANSPORTS:
+        if text.startswith(transport):
+            path, _, choice = text[len(transport) :].partition(":")
+            return path, choice or None
+    return text, None
+
+
 def layer_name(source: str, index: int, location: str) -> str:
     """How messages name a layer: "app.tar: layer 2 (002/layer.tar)"."""
     return f"{source}: layer {index} ({location})"
