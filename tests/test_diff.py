@@ -194,3 +194,20 @@ def test_an_xattr_difference_is_shown_and_compared(tmp_path: Path, cli: Cli) -> 
     [change] = json.loads(result.stdout)["files"]
     assert change["path"] == "bin/tool" and change["change"] == "modified"
     assert [field["field"] for field in change["fields"]] == ["xattrs"]
+
+
+def test_modes_are_octal_in_text_and_json(tmp_path: Path, cli: Cli) -> None:
+    def layer(mode: int) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            info = tarfile.TarInfo("bin/tool")
+            info.size, info.mode = 1, mode
+            tar.addfile(info, io.BytesIO(b"x"))
+        return buffer.getvalue()
+
+    a = archive_of([layer(0o644)], tmp_path / "a.tar")
+    b = archive_of([layer(0o755)], tmp_path / "b.tar")
+    result = cli("diff-layers", str(a), str(b), "--json")
+    [change] = json.loads(result.stdout)["files"]
+    assert change["fields"] == [{"field": "mode", "a": "0644", "b": "0755"}]
+    assert "mode: 0644 -> 0755" in cli("diff-layers", str(a), str(b)).stdout

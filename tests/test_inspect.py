@@ -283,3 +283,36 @@ def test_listings_stream_as_the_json_of_the_whole_document(tmp_path: Path, cli: 
     assert [entry["path"] for entry in merged] == ["a", "a/b", "a.c", "caf\u00e9-\udcff\x01", "t"]
     assert merged[-1]["mtime"] == 1700000000.25
     assert inspect_json(cli, archive, "--files", "2")["listing"] == []
+
+
+def test_a_ci_gate_as_dive_has_it(tmp_path: Path, cli: Cli, monkeypatch: Any) -> None:
+    """dive's rules and defaults (efficiency 0.9, user-wasted 0.1, wasted bytes
+    disabled), from flags or a .dive-ci file, PASS/FAIL per rule, exit 1 on a FAIL."""
+    lower = layer_tar([("etc", None), ("etc/big", b"x" * 100_000)])
+    upper = layer_tar([("etc", None), ("etc/big", b"small")])
+    archive = archive_of([lower, upper], tmp_path / "waste.tar")
+    monkeypatch.chdir(tmp_path)
+    result = cli("inspect", str(archive), "--ci", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["wasted_bytes"] == 100_000
+    upper_size = len(upper)
+    assert report["user_wasted_percent"] == round(100_000 / upper_size, 4)
+    statuses = {rule["name"]: rule["status"] for rule in report["rules"]}
+    assert statuses == {
+        "lowestEfficiency": "FAIL",
+        "highestWastedBytes": "SKIP",
+        "highestUserWastedPercent": "FAIL",
+    }
+    (tmp_path / ".dive-ci").write_text(
+        "rules:\n  # relaxed\n  lowestEfficiency: 0.05\n  highestWastedBytes: 1MB\n"
+        "  highestUserWastedPercent: disabled\n"
+    )
+    text = cli("inspect", str(archive), "--ci")
+    assert text.exit_code == 0, text.output
+    assert "Result:PASS [Total:3] [Passed:2] [Failed:0] [Warn:0] [Skipped:1]" in text.stdout
+    strict = cli("inspect", str(archive), "--ci", "--highest-wasted-bytes", "50kB")
+    assert strict.exit_code == 1 and "FAIL: highestWastedBytes" in strict.stdout
+    (tmp_path / ".dive-ci").write_text("rules:\n  lowestEffciency: 0.5\n")
+    bad = cli("inspect", str(archive), "--ci")
+    assert bad.exit_code == 2 and ".dive-ci:2: not a dive CI rule" in bad.stderr

@@ -278,7 +278,9 @@ def compare_files(
             if origin_a is not None and origin_b is not None and origin_a[path] == origin_b[path]:
                 continue  # the same layer at the same place: the same file, hashed or not
             changed = [
-                FieldChange(name, getattr(old, name), getattr(new, name))
+                FieldChange(
+                    name, _shown(name, getattr(old, name)), _shown(name, getattr(new, name))
+                )
                 for name in fields
                 if getattr(old, name) != getattr(new, name)
                 and not (name == "sha256" and (old.sha256 is None or new.sha256 is None))
@@ -286,6 +288,11 @@ def compare_files(
             if changed:
                 changes.append(FileChange(path, "modified", changed))
     return changes
+
+
+def _shown(field: str, value: Any) -> Any:
+    """A field's value as reports show it: modes in octal ("0644"), as inspect lists them."""
+    return f"{value:04o}" if field == "mode" and isinstance(value, int) else value
 
 
 def compare_configs(a: dict[str, Any], b: dict[str, Any], ignore: Ignore) -> list[FieldChange]:

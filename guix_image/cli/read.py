@@ -38,6 +38,24 @@ from .options import (
     help="List the entries of layer N, or with no N the merged filesystem and each file's layer.",
 )
 @click.option("--tree", is_flag=True, help="Draw the files (of --files) as a tree.")
+@click.option(
+    "--ci",
+    is_flag=True,
+    help="Judge the wasted space by dive's CI rules (from .dive-ci if there is one): "
+    "PASS or FAIL per rule, exit 1 on a failure.",
+)
+@click.option(
+    "--ci-config",
+    type=click.Path(dir_okay=False, exists=True),
+    help="With --ci: the rules file (dive's format), instead of ./.dive-ci.",
+)
+@click.option("--lowest-efficiency", metavar="FRACTION", help="With --ci: fail below it.")
+@click.option("--highest-wasted-bytes", metavar="SIZE", help="With --ci: fail at it (20MB, ...).")
+@click.option(
+    "--highest-user-wasted-percent",
+    metavar="FRACTION",
+    help="With --ci: fail at this share of the bytes the layers above the first add.",
+)
 @JSON_OPTION
 @common_options
 def inspect(
@@ -46,6 +64,11 @@ def inspect(
     platform: str | None,
     files: str | None,
     tree: bool,
+    ci: bool,
+    ci_config: str | None,
+    lowest_efficiency: str | None,
+    highest_wasted_bytes: str | None,
+    highest_user_wasted_percent: str | None,
     as_json: bool,
 ) -> None:
     """Show an image archive's layers, digests, files and wasted space.
@@ -60,11 +83,24 @@ def inspect(
       guix-image inspect image.tar --files 3
       guix-image inspect image.tar --files --tree
       guix-image inspect image.tar --json | jq '.layers[].diff_id'
+      guix-image inspect image.tar --ci --lowest-efficiency 0.95
     """
     from ..analysis.inspect import ALL, inspect_image, read_options
 
     if tree and files is None:
         raise click.UsageError("--tree draws the files: give --files (or --files N) too")
+    given = {
+        "lowestEfficiency": lowest_efficiency,
+        "highestWastedBytes": highest_wasted_bytes,
+        "highestUserWastedPercent": highest_user_wasted_percent,
+    }
+    rules = {name: value for name, value in given.items() if value is not None}
+    if (rules or ci_config) and not ci:
+        raise click.UsageError("the rule options go with --ci")
+    if ci and files is not None:
+        raise click.UsageError("--ci judges the waste: give it without --files")
+    if ci:
+        rules = {**_ci_rules(ci_config), **rules}
     listed = _layer_number(files) if files not in (None, "all") else files
     with opened(archive, read_options(listed, from_stream=True), image, platform) as (
         source,
@@ -79,7 +115,14 @@ def inspect(
             note(f"warning: {warning} (see `guix-image verify`)")
     from . import render
 
-    if as_json and report.listing is not None:
+    if ci:
+        from ..analysis.ci import evaluate
+
+        verdict = evaluate(report, rules)
+        emit(verdict, as_json, render.ci_report)
+        if not verdict.ok:
+            raise click.exceptions.Exit(1)
+    elif as_json and report.listing is not None:
         items = (entry.to_json() for entry in report.listing)
         output().json_streamed(report.summary_json(), "listing", items)
     elif as_json or report.listing is None:
@@ -89,6 +132,23 @@ def inspect(
         render.inspect_tree(output(), report.listing, label)
     else:
         render.inspect_files(output(), report.listing, with_layer=listed == ALL)
+
+
+def _ci_rules(path: str | None) -> dict[str, str]:
+    """The rules of the given file, or of ./.dive-ci if there is one."""
+    import os
+
+    from ..analysis.ci import read_rules
+    from ..files import read_regular
+
+    if path is None and not os.path.exists(".dive-ci"):
+        return {}
+    where = path or ".dive-ci"
+    try:
+        text = read_regular(where, 1 << 20).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CommandError(f"{where}: cannot read it: {error}", 2) from None
+    return read_rules(text, where)
 
 
 def _layer_number(files: str | None) -> int:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..model import SHA256_PREFIX
 
 if TYPE_CHECKING:
+    from ..analysis.ci import CiReport
     from ..analysis.diff import DiffReport, FileChange
     from ..analysis.inspect import InspectReport, ListedFile
     from ..analysis.verify import Verdict
@@ -271,6 +272,25 @@ def inspect_tree(out: Output, entries: Iterable[ListedFile], label: str) -> None
 
         plain = Console(file=out.stream, no_color=True, width=10_000, highlight=False, emoji=False)
         plain.print(root)
+
+
+def ci_report(out: Output, report: CiReport) -> None:
+    """As dive --ci prints it."""
+    out.line(f"  efficiency: {report.efficiency * 100:.4f} %")
+    out.line(f"  wastedBytes: {report.wasted_bytes} bytes ({human_size(report.wasted_bytes)})")
+    out.line(f"  userWastedPercent: {report.user_wasted_percent * 100:.4f} %")
+    out.line("Results:")
+    for rule in report.rules:
+        detail = f": {rule.message}" if rule.status != "PASS" else ""
+        style = {"PASS": "green", "FAIL": "bold red"}.get(rule.status)
+        out.line(f"  {rule.status}: {rule.name}{detail}", style)
+    counts = {
+        status: sum(r.status == status for r in report.rules) for status in ("PASS", "FAIL", "SKIP")
+    }
+    out.line(
+        f"Result:{'PASS' if report.ok else 'FAIL'} [Total:{len(report.rules)}] "
+        f"[Passed:{counts['PASS']}] [Failed:{counts['FAIL']}] [Warn:0] [Skipped:{counts['SKIP']}]"
+    )
 
 
 # -- diff-layers ---------------------------------------------------------------
