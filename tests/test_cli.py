@@ -765,3 +765,38 @@ def test_one_pipe_given_twice_is_refused_not_waited_on(tmp_path: Path) -> None:
         )
         assert result.returncode == 2
         assert "one pipe, which can be read only once" in result.stderr
+
+
+def test_a_terminal_on_standard_input_is_refused(image_file: Path) -> None:
+    """`inspect -` typed at a terminal would wait for ever: it says why instead."""
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*GUIX_IMAGE, "inspect", "-"], stdin=follower, capture_output=True, timeout=60
+        )
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert result.returncode == 2
+    assert b"standard input is a terminal, not an archive" in result.stderr
+
+
+def test_files_does_not_swallow_the_archive(image_file: Path, cli_runner: CliRunner) -> None:
+    before = cli_runner.invoke(main, ["inspect", str(image_file), "--files"])
+    after = cli_runner.invoke(main, ["inspect", "--files", str(image_file)])
+    assert before.exit_code == after.exit_code == 0, after.output
+    assert before.stdout == after.stdout
+    missing = cli_runner.invoke(main, ["inspect", "--files", "3"])
+    assert missing.exit_code == 2 and "Missing argument 'ARCHIVE'" in missing.stderr
+
+
+def test_quiet_means_failures_only(image_file: Path, tmp_path: Path, cli_runner: CliRunner) -> None:
+    passed = cli_runner.invoke(main, ["verify", "-q", str(image_file)])
+    assert passed.exit_code == 0 and passed.stdout == ""
+    same = cli_runner.invoke(main, ["diff-layers", "-q", str(image_file), str(image_file)])
+    assert same.exit_code == 0 and same.stdout == ""
+    broken = tmp_path / "broken.tar"
+    broken.write_bytes(image_file.read_bytes()[:-5000])
+    failed = cli_runner.invoke(main, ["verify", "-q", str(broken)])
+    assert failed.exit_code == 1
+    assert [line.split()[0] for line in failed.stdout.splitlines()] == ["FAIL", "FAILED:"]

@@ -221,7 +221,8 @@ def test_a_rebuild_from_the_cache_writes_the_same_bytes(
 GOLDEN_OUTPUT = {
     "inspect": "9157a81030778f4ba0406c94f32039d7cb4a9a41717f46f23e058eb14ab55efe",
     "inspect --json": "bdd7892d5dc1772ba2e09c310257c8faf61340ff495a649bd744aa4662bf6bd9",
-    "inspect --files": "5949cfa707bbe35ea22fb277aa94e635fb652419e53a8c7a0ea78c41156b5bca",
+    # Since issue 15: fixed columns, so that rows stream (the widths were the widest value's).
+    "inspect --files": "b2354ddd5269f4993132c3a80abab7bcff6cc14650324356eaf82cb90a87255b",
     "inspect --files --json": "2121cec5674ece9e8b2953201a8b98ea4fd7343453807158d546253645f156d6",
     "inspect --files 1 --tree": "519b2380c3e47bcc09c946378ad6ec774b0ba3c88865298464fb159c519fe44d",
     "inspect b": "6315161af0c5ca3e23ae397553f4a34971db1c3463c096f7e94e9ef5f814690e",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import click
@@ -15,6 +16,7 @@ from .options import (
     archive_argument,
     common_options,
     emit,
+    flag,
     note,
     opened,
     output,
@@ -24,7 +26,13 @@ from .options import (
 
 
 @click.command()
-@archive_argument("archive", "ARCHIVE")
+@click.argument(
+    "archive",
+    metavar="ARCHIVE",
+    required=False,  # `--files ARCHIVE` takes it for N: see _files_and_archive
+    type=click.Path(allow_dash=True),
+    shell_complete=complete_archive,
+)
 @IMAGE_OPTION
 @PLATFORM_OPTION
 @click.option(
@@ -59,7 +67,7 @@ from .options import (
 @JSON_OPTION
 @common_options
 def inspect(
-    archive: str,
+    archive: str | None,
     image: str | None,
     platform: str | None,
     files: str | None,
@@ -87,6 +95,7 @@ def inspect(
     """
     from ..analysis.inspect import ALL, inspect_image, read_options
 
+    archive, files = _files_and_archive(archive, files)
     if tree and files is None:
         raise click.UsageError("--tree draws the files: give --files (or --files N) too")
     given = {
@@ -132,6 +141,15 @@ def inspect(
         render.inspect_tree(output(), report.listing, label)
     else:
         render.inspect_files(output(), report.listing, with_layer=listed == ALL)
+
+
+def _files_and_archive(archive: str | None, files: str | None) -> tuple[str, str | None]:
+    """`inspect --files image.tar`: the option's optional N took the archive's name."""
+    if archive is None and files not in (None, "all") and not str(files).isdigit():
+        return str(files), "all"
+    if archive is None:
+        raise click.UsageError("Missing argument 'ARCHIVE'.")
+    return archive, files
 
 
 def _ci_rules(path: str | None) -> dict[str, str]:
@@ -213,7 +231,7 @@ def diff_layers(
             verbose(f"{written} files written under {report_dir}")
     from . import render
 
-    emit(report, as_json, render.diff_report)
+    emit(report, as_json, functools.partial(render.diff_report, differences_only=flag("quiet")))
     if not report.identical:
         raise click.exceptions.Exit(1)
 
@@ -322,7 +340,7 @@ def verify(
         verdict = checking.unreadable(error)
     from . import render
 
-    emit(verdict, as_json, render.verify_report)
+    emit(verdict, as_json, functools.partial(render.verify_report, failures_only=flag("quiet")))
     if not verdict.ok:
         raise click.exceptions.Exit(1)
 

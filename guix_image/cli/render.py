@@ -133,6 +133,15 @@ class Output:
         else:
             self.stream.write(text + "\n")
 
+    def rows(self, headers: list[str], widths: list[int], rows: Iterable[list[str]]) -> None:
+        """A table of fixed columns (the last as wide as it needs), written row by
+        row as plain text, on a terminal too (a rich table would wait for them all)."""
+        write = self.stream.write
+        heading = _fixed(headers, widths)
+        write(f"\x1b[1m{heading}\x1b[0m\n" if self.color else heading + "\n")
+        for row in rows:
+            write(_fixed([printable(cell) for cell in row], widths) + "\n")
+
     def table(self, headers: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
         rows = [[printable(cell) for cell in row] for row in rows]
         if self.rich:
@@ -152,6 +161,11 @@ class Output:
         for row in [headers, *rows]:
             cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
             self.stream.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def _fixed(cells: list[str], widths: list[int]) -> str:
+    padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=False)]
+    return "  ".join([*padded, *cells[len(widths) :]]).rstrip()
 
 
 # -- inspect -------------------------------------------------------------------
@@ -213,27 +227,27 @@ def _displayed_path(entry: ListedFile) -> str:
     return path
 
 
-def file_rows(entries: Iterable[ListedFile], with_layer: bool) -> tuple[list[str], list[list[str]]]:
-    headers = ["MODE", "UID:GID", "SIZE", "MTIME", *(["LAYER"] if with_layer else []), "PATH"]
-    rows = []
-    for entry in entries:
-        record = entry.record
-        rows.append(
-            [
-                mode_string(record.type, record.mode),
-                f"{record.uid}:{record.gid}",
-                str(record.size),
-                f"{record.mtime:.0f}",
-                *([str(entry.layer)] if with_layer else []),
-                _displayed_path(entry),
-            ]
-        )
-    return headers, rows
+# The listing's columns: fixed widths, so that rows are written as they come
+# (in bounded memory, at once on a terminal); a wider value pushes its row.
+FILE_COLUMNS = (("MODE", 10), ("UID:GID", 11), ("SIZE", 12), ("MTIME", 11), ("LAYER", 5))
 
 
 def inspect_files(out: Output, entries: Iterable[ListedFile], with_layer: bool) -> None:
-    headers, rows = file_rows(entries, with_layer)
-    out.table(headers, rows)
+    columns = [column for column in FILE_COLUMNS if with_layer or column[0] != "LAYER"]
+    widths = [width for _, width in columns]
+    out.rows([name for name, _ in columns] + ["PATH"], widths, map(_file_row, entries))
+
+
+def _file_row(entry: ListedFile) -> list[str]:
+    record = entry.record
+    return [
+        mode_string(record.type, record.mode),
+        f"{record.uid}:{record.gid}",
+        str(record.size),
+        f"{record.mtime:.0f}",
+        *([str(entry.layer)] if entry.layer is not None else []),
+        _displayed_path(entry),
+    ]
 
 
 def inspect_tree(out: Output, entries: Iterable[ListedFile], label: str) -> None:
@@ -296,7 +310,12 @@ def ci_report(out: Output, report: CiReport) -> None:
 # -- diff-layers ---------------------------------------------------------------
 
 
-def diff_report(out: Output, report: DiffReport) -> None:
+def diff_report(out: Output, report: DiffReport, *, differences_only: bool = False) -> None:
+    """The differences (-q: only whether the images differ, and nothing if not)."""
+    if differences_only:
+        if not report.identical:
+            out.line("The images differ.", "bold red")
+        return
     layers = report.layers
     out.line(
         f"Layers: {len(layers.shared)} shared, {len(layers.only_a)} only in A, "
@@ -346,12 +365,16 @@ def _brief(value: Any) -> str:
 # -- verify ---------------------------------------------------------------------
 
 
-def verify_report(out: Output, verdict: Verdict) -> None:
+def verify_report(out: Output, verdict: Verdict, *, failures_only: bool = False) -> None:
+    """Every check (-q: the failed ones only, and nothing when all pass)."""
     for check in verdict.checks:
-        if check.ok:
-            out.line(f"PASS  {check.name}")
-        else:
-            out.line(f"FAIL  {check.name}: expected {check.expected}, found {check.actual}")
+        if check.ok and not failures_only:
+            out.line(f"PASS  {check.name}", "green")
+        elif not check.ok:
+            found = f"expected {check.expected}, found {check.actual}"
+            out.line(f"FAIL  {check.name}: {found}", "bold red")
+    if failures_only and verdict.ok:
+        return
     mismatch = verdict.mismatch
     if mismatch is not None:
         out.line(f"First differing layer: {mismatch.layer}")

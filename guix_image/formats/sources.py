@@ -322,7 +322,13 @@ def open_source(path: str, stream_options: ReadOptions, stdin: BinaryIO | None =
     once as it inflates, like a stream.
     """
     if path == "-":
-        return _stream_source(stdin or _stdin(), "<stdin>", stream_options)
+        stream = stdin or _stdin()
+        if _is_terminal(stream):  # nothing would ever come: say so instead of waiting
+            raise InputError(
+                "standard input is a terminal, not an archive: pipe one in "
+                "(docker save app | guix-image inspect -)"
+            )
+        return _stream_source(stream, "<stdin>", stream_options)
     if os.path.isdir(path):
         return DirectorySource(path)
     if not os.path.exists(path):
@@ -479,6 +485,13 @@ def _looks_like_metadata(key: str, data: bytes) -> bool:
     except strict_json.JSONRefused:
         return False
     return True
+
+
+def _is_terminal(stream: BinaryIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _stdin() -> BinaryIO:
