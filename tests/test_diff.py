@@ -45,6 +45,12 @@ def test_diff_layers_finds_what_changed(
     full = prefix + "bin/tool"
     assert (tmp_path / "report" / "a" / full).read_text() == "v1"
     assert (tmp_path / "report" / "b" / full).read_text() == "v2!"
+    mode = (item / "bin" / "tool").stat().st_mode & 0o777
+    assert (tmp_path / "report" / "b" / full).stat().st_mode & 0o777 == mode  # its own mode
+    # Metadata-only changes, which no copy shows, are listed beside the copies.
+    metadata = json.loads((tmp_path / "report" / "metadata-changes.json").read_text())
+    assert prefix + "share/same" in {change["path"] for change in metadata}
+    assert full not in {change["path"] for change in metadata}
     ignoring = json.loads(
         cli("diff-layers", str(a), str(b), "--json", "--ignore-timestamps").stdout
     )

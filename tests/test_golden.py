@@ -217,7 +217,7 @@ def test_a_rebuild_from_the_cache_writes_the_same_bytes(
 
 # sha256 of what each reading command prints for the archives above, as the
 # code before the restructuring printed it: --json shapes and plain text alike
-# (three changed on purpose since, as said beside them).
+# (some changed on purpose since, as said beside them).
 GOLDEN_OUTPUT = {
     "inspect": "9157a81030778f4ba0406c94f32039d7cb4a9a41717f46f23e058eb14ab55efe",
     "inspect --json": "bdd7892d5dc1772ba2e09c310257c8faf61340ff495a649bd744aa4662bf6bd9",
@@ -225,12 +225,14 @@ GOLDEN_OUTPUT = {
     "inspect --files": "b2354ddd5269f4993132c3a80abab7bcff6cc14650324356eaf82cb90a87255b",
     "inspect --files --json": "2121cec5674ece9e8b2953201a8b98ea4fd7343453807158d546253645f156d6",
     "inspect --files 1 --tree": "519b2380c3e47bcc09c946378ad6ec774b0ba3c88865298464fb159c519fe44d",
-    "inspect b": "6315161af0c5ca3e23ae397553f4a34971db1c3463c096f7e94e9ef5f814690e",
+    # Since issue 15: plurals ("1 file in more than one layer", not "1 files").
+    "inspect b": "c62992033c757abda57f39b35dc792df0611662b27eb53a7533b9aa6baf9c7f4",
     "inspect b --files 3": "1dccd8a082556388614d9662683d6fe950afe28e3cc2b65ed95a850794a5fcf5",
     "verify": "ee3c49501cfe8d0dd47c0387f554390b6fa92f4b4a3dd973b9c57e5da4292c6f",
     "verify --json": "2529aef3307553d62cd7e4e6181f1ee31f1271630188d9bddff2224aa592375e",
-    # Since issue 15: the other archive's own checks ("other archive ...") too.
-    "verify --against": "6d6445168f52c83d68c5d0992b115a2ed45fe68118a28c674b194ccd2a7e8546",
+    # Since issue 15: the other archive's own checks ("other archive ...") too,
+    # and plurals ("1 check failed").
+    "verify --against": "bb6acc75f445e79c54dba11cf6be8b16c1530ac53f8c4f24973e9eae529cc049",
     "verify --against --json": "6caba1d8a6d663a45f79878a81892bb89d37931836175d64f285e33eb4183b91",
     "diff-layers": "eb9eba06e96d18dda40e5a063168e51a384ef8d4114ade5c8ff2994ee2488260",
     # Since issue 15: each config change says its kind ("value").

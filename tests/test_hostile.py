@@ -215,7 +215,7 @@ def failed_check(pattern: str, command: str = "verify {}") -> Run:
     return Run(command, 1, r"(?m)^FAIL  " + pattern)
 
 
-SUMMARY = r"(?m)^Total size: .* in 1 layers, "
+SUMMARY = r"(?m)^Total size: .* in 1 layer, "
 
 
 def static(build: Callable[[], bytes]) -> Callable[[Path], bytes]:
@@ -917,7 +917,7 @@ CASES = [
     Case(
         "layer-with-120000-entries",
         static(layer_many_entries),
-        (ok("inspect {}", r"in 1 layers, 120000 paths"),),
+        (ok("inspect {}", r"in 1 layer, 120000 paths"),),
         seconds=15,
     ),
     # 18-19. Layer entries: never extracted, reported by verify.

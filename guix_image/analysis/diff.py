@@ -11,6 +11,7 @@ file are written out (under sanitised paths) for diffoscope or `diff -r`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 from collections.abc import Iterable
@@ -376,8 +377,33 @@ def _copy_out(layer: StoredLayer, paths: set[str], root: str) -> int:
                 with _create(root, path) as out:
                     for chunk in reader.iter_content():
                         out.write(chunk)
+                    os.fchmod(out.fileno(), member.mode & 0o777)  # its mode, never set-id
                 written += 1
     return written
+
+
+METADATA_FILE = "metadata-changes.json"
+
+
+def write_metadata_changes(directory: str, report: DiffReport) -> int:
+    """DIR/metadata-changes.json: the files of the merged filesystems whose metadata
+    alone changed (mode, owner, times, link target, xattrs), which no file copy shows.
+    How many there are."""
+    changes = [
+        change.to_json()
+        for change in report.files
+        if change.change == "modified" and all(f.field != "sha256" for f in change.fields)
+    ]
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(os.path.realpath(directory), METADATA_FILE)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        raise InputError(f"report directory: cannot write {path}: {error.strerror}") from None
+    with open(fd, "w") as out:
+        out.write(json.dumps(changes, indent=2, ensure_ascii=True) + "\n")
+    return len(changes)
 
 
 def _make_directory(path: str) -> None:

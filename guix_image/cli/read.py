@@ -210,7 +210,14 @@ def diff_layers(
       guix-image diff-layers a.tar b.tar --ignore-timestamps --json | jq .files
       guix-image diff-layers a.tar b.tar --report-dir out && diff -r out/a out/b
     """
-    from ..analysis.diff import READ_OPTIONS, Ignore, Side, diff_images, write_report
+    from ..analysis.diff import (
+        READ_OPTIONS,
+        Ignore,
+        Side,
+        diff_images,
+        write_metadata_changes,
+        write_report,
+    )
 
     if archive_a == "-" and archive_b == "-":
         raise CommandError("only one of A and B can be standard input", 2)
@@ -228,7 +235,8 @@ def diff_layers(
             modified = report.modified_contents()
             written = write_report(report_dir, "a", a, layers_a, modified)
             written += write_report(report_dir, "b", b, layers_b, modified)
-            verbose(f"{written} files written under {report_dir}")
+            metadata = write_metadata_changes(report_dir, report)
+            verbose(f"{written} files and {metadata} metadata changes written under {report_dir}")
     from . import render
 
     emit(report, as_json, functools.partial(render.diff_report, differences_only=flag("quiet")))

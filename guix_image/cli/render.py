@@ -54,6 +54,11 @@ def _value(value: Any, indent: str) -> str:
     return json.dumps(value, indent=2, ensure_ascii=True).replace("\n", indent)
 
 
+def counted(number: int, noun: str) -> str:
+    """ "1 layer", "2 layers", "0 layers"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def printable(text: str) -> str:
     """`text` safe to print: control characters and undecodable bytes escaped."""
     if text.isprintable() and text.isascii():
@@ -186,12 +191,13 @@ def inspect_summary(out: Output, report: InspectReport) -> None:
         ("Env", "; ".join(config.get("Env") or []) or "-"),
         (
             "Total size",
-            f"{human_size(report.total_size)} in {len(report.layers)} layers, {report.files} paths",
+            f"{human_size(report.total_size)} in {counted(len(report.layers), 'layer')}, "
+            f"{counted(report.files, 'path')}",
         ),
         (
             "Waste",
             f"{human_size(waste.bytes)} (efficiency {waste.efficiency * 100:.1f}%), "
-            f"{waste.duplicated_files} files in more than one layer",
+            f"{counted(waste.duplicated_files, 'file')} in more than one layer",
         ),
     ]
     width = max(len(name) for name, _ in fields)
@@ -383,4 +389,4 @@ def verify_report(out: Output, verdict: Verdict, *, failures_only: bool = False)
     if verdict.ok:
         out.line("OK: every check passed.", "bold green")
     else:
-        out.line(f"FAILED: {verdict.failed} check(s) failed.", "bold red")
+        out.line(f"FAILED: {counted(verdict.failed, 'check')} failed.", "bold red")
