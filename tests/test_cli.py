@@ -800,3 +800,37 @@ def test_quiet_means_failures_only(image_file: Path, tmp_path: Path, cli_runner:
     failed = cli_runner.invoke(main, ["verify", "-q", str(broken)])
     assert failed.exit_code == 1
     assert [line.split()[0] for line in failed.stdout.splitlines()] == ["FAIL", "FAILED:"]
+
+
+def test_reading_standard_input_shows_progress_at_a_terminal(image_file: Path) -> None:
+    """A stream of unknown length: a line on stderr counts what arrived (a terminal),
+    and the result is the same as without it."""
+    leader, follower = pty.openpty()
+    try:
+        with image_file.open("rb") as archive:
+            result = subprocess.run(
+                [*GUIX_IMAGE, "inspect", "-", "--json"],
+                stdin=archive,
+                stdout=subprocess.PIPE,
+                stderr=follower,
+                timeout=120,
+                env={**os.environ, "COLUMNS": "100"},
+            )
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["layers"]
+    assert b"reading standard input" in shown

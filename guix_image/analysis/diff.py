@@ -201,6 +201,14 @@ def diff_images(
     a: Side, b: Side, ignore: Ignore
 ) -> tuple[DiffReport, list[LayerContents], list[LayerContents]]:
     """The differences as `diff-layers --json` documents them, and the layers read."""
+    for side in (a, b):  # an image whose documents contradict themselves is damaged
+        failed = [check for check in side.image.checks if not check.ok]
+        if failed:
+            check = failed[0]
+            raise ArchiveError(
+                f"{side.source.name}: {check.name}: expected {check.expected}, found "
+                f"{check.actual}: the archive is damaged (see `guix-image verify`)"
+            )
     ids_a = [layer.diff_id or "" for layer in a.image.layers]
     ids_b = [layer.diff_id or "" for layer in b.image.layers]
     shared = set(ids_a) & set(ids_b)

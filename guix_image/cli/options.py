@@ -6,7 +6,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -128,7 +128,10 @@ def opened(
     if named is not None and choice is not None and named != choice:
         raise CommandError(f"{given} names image {named!r}, and --image {choice!r}", 2)
     started = time.monotonic()
-    with open_source(path, stream_options) as source:
+    with (
+        _stdin_progress() if path == "-" else contextlib.nullcontext() as stdin,
+        open_source(path, stream_options, stdin) as source,
+    ):
         where = "<stdin>" if path == "-" else path
         image = select_image(read_images(source), named or choice, where, platform)
         verbose(f"{path}: {image.format}, {len(image.layers)} layers")
@@ -150,6 +153,36 @@ def emit(result: Any, as_json: bool, show: Callable[[Any, Any], None]) -> None:
         out.json(result.to_json())
     else:
         show(out, result)
+
+
+@contextlib.contextmanager
+def _stdin_progress() -> Iterator[Any]:
+    """Standard input, counted on a rich line on stderr as it arrives (when stderr is
+    a terminal): reading a stream of unknown length should not look stuck."""
+    stdin = sys.stdin.buffer
+    if flag("quiet") or not sys.stderr.isatty() or stdin.isatty():
+        yield None
+        return
+    import io
+
+    from rich.console import Console
+    from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    console = Console(stderr=True, no_color=flag("no_color"))
+    columns = (TextColumn("reading standard input"), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("stdin", total=None)
+
+        class Counted(io.RawIOBase):
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer: Any) -> int:
+                got = cast(Any, stdin).readinto(buffer) or 0
+                progress.advance(task, got)
+                return got
+
+        yield io.BufferedReader(Counted(), 1 << 20)
 
 
 @contextlib.contextmanager
