@@ -834,3 +834,39 @@ def test_reading_standard_input_shows_progress_at_a_terminal(image_file: Path) -
     assert result.returncode == 0
     assert json.loads(result.stdout)["layers"]
     assert b"reading standard input" in shown
+
+
+def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
+    """The layer table at a narrow terminal: whole short digests, lines within 80."""
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*GUIX_IMAGE, "inspect", str(image_file)],
+            stdout=follower,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "80", "LINES": "50", "NO_COLOR": "1"},
+        )
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert result.returncode == 0
+    text = re.sub(r"\x1b\[[0-9;]*m", "", shown.decode())  # bold headers
+    table = text[text.index("DIFF ID") :].splitlines()
+    digests = re.findall(r"sha256:[0-9a-f]+", "\n".join(table))
+    assert digests and all(len(d) == len("sha256:") + 12 for d in digests)
+    assert all(len(line.rstrip()) <= 80 for line in table)
+    header = text[text.rindex("\n", 0, text.index("DIFF ID")) + 1 :].splitlines()[0]
+    assert header.split() == ["#", "DIFF", "ID", "SIZE", "ENTRIES", "COMPRESSION", "COMMENT"]

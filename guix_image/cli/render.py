@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterable
 from json.encoder import encode_basestring_ascii as _ascii
@@ -148,24 +149,19 @@ class Output:
             write(_fixed([printable(cell) for cell in row], widths) + "\n")
 
     def table(self, headers: list[str], rows: list[list[str]], *, title: str | None = None) -> None:
+        """Columns as wide as their widest cell. At a terminal the last one (free
+        text) is cut to the width, ending in "…": never a digest or a number."""
         rows = [[printable(cell) for cell in row] for row in rows]
-        if self.rich:
-            from rich.table import Table
-            from rich.text import Text
-
-            table = Table(title=title, box=None, header_style="bold", title_justify="left")
-            for header in headers:
-                table.add_column(header, overflow="fold")
-            for row in rows:
-                table.add_row(*(Text(cell) for cell in row))  # names are not markup
-            self.console.print(table)
-            return
         if title:
-            self.stream.write(title + "\n")
-        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-        for row in [headers, *rows]:
-            cells = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
-            self.stream.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+            self.line(title, "bold")
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers[:-1])]
+        limit = shutil.get_terminal_size().columns if self.rich else None
+        for number, row in enumerate([headers, *rows]):
+            text = _fixed(row, widths)
+            if limit is not None and len(text) > limit:
+                text = text[: limit - 1] + "…"
+            bold = number == 0 and self.color
+            self.stream.write(f"\x1b[1m{text}\x1b[0m\n" if bold else text + "\n")
 
 
 def _fixed(cells: list[str], widths: list[int]) -> str:
