@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import archive_of, flip_byte, layer_tar
+from .support.archives import TAMPERED, archive_of, flip_byte, layer_tar, tamper_with
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 from .support.tools import convert
@@ -225,14 +224,6 @@ def test_modes_are_octal_in_text_and_json(tmp_path: Path, cli: Cli) -> None:
     assert "mode: 0644 -> 0755" in cli("diff-layers", str(a), str(b)).stdout
 
 
-TAMPERED = [
-    (form, tamper)
-    for form in ("docker-archive", "oci-archive", "oci", "oci-gzip", "oci-zstd")
-    for tamper in ("flipped-byte", "wrong-size", "missing-blob")
-    if (form, tamper) != ("docker-archive", "wrong-size")  # it has no descriptor sizes
-]
-
-
 @pytest.mark.parametrize(("form", "tamper"), TAMPERED)
 def test_a_tampered_archive_is_never_compared_as_sound(
     image: tuple[Path, BuildResult], form: str, tamper: str, tmp_path: Path, cli: Cli
@@ -249,55 +240,8 @@ def test_a_tampered_archive_is_never_compared_as_sound(
         bad.write_bytes(archive.read_bytes())
     else:
         bad = Path(convert(archive, form, tmp_path / "bad"))
-    summary = inspect_json(cli, bad)
-    files = _files_of(bad)
-    last = summary["layers"][-1]
-    if form == "docker-archive":
-        blob = next(
-            name
-            for name in files
-            if name.endswith("layer.tar") and len(files[name]) == last["size"]
-        )
-    else:
-        blob = "blobs/sha256/" + last["digest"].split(":")[1]
-    if tamper == "flipped-byte":
-        data = bytearray(files[blob])
-        flip_byte(data, 0, len(data))
-        files[blob] = bytes(data)
-    elif tamper == "missing-blob":
-        del files[blob]
-    else:
-        index = json.loads(files["index.json"])
-        index["manifests"][0]["size"] += 1
-        files["index.json"] = json.dumps(index).encode()
-    _write_files(bad, files)
+    tamper_with(bad, inspect_json(cli, bad)["layers"][-1], tamper)
     result = cli("diff-layers", str(good), str(bad), "--json")
     assert result.exit_code == 2, result.output
     assert json.loads(result.stdout)["exit_code"] == 2
     assert str(bad) in result.stderr
-
-
-def _files_of(target: Path) -> dict[str, bytes]:
-    """An archive's or a layout's files, by name."""
-    if target.is_dir():
-        return {
-            path.relative_to(target).as_posix(): path.read_bytes()
-            for path in target.rglob("*")
-            if path.is_file()
-        }
-    with tarfile.open(target) as outer:
-        return {m.name: outer.extractfile(m).read() for m in outer if m.isfile()}  # type: ignore[union-attr]
-
-
-def _write_files(target: Path, files: dict[str, bytes]) -> None:
-    if target.is_dir():
-        shutil.rmtree(target)
-        for name, data in files.items():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            (target / name).write_bytes(data)
-        return
-    with tarfile.open(target, "w") as out:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            out.addfile(info, io.BytesIO(data))

@@ -477,3 +477,23 @@ def test_an_outer_hard_link_to_a_later_member_is_refused(tmp_path: Path, cli: Cl
     result = cli("inspect", str(forward))
     assert result.exit_code == 2
     assert "hard link to '0/layer.tar', which does not come before it" in result.stderr
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_compressed_oci_archive_is_read_too(
+    image: tuple[Path, BuildResult], compression: str, tmp_path: Path, cli: Cli
+) -> None:
+    command = COMPRESSORS[compression]
+    require(command[0])
+    archive, result = image
+    oci = Path(convert(archive, "oci-archive", tmp_path))
+    packed = tmp_path / f"oa.tar.{compression}"
+    with packed.open("wb") as out:
+        subprocess.run([*command, str(oci)], stdout=out, check=True)
+    for target, stdin in ((packed, None), ("-", packed.read_bytes())):
+        summary = inspect_json(cli, target, input=stdin)
+        assert summary["format"] == f"oci-archive, {compression}-compressed"
+        assert [layer["diff_id"] for layer in summary["layers"]] == [
+            layer.diff_id for layer in result.layers
+        ]
+        assert cli("verify", str(target), input=stdin).exit_code == 0

@@ -13,6 +13,7 @@ import pytest
 from guix_image.build.engine import BuildResult
 
 from .support.archives import (
+    TAMPERED,
     archive_of,
     descriptor,
     flip_byte,
@@ -20,6 +21,7 @@ from .support.archives import (
     layer_tar,
     oci_files,
     sha256,
+    tamper_with,
     write_layout,
 )
 from .support.cli import Cli, inspect_json
@@ -288,3 +290,23 @@ def test_inspect_warns_of_what_does_not_add_up(tmp_path: Path, cli: Cli) -> None
     shown = cli("inspect", str(archive))
     assert shown.exit_code == 0
     assert "warning: layer count: expected 2, found 1" in shown.stderr
+
+
+@pytest.mark.parametrize(("form", "tamper"), TAMPERED)
+def test_verify_fails_every_tampered_archive(
+    image: tuple[Path, BuildResult], form: str, tamper: str, tmp_path: Path, cli: Cli
+) -> None:
+    """The tamper matrix for verify, alone and as the other side of --against: a
+    FAIL (exit 1, `"ok": false`), whatever the form and the damage."""
+    archive, _ = image
+    (tmp_path / "bad").mkdir()
+    bad = tmp_path / "bad" / "image.tar"
+    if form == "docker-archive":
+        bad.write_bytes(archive.read_bytes())
+    else:
+        bad = Path(convert(archive, form, tmp_path / "bad"))
+    tamper_with(bad, inspect_json(cli, bad)["layers"][-1], tamper)
+    for arguments in ([str(bad)], [str(archive), "--against", str(bad)]):
+        result = cli("verify", *arguments, "--json")
+        assert result.exit_code == 1, result.output
+        assert json.loads(result.stdout)["ok"] is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import struct
 import tarfile
 import zlib
@@ -381,3 +382,61 @@ def layer_members(layer: bytes) -> list[tarfile.TarInfo]:
 def flip_byte(data: bytearray, start: int, end: int) -> None:
     """Flip a bit of the byte halfway between `start` and `end`."""
     data[(start + end) // 2] ^= 0x40
+
+
+# -- the tamper matrix ------------------------------------------------------------
+
+TAMPERED = [
+    (form, tamper)
+    for form in ("docker-archive", "oci-archive", "oci", "oci-gzip", "oci-zstd")
+    for tamper in ("flipped-byte", "wrong-size", "missing-blob")
+    if (form, tamper) != ("docker-archive", "wrong-size")  # it has no descriptor sizes
+]
+
+
+def tamper_with(target: Path, layer: dict[str, Any], tamper: str) -> None:
+    """Damage an archive or a layout in place: one flipped byte in `layer` (as
+    inspect --json shows it), its blob removed, or the manifest's descriptor
+    a byte too big."""
+    files = files_of(target)
+    if layer.get("digest"):
+        blob = "blobs/sha256/" + layer["digest"].split(":")[1]
+    else:
+        blob = next(n for n in files if n.endswith("layer.tar") and len(files[n]) == layer["size"])
+    if tamper == "flipped-byte":
+        data = bytearray(files[blob])
+        flip_byte(data, 0, len(data))
+        files[blob] = bytes(data)
+    elif tamper == "missing-blob":
+        del files[blob]
+    else:
+        index = json.loads(files["index.json"])
+        index["manifests"][0]["size"] += 1
+        files["index.json"] = json.dumps(index).encode()
+    write_files(target, files)
+
+
+def files_of(target: Path) -> dict[str, bytes]:
+    """An archive's or a layout's files, by name."""
+    if target.is_dir():
+        return {
+            path.relative_to(target).as_posix(): path.read_bytes()
+            for path in target.rglob("*")
+            if path.is_file()
+        }
+    with tarfile.open(target) as outer:
+        return {m.name: outer.extractfile(m).read() for m in outer if m.isfile()}  # type: ignore[union-attr]
+
+
+def write_files(target: Path, files: dict[str, bytes]) -> None:
+    if target.is_dir():
+        shutil.rmtree(target)
+        for name, data in files.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(data)
+        return
+    with tarfile.open(target, "w") as out:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
