@@ -15,6 +15,7 @@ import sysconfig
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -802,50 +803,21 @@ def test_quiet_means_failures_only(image_file: Path, tmp_path: Path, cli_runner:
     assert [line.split()[0] for line in failed.stdout.splitlines()] == ["FAIL", "FAILED:"]
 
 
-def test_reading_standard_input_shows_progress_at_a_terminal(image_file: Path) -> None:
-    """A stream of unknown length: a line on stderr counts what arrived (a terminal),
-    and the result is the same as without it."""
+def at_a_terminal(
+    arguments: list[str], stream: str, columns: int, stdin: Any = None
+) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """guix-image with `stream` ("stdout" or "stderr") a terminal of `columns`;
+    the process, and what the terminal showed."""
     leader, follower = pty.openpty()
-    try:
-        with image_file.open("rb") as archive:
-            result = subprocess.run(
-                [*GUIX_IMAGE, "inspect", "-", "--json"],
-                stdin=archive,
-                stdout=subprocess.PIPE,
-                stderr=follower,
-                timeout=120,
-                env={**os.environ, "COLUMNS": "100"},
-            )
-        os.close(follower)
-        follower = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(leader, 1 << 16)
-            except OSError:
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(leader)
-        if follower >= 0:
-            os.close(follower)
-    assert result.returncode == 0
-    assert json.loads(result.stdout)["layers"]
-    assert b"reading standard input" in shown
-
-
-def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
-    """The layer table at a narrow terminal: whole short digests, lines within 80."""
-    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": str(columns), "LINES": "50", "NO_COLOR": "1"}
+    others = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
     try:
         result = subprocess.run(
-            [*GUIX_IMAGE, "inspect", str(image_file)],
-            stdout=follower,
-            stderr=subprocess.DEVNULL,
+            [*GUIX_IMAGE, *arguments],
+            stdin=stdin,
             timeout=120,
-            env={**os.environ, "COLUMNS": "80", "LINES": "50", "NO_COLOR": "1"},
+            env=env,
+            **{**others, stream: follower},  # type: ignore[arg-type]
         )
         os.close(follower)
         follower = -1
@@ -853,7 +825,7 @@ def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
         while True:
             try:
                 chunk = os.read(leader, 1 << 16)
-            except OSError:
+            except OSError:  # EIO: the terminal's other end is closed
                 break
             if not chunk:
                 break
@@ -862,6 +834,22 @@ def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
         os.close(leader)
         if follower >= 0:
             os.close(follower)
+    return result, shown
+
+
+def test_reading_standard_input_shows_progress_at_a_terminal(image_file: Path) -> None:
+    """A stream of unknown length: a line on stderr counts what arrived (a terminal),
+    and the result is the same as without it."""
+    with image_file.open("rb") as archive:
+        result, shown = at_a_terminal(["inspect", "-", "--json"], "stderr", 100, archive)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["layers"]
+    assert b"reading standard input" in shown
+
+
+def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
+    """The layer table at a narrow terminal: whole short digests, lines within 80."""
+    result, shown = at_a_terminal(["inspect", str(image_file)], "stdout", 80)
     assert result.returncode == 0
     text = re.sub(r"\x1b\[[0-9;]*m", "", shown.decode())  # bold headers
     table = text[text.index("DIFF ID") :].splitlines()

@@ -21,12 +21,11 @@ from .support.archives import (
     layer_tar,
     oci_files,
     sha256,
-    tamper_with,
     write_layout,
 )
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
-from .support.tools import convert, docker_answers, podman, require
+from .support.tools import convert, docker_answers, podman, require, tampered_copy
 
 
 @pytest.mark.parametrize("form", ["docker-archive", "oci-archive", "oci-zstd", "oci-gzip"])
@@ -299,13 +298,7 @@ def test_verify_fails_every_tampered_archive(
     """The tamper matrix for verify, alone and as the other side of --against: a
     FAIL (exit 1, `"ok": false`), whatever the form and the damage."""
     archive, _ = image
-    (tmp_path / "bad").mkdir()
-    bad = tmp_path / "bad" / "image.tar"
-    if form == "docker-archive":
-        bad.write_bytes(archive.read_bytes())
-    else:
-        bad = Path(convert(archive, form, tmp_path / "bad"))
-    tamper_with(bad, inspect_json(cli, bad)["layers"][-1], tamper)
+    bad = tampered_copy(archive, form, tamper, tmp_path / "bad")
     for arguments in ([str(bad)], [str(archive), "--against", str(bad)]):
         result = cli("verify", *arguments, "--json")
         assert result.exit_code == 1, result.output

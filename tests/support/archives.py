@@ -394,15 +394,16 @@ TAMPERED = [
 ]
 
 
-def tamper_with(target: Path, layer: dict[str, Any], tamper: str) -> None:
-    """Damage an archive or a layout in place: one flipped byte in `layer` (as
-    inspect --json shows it), its blob removed, or the manifest's descriptor
-    a byte too big."""
+def tamper_with(target: Path, tamper: str) -> None:
+    """Damage an archive or a layout in place: one flipped byte in its last layer,
+    that layer's blob removed, or the manifest's descriptor a byte too big."""
     files = files_of(target)
-    if layer.get("digest"):
-        blob = "blobs/sha256/" + layer["digest"].split(":")[1]
+    if "index.json" in files:
+        index = json.loads(files["index.json"])
+        manifest = files["blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]]
+        blob = "blobs/sha256/" + json.loads(manifest)["layers"][-1]["digest"].split(":")[1]
     else:
-        blob = next(n for n in files if n.endswith("layer.tar") and len(files[n]) == layer["size"])
+        blob = json.loads(files["manifest.json"])[0]["Layers"][-1]
     if tamper == "flipped-byte":
         data = bytearray(files[blob])
         flip_byte(data, 0, len(data))

@@ -93,3 +93,17 @@ def convert(source: Path, form: str, directory: Path) -> str:
         capture_output=True,
     )
     return str(target)
+
+
+def tampered_copy(archive: Path, form: str, tamper: str, directory: Path) -> Path:
+    """Our archive in `form`, damaged (see archives.tamper_with), under `directory`."""
+    from .archives import tamper_with
+
+    directory.mkdir()
+    if form == "docker-archive":
+        target = directory / "image.tar"
+        target.write_bytes(archive.read_bytes())
+    else:
+        target = Path(convert(archive, form, directory))
+    tamper_with(target, tamper)
+    return target
