@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from guix_image.cli import main
 
 from .support.cli import Cli
 from .support.stores import BuildFn, StoreTree
-from .support.tools import require
+from .support.tools import have, require
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +118,56 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert built.returncode == 0, built.stderr
     return binary
+
+
+# A real Nix store (Debian's nix-bin, as root, no daemon).
+
+NIX_CONFIG = "sandbox = false\nbuild-users-group =\nsubstituters =\n"
+NIX_CONFIG += "experimental-features = nix-command\n"
+EXPRESSION = textwrap.dedent(
+    """
+    let
+      sh = args: builtins.concatStringsSep "; " (["PATH=/bin:/usr/bin"] ++ args);
+      dep = derivation {
+        name = "guix-image-test-dep-@TOKEN@"; system = builtins.currentSystem;
+        builder = "/bin/sh";
+        args = ["-c" (sh ["mkdir -p $out/share" "echo dep > $out/share/data"])];
+      };
+    in derivation {
+      name = "guix-image-test-app-@TOKEN@"; system = builtins.currentSystem;
+      builder = "/bin/sh";
+      args = ["-c" (sh [
+        "mkdir -p $out/bin $out/share/deep/er"
+        "printf '#!/bin/sh\\n' > $out/bin/run" "chmod 555 $out/bin/run"
+        "ln -s run $out/bin/link" "echo ${dep} > $out/share/deep/er/ref"
+        "echo plain > $out/share/plain"
+      ])];
+    }
+    """
+)
+
+
+@pytest.fixture(scope="session")
+def nix_items(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A store item with a file, an executable, a symlink and a nested directory,
+    referring to another: built by nix-build into the real /nix/store."""
+    if not have("nix-build") or os.geteuid() != 0:
+        pytest.skip("nix-build is not installed, or not as root (.ci/run installs nix-bin)")
+    directory = tmp_path_factory.mktemp("nix")
+    token = os.urandom(4).hex()
+    (directory / "image.nix").write_text(EXPRESSION.replace("@TOKEN@", token))
+    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
+    built = subprocess.run(
+        ["nix-build", str(directory / "image.nix"), "--no-out-link"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    app = built.stdout.strip()
+    closure = subprocess.run(
+        ["nix-store", "-qR", app], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    assert len(closure) == 2
+    return closure

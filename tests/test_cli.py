@@ -487,7 +487,7 @@ def test_missing_config_file_is_exit_2(tmp_path: Path, cli_runner: CliRunner) ->
     result = cli_runner.invoke(main, ["build", str(tmp_path / "none.json")])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1
-    assert "none.json': No such file or directory" in result.stderr
+    assert "none.json: No such file or directory" in result.stderr
 
 
 def test_config_and_example_are_exclusive(tmp_path: Path, cli_runner: CliRunner) -> None:

@@ -5,53 +5,12 @@ real Nix store where Debian's nix-bin is installed."""
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import subprocess
-import textwrap
 from pathlib import Path
-
-import pytest
 
 from .support.cli import Cli
 from .support.nar import nar_hash
-from .support.stores import BuildFn, StoreTree, populate
-from .support.tools import have
-
-# The tables of the Guix and Nix store database that verify --store reads.
-SCHEMA = """
-CREATE TABLE ValidPaths (
-    id integer primary key autoincrement not null,
-    path text unique not null,
-    hash text not null,
-    registrationTime integer not null,
-    deriver text,
-    narSize integer
-);
-CREATE TABLE Refs (
-    referrer integer not null,
-    reference integer not null,
-    primary key (referrer, reference)
-);
-"""
-
-
-def make_database(path: Path, items: dict[Path, str], refs: dict[Path, list[Path]]) -> Path:
-    """A store database registering `items` (path -> NAR hash) and their references."""
-    with sqlite3.connect(path) as db:
-        db.executescript(SCHEMA)
-        ids = {}
-        for item, digest in items.items():
-            cursor = db.execute(
-                "INSERT INTO ValidPaths (path, hash, registrationTime) VALUES (?, ?, 1)",
-                (str(item), digest),
-            )
-            ids[item] = cursor.lastrowid
-        for referrer, references in refs.items():
-            for reference in references:
-                db.execute("INSERT INTO Refs VALUES (?, ?)", (ids[referrer], ids[reference]))
-    db.close()
-    return path
+from .support.stores import BuildFn, StoreTree, make_database, populate
 
 
 def store_checks(cli: Cli, archive: Path, *arguments: str) -> tuple[int, dict[str, dict]]:
@@ -116,56 +75,6 @@ def test_an_item_the_store_does_not_know_and_a_missing_database(
 
 
 # -- a real Nix store ---------------------------------------------------------------
-
-NIX_CONFIG = "sandbox = false\nbuild-users-group =\nsubstituters =\n"
-NIX_CONFIG += "experimental-features = nix-command\n"
-EXPRESSION = textwrap.dedent(
-    """
-    let
-      sh = args: builtins.concatStringsSep "; " (["PATH=/bin:/usr/bin"] ++ args);
-      dep = derivation {
-        name = "guix-image-test-dep-@TOKEN@"; system = builtins.currentSystem;
-        builder = "/bin/sh";
-        args = ["-c" (sh ["mkdir -p $out/share" "echo dep > $out/share/data"])];
-      };
-    in derivation {
-      name = "guix-image-test-app-@TOKEN@"; system = builtins.currentSystem;
-      builder = "/bin/sh";
-      args = ["-c" (sh [
-        "mkdir -p $out/bin $out/share/deep/er"
-        "printf '#!/bin/sh\\n' > $out/bin/run" "chmod 555 $out/bin/run"
-        "ln -s run $out/bin/link" "echo ${dep} > $out/share/deep/er/ref"
-        "echo plain > $out/share/plain"
-      ])];
-    }
-    """
-)
-
-
-@pytest.fixture(scope="module")
-def nix_items(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """A store item with a file, an executable, a symlink and a nested directory,
-    referring to another: built by nix-build into the real /nix/store."""
-    if not have("nix-build") or os.geteuid() != 0:
-        pytest.skip("nix-build is not installed, or not as root (.ci/run installs nix-bin)")
-    directory = tmp_path_factory.mktemp("nix")
-    token = os.urandom(4).hex()
-    (directory / "image.nix").write_text(EXPRESSION.replace("@TOKEN@", token))
-    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
-    built = subprocess.run(
-        ["nix-build", str(directory / "image.nix"), "--no-out-link"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    app = built.stdout.strip()
-    closure = subprocess.run(
-        ["nix-store", "-qR", app], capture_output=True, text=True, env=env, check=True
-    ).stdout.split()
-    assert len(closure) == 2
-    return closure
 
 
 def test_an_image_of_a_real_nix_store_is_checked_against_it(

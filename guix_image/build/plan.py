@@ -40,7 +40,7 @@ def plan_layers(
     `max_planned`: members of a layer scanned ahead and kept (see StoreLayer).
     """
     store = Store(config.store_dir, root)
-    base = _base_image(config.from_image)
+    base = base_image(config.from_image)
     layers: list[Layer] = list(base.layers) if base is not None else []
     encoder = HeaderEncoder(
         mtime=config.mtime, uid=config.uid, gid=config.gid, uname=config.uname, gname=config.gname
@@ -59,7 +59,7 @@ def plan_layers(
     return Plan(layers, store_layers, base)
 
 
-def _base_image(path: str | None) -> Image[StoredLayer] | None:
+def base_image(path: str | None) -> Image[StoredLayer] | None:
     """The base image, from an archive or layout of any form, its blobs readable."""
     if path is None:
         return None
@@ -72,6 +72,11 @@ def _base_image(path: str | None) -> Image[StoredLayer] | None:
         raise InputError(f"{where}: {path} is neither a file nor an OCI layout directory")
     try:
         with open_source(path, HEADERS) as source:
+            if source.kind == "stream":  # its layers are copied from their blobs later
+                raise InputError(
+                    f"{path} is read once as a stream (compressed, or a pipe); a base image "
+                    "must be an archive file or a layout: decompress it first"
+                )
             images = read_images(source)
             if len(images) != 1:
                 raise InputError(f"{path} holds {len(images)} images; a base image must be one")

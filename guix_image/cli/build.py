@@ -13,13 +13,88 @@ import click
 from .completion import complete_config
 from .options import CommandError, common_options, flag, note, verbose
 
+# Options of `build STORE_ITEM...`, with their defaults.
+ITEMS_DEFAULTS: dict[str, Any] = {"max_layers": 100, "strategy": "auto"}
+
+
+def optgroup_items(function: Any) -> Any:
+    """The options of `build STORE_ITEM...` (refused with a CONFIG)."""
+    options = [
+        click.option(
+            "--store-dir", metavar="DIR", help="The store directory (by default the items')."
+        ),
+        click.option(
+            "--db",
+            type=click.Path(dir_okay=False, exists=True),
+            help="The store database (by default the Guix or Nix one of the store).",
+        ),
+        click.option(
+            "--references",
+            type=click.Path(dir_okay=False, exists=True),
+            help="The closure from an exportReferencesGraph JSON file instead of the database.",
+        ),
+        click.option(
+            "--max-layers",
+            type=click.IntRange(1, 125),
+            default=100,
+            show_default=True,
+            help="Layers in all, a base image's included.",
+        ),
+        click.option(
+            "--strategy",
+            type=click.Choice(["auto", "popularity", "size"]),
+            default="auto",
+            show_default=True,
+            help="How store items are spread over layers.",
+        ),
+        click.option("--entrypoint", metavar="CMD", help="Entrypoint: a JSON list, or words."),
+        click.option("--cmd", metavar="CMD", help="Cmd: a JSON list, or words."),
+        click.option(
+            "--env", metavar="K=V", multiple=True, help="An environment variable (repeatable)."
+        ),
+        click.option("--workdir", metavar="DIR", help="The working directory."),
+        click.option("--label", metavar="K=V", multiple=True, help="A label (repeatable)."),
+        click.option("--user", metavar="USER", help="The user to run as."),
+        click.option(
+            "--expose", metavar="PORT[/PROTO]", multiple=True, help="A port to expose (repeatable)."
+        ),
+        click.option(
+            "--architecture", metavar="ARCH", help="Go/OCI name (default: this machine's)."
+        ),
+        click.option(
+            "--created",
+            metavar="TIME",
+            help="ISO 8601, or now (SOURCE_DATE_EPOCH); default 1970-01-01T00:00:01Z.",
+        ),
+        click.option(
+            "--mtime", metavar="TIME", help="Time stamped on every file (default: --created)."
+        ),
+        click.option(
+            "--from-image", type=click.Path(exists=True), help="A base image archive or layout."
+        ),
+        click.option(
+            "--print-layers",
+            is_flag=True,
+            help="Print the planned layers and stop (--json for JSON).",
+        ),
+        click.option(
+            "--emit-config",
+            type=click.Path(dir_okay=False),
+            help="Write the equivalent CONFIG to FILE and stop.",
+        ),
+        click.option("--json", is_flag=True, help="With --print-layers: JSON."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
 
 @click.command()
 @click.argument(
-    "config_file",
-    metavar="CONFIG",
-    required=False,
-    type=click.File("rb"),
+    "sources",
+    metavar="CONFIG | STORE_ITEM...",
+    nargs=-1,
+    type=click.Path(allow_dash=True),
     shell_complete=complete_config,
 )
 @click.option(
@@ -42,42 +117,59 @@ from .options import CommandError, common_options, flag, note, verbose
     is_flag=True,
     help="Neither use nor update the layer cache ($XDG_CACHE_HOME/guix-image).",
 )
+@optgroup_items
 @common_options
 def build(
-    config_file: Any,
+    sources: tuple[str, ...],
     output: str | None,
     repo_tag: str | None,
     root: str | None,
     example: bool,
     no_cache: bool,
+    **items_options: Any,
 ) -> None:
-    """Stream a Docker image archive of the store paths CONFIG describes.
+    """Stream a Docker image archive of store items: the closure of STORE_ITEMs,
+    layered, or the layers a CONFIG describes.
 
-    CONFIG is the JSON file of nixpkgs' streamLayeredImage and Guix's
+    STORE_ITEM is a store item (/gnu/store/...-hello-2.12, or a `result` link
+    to one): its closure comes from the store's database (or --references, or
+    nix-store), spread over at most --max-layers layers by --strategy. CONFIG
+    is the JSON file of nixpkgs' streamLayeredImage and Guix's
     stream-layered-image.py, or - for standard input. The archive loads with
-    `docker load` and `podman load`; the same CONFIG and store always give
-    the same bytes.
+    `docker load` and `podman load`; the same inputs and store always give the
+    same bytes.
 
     \b
     Examples:
       guix-image build --example -o example.tar
+      guix-image build $(guix build hello) --entrypoint /bin/hello -o hello.tar
+      guix-image build ./result --print-layers
       guix-image build image.json | docker load
       guix-image build image.json -t app:1.0 -o app.tar
     """
     from ..build.config import parse_config, validate_config
 
-    if example == (config_file is not None):
-        raise click.UsageError("give either CONFIG or --example")
+    store_dir = items_options["store_dir"]
+    items = _store_items(sources, store_dir)
+    given = bool(sources) or example
+    if not given or (example and sources):
+        raise click.UsageError("give CONFIG, STORE_ITEMs or --example")
+    if items is None and len(sources) > 1:
+        raise click.UsageError(
+            f"{sources[1]!r}: one CONFIG, or store items only (not in {store_dir or 'a store'})"
+        )
+    _refuse_items_options(items_options, items is not None)
     if example and root is not None:
         raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
-    from .streams import CLOSED
-
-    if output in (None, "-") and 1 in CLOSED:
-        raise CommandError("standard output is closed; use -o FILE", 2)
-    if output in (None, "-") and sys.stdout.isatty():
-        raise CommandError(
-            "refusing to write an image archive to a terminal; use -o FILE or a pipe", 2
-        )
+    if items is not None:
+        plan = _plan_items(items, repo_tag, root, items_options)
+        if items_options["print_layers"] or items_options["emit_config"]:
+            return
+        config = validate_config(plan.document, source="store items", repo_tag=repo_tag)
+        _refuse_terminal(output)
+        _run_build(config, output, root, use_cache=not no_cache)
+        return
+    _refuse_terminal(output)
     with _example_root() if example else contextlib.nullcontext(None) as example_root:
         if example_root is not None:
             from ..build.example import make_example_store
@@ -87,10 +179,118 @@ def build(
             )
             root = example_root
         else:
-            config = parse_config(config_file.read(), source=config_file.name, repo_tag=repo_tag)
+            text, name = _read_config(sources[0])
+            config = parse_config(text, source=name, repo_tag=repo_tag)
         for warning in config.warnings:
             note(f"warning: {warning}")
         _run_build(config, output, root, use_cache=not no_cache and not example)
+
+
+def _refuse_terminal(output: str | None) -> None:
+    from .streams import CLOSED
+
+    if output in (None, "-") and 1 in CLOSED:
+        raise CommandError("standard output is closed; use -o FILE", 2)
+    if output in (None, "-") and sys.stdout.isatty():
+        raise CommandError(
+            "refusing to write an image archive to a terminal; use -o FILE or a pipe", 2
+        )
+
+
+def _read_config(source: str) -> tuple[bytes, str]:
+    if source == "-":
+        return sys.stdin.buffer.read(), "<stdin>"
+    from ..files import read_regular
+
+    try:
+        return read_regular(source, 64 << 20), source
+    except OSError as error:
+        raise CommandError(f"{source}: {error.strerror or error}", 2) from None
+
+
+def _store_items(sources: tuple[str, ...], store_dir: str | None) -> list[str] | None:
+    """The store items the arguments name, or None if they name a CONFIG."""
+    from ..build.items import store_item
+
+    found = [store_item(source, store_dir) for source in sources]
+    if not sources or any(item is None for item in found):
+        if len(sources) > 1 and any(item is not None for item in found):
+            bad = next(s for s, item in zip(sources, found, strict=True) if item is None)
+            raise CommandError(f"{bad}: not a store item (not directly in a store directory)", 2)
+        return None
+    return [item for item in found if item is not None]
+
+
+def _refuse_items_options(options: dict[str, Any], have_items: bool) -> None:
+    if have_items:
+        return
+    for name, value in options.items():
+        if value not in (None, False, (), ITEMS_DEFAULTS.get(name)):
+            flag_name = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{flag_name} goes with STORE_ITEMs, not with a CONFIG")
+
+
+def _plan_items(
+    items: list[str], tag: str | None, root: str | None, options: dict[str, Any]
+) -> Any:
+    from ..build.items import ImageSettings, plan_items
+
+    settings = ImageSettings(
+        tag=tag,
+        entrypoint=options["entrypoint"],
+        cmd=options["cmd"],
+        env=list(options["env"]),
+        workdir=options["workdir"],
+        labels=list(options["label"]),
+        user=options["user"],
+        expose=list(options["expose"]),
+        architecture=options["architecture"],
+        created=options["created"],
+        mtime=options["mtime"],
+        from_image=options["from_image"],
+    )
+    plan = plan_items(
+        items,
+        settings,
+        store_dir=options["store_dir"],
+        database=options["db"],
+        references=options["references"],
+        max_layers=options["max_layers"],
+        strategy=options["strategy"],
+        root=root,
+    )
+    if options["emit_config"]:
+        import json
+
+        with open(options["emit_config"], "w") as out:
+            out.write(json.dumps(plan.document, indent=2) + "\n")
+    if options["print_layers"]:
+        _print_layers(plan, options["json"])
+    return plan
+
+
+def _print_layers(plan: Any, as_json: bool) -> None:
+    from .options import output
+    from .render import human_size
+
+    layers = [
+        {
+            "index": plan.base_layers + number,
+            "items": layer,
+            "size": sum(plan.graph.sizes[item] for item in layer),
+        }
+        for number, layer in enumerate(plan.layers, 1)
+    ]
+    out = output()
+    if as_json:
+        out.json({"base_layers": plan.base_layers, "layers": layers})
+        return
+    rows = [
+        [str(layer["index"]), human_size(layer["size"]), str(len(layer["items"])), item]
+        for layer in layers
+        for item in layer["items"][:1]
+    ]
+    out.table(["LAYER", "SIZE", "ITEMS", "FIRST ITEM"], rows)
 
 
 def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: bool) -> None:

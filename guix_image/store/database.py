@@ -46,6 +46,16 @@ class StoreDatabase:
             return None
         return row[0] if row and isinstance(row[0], str) else None
 
+    def nar_size(self, path: str) -> int | None:
+        """The registered NAR size of a store path, or None."""
+        try:
+            row = self._connection.execute(
+                "SELECT narSize FROM ValidPaths WHERE path = ?", (path,)
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return row[0] if row and isinstance(row[0], int) and row[0] >= 0 else None
+
     def references(self, path: str) -> list[str] | None:
         """The store paths `path` refers to (itself, too, if it does), or None if the
         database does not know `path`."""

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 import stat
 import tarfile
 import time
@@ -143,3 +144,41 @@ def layer_tree(layer: bytes, skip: int) -> Tree:
                 assert member.isreg(), member.name
                 tree[member.name] = ("file", member.mode, tar.extractfile(member).read())  # type: ignore[union-attr]
     return tree
+
+
+# -- store databases ----------------------------------------------------------------
+
+# The tables of the Guix and Nix store database that verify --store reads.
+SCHEMA = """
+CREATE TABLE ValidPaths (
+    id integer primary key autoincrement not null,
+    path text unique not null,
+    hash text not null,
+    registrationTime integer not null,
+    deriver text,
+    narSize integer
+);
+CREATE TABLE Refs (
+    referrer integer not null,
+    reference integer not null,
+    primary key (referrer, reference)
+);
+"""
+
+
+def make_database(path: Path, items: dict[Path, str], refs: dict[Path, list[Path]]) -> Path:
+    """A store database registering `items` (path -> NAR hash) and their references."""
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA)
+        ids = {}
+        for item, digest in items.items():
+            cursor = db.execute(
+                "INSERT INTO ValidPaths (path, hash, registrationTime) VALUES (?, ?, 1)",
+                (str(item), digest),
+            )
+            ids[item] = cursor.lastrowid
+        for referrer, references in refs.items():
+            for reference in references:
+                db.execute("INSERT INTO Refs VALUES (?, ?)", (ids[referrer], ids[reference]))
+    db.close()
+    return path
