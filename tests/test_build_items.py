@@ -11,6 +11,7 @@ from pathlib import Path
 from .support.cli import Cli, inspect_json
 from .support.nar import nar_hash
 from .support.stores import BuildFn, StoreTree, make_database
+from .support.tools import podman
 
 
 def small_store(store: StoreTree, tmp_path: Path) -> tuple[list[Path], Path]:
@@ -138,3 +139,24 @@ def test_a_real_nix_closure_is_nix_stores(nix_items: list[str], tmp_path: Path, 
     archive = tmp_path / "nix.tar"
     assert cli("build", app, "--entrypoint", app + "/bin/run", "-o", str(archive)).exit_code == 0
     assert cli("verify", str(archive), "--store").exit_code == 0
+
+
+def test_a_bare_name_is_name_latest_and_tags_repeat(
+    store: StoreTree, tmp_path: Path, cli: Cli, podman_storage: Path
+) -> None:
+    """`-t myapp` is `myapp:latest`, as Docker has it (a bare name in RepoTags made
+    docker load and podman fail at the end of the stream); -t again adds names."""
+    (app, *_), database = small_store(store, tmp_path)
+    archive = tmp_path / "tags.tar"
+    built = cli(
+        "build", str(app), "--db", str(database), "-t", "myapp", "-t", "other:2", "-o", str(archive)
+    )
+    assert built.exit_code == 0, built.output
+    assert inspect_json(cli, archive)["repo_tags"] == ["myapp:latest", "other:2"]
+    loaded = podman(podman_storage, "load", "-i", str(archive)).stdout
+    assert "localhost/myapp:latest" in loaded and "localhost/other:2" in loaded
+    bad = cli(
+        "build", str(app), "--db", str(database), "-t", "Bad Name", "-o", str(tmp_path / "x.tar")
+    )
+    assert bad.exit_code == 2 and "is not a valid image name" in bad.stderr
+    assert not (tmp_path / "x.tar").exists()

@@ -638,8 +638,8 @@ def run_with_terminal_stderr(command: list[str]) -> tuple[int, str]:
 
 
 def test_progress_bar_on_a_terminal_and_lines_otherwise(store: StoreTree, tmp_path: Path) -> None:
-    item = store.item("x", {"f": "1" * 100_000})
-    config = write_config(tmp_path / "c.json", store.config([[item], [item]]))
+    first, second = (store.item(name, {"f": "1" * 100_000}) for name in ("x", "y"))
+    config = write_config(tmp_path / "c.json", store.config([[first], [second]]))
     command = [*GUIX_IMAGE, "build", str(config), "-o", str(tmp_path / "o.tar")]
     status, drawn = run_with_terminal_stderr(command)
     assert status == 0
@@ -650,8 +650,8 @@ def test_progress_bar_on_a_terminal_and_lines_otherwise(store: StoreTree, tmp_pa
     piped = subprocess.run(command, capture_output=True, text=True)
     assert "\x1b[" not in piped.stderr
     assert piped.stderr.splitlines()[:2] == [
-        f'Creating layer 1 from paths: ["{item}"]',
-        f'Creating layer 2 from paths: ["{item}"]',
+        f'Creating layer 1 from paths: ["{first}"]',
+        f'Creating layer 2 from paths: ["{second}"]',
     ]
 
 

@@ -240,14 +240,32 @@ def test_path_prefix_check_is_by_component() -> None:
 
 
 def test_valid_repo_tags() -> None:
-    for tag in (
-        "hello",
-        "hello:latest",
-        "localhost:5000/team/app:1.0",
-        "a/b/c:v1.2-rc_3",
-        "Registry.Example.com/x",
+    """A name without a tag is NAME:latest, as Docker has it (RepoTags of a bare
+    name make docker load and podman fail at the end of the stream)."""
+    for tag, expected in (
+        ("hello", "hello:latest"),
+        ("hello:latest", "hello:latest"),
+        ("localhost:5000/team/app:1.0", "localhost:5000/team/app:1.0"),
+        ("localhost:5000/team/app", "localhost:5000/team/app:latest"),
+        ("a/b/c:v1.2-rc_3", "a/b/c:v1.2-rc_3"),
+        ("Registry.Example.com/x", "Registry.Example.com/x:latest"),
     ):
-        assert validate_config(BASE, repo_tag=tag).repo_tag == tag
+        assert validate_config(BASE, repo_tag=tag).repo_tag == expected
+    tags = validate_config(BASE, repo_tag="app:1", extra_tags=("app", "other:2")).repo_tags
+    assert tags == ["app:1", "app:latest", "other:2"]
+
+
+def test_store_paths_in_two_layers_and_misspelt_config_keys_are_named() -> None:
+    twice = {**BASE, "store_layers": [["/gnu/store/a"], ["/gnu/store/a", "/gnu/store/b"]]}
+    [warning] = validate_config(twice).warnings
+    assert "/gnu/store/a is in layers 1, 2: shipped 2 times" in warning
+    typo = {**BASE, "config": {"Entrypiont": ["/bin/x"]}}
+    [warning] = validate_config(typo).warnings
+    assert (
+        "unknown key 'config'.'Entrypiont'" in warning and "did you mean 'Entrypoint'?" in warning
+    )
+    with pytest.raises(InputError, match=r"'config'\.'cmd'.*write it 'Cmd'"):
+        validate_config({**BASE, "config": {"cmd": ["/bin/x"]}})
 
 
 @pytest.mark.parametrize("epoch", ["1_000", "+5", " 7 ", "\u0661\u0662", "-3", "1e3", ""])

@@ -78,7 +78,12 @@ class BuildConfig:
     gid: int = DEFAULT_GID
     uname: str = DEFAULT_OWNER
     gname: str = DEFAULT_OWNER
+    extra_tags: tuple[str, ...] = ()  # more names for the image (-t given again)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def repo_tags(self) -> list[str]:
+        return [*([self.repo_tag] if self.repo_tag else []), *self.extra_tags]
 
     @property
     def created_text(self) -> str:
@@ -96,6 +101,7 @@ def parse_config(
     source: str = "config",
     now: datetime | None = None,
     repo_tag: str | None = None,
+    extra_tags: tuple[str, ...] = (),
 ) -> BuildConfig:
     """Parse and validate a config document; `repo_tag` overrides the config's."""
     if isinstance(text, bytes) and _looks_like_an_archive(text):
@@ -109,7 +115,9 @@ def parse_config(
         if str(error).startswith("not UTF-8"):
             raise InputError(f"{source}: {error}") from None
         raise InputError(f"{source}: not valid JSON: {error}") from None
-    return validate_config(document, source=source, now=now, repo_tag=repo_tag)
+    return validate_config(
+        document, source=source, now=now, repo_tag=repo_tag, extra_tags=extra_tags
+    )
 
 
 def _looks_like_an_archive(data: bytes) -> bool:
@@ -123,6 +131,7 @@ def validate_config(
     source: str = "config",
     now: datetime | None = None,
     repo_tag: str | None = None,
+    extra_tags: tuple[str, ...] = (),
 ) -> BuildConfig:
     fields = _Fields(document, source)
     warnings = [
@@ -150,14 +159,13 @@ def validate_config(
 
     if repo_tag is None:
         repo_tag = fields.optional_string("repo_tag")
-    if repo_tag is not None and not _REFERENCE.fullmatch(repo_tag):
-        raise InputError(
-            f"{source}: config field 'repo_tag': {repo_tag!r} is not a valid image name "
-            "(lowercase name[:tag], as in 'hello:latest' or 'registry:5000/team/app:1.0')"
-        )
+    repo_tag = image_name(repo_tag, f"{source}: config field 'repo_tag'") if repo_tag else None
+    extra_tags = tuple(image_name(tag, f"-t {tag!r}") for tag in extra_tags)
 
     store_dir = fields.absolute_path("store_dir")
     store_layers = _store_layers(fields, store_dir)
+    warnings.extend(_shipped_twice(store_layers, source))
+    warnings.extend(_unknown_config_keys(image_config, fields))
 
     uid = fields.natural("uid", DEFAULT_UID)
     gid = fields.natural("gid", DEFAULT_GID)
@@ -178,8 +186,66 @@ def validate_config(
         gid=gid,
         uname=uname,
         gname=gname,
+        extra_tags=extra_tags,
         warnings=tuple(warnings),
     )
+
+
+def image_name(name: str, where: str) -> str:
+    """A name as loaders take it: with a tag (`latest` if none), as Docker does;
+    one they would refuse is bad input before anything is built."""
+    if not _REFERENCE.fullmatch(name):
+        raise InputError(
+            f"{where}: {name!r} is not a valid image name "
+            "(lowercase name[:tag], as in 'hello:latest' or 'registry:5000/team/app:1.0')"
+        )
+    return name if ":" in name.rpartition("/")[2] else f"{name}:latest"
+
+
+def _shipped_twice(layers: tuple[tuple[str, ...], ...], source: str) -> list[str]:
+    seen: dict[str, list[int]] = {}
+    for number, paths in enumerate(layers, 1):
+        for path in dict.fromkeys(paths):
+            seen.setdefault(path, []).append(number)
+    return [
+        f"{source}: {path} is in layers {', '.join(map(str, numbers))}: "
+        f"shipped {len(numbers)} times"
+        for path, numbers in seen.items()
+        if len(numbers) > 1
+    ]
+
+
+# The fields of an image config's "config" object (OCI image spec, and Docker's).
+CONFIG_KEYS = (
+    "User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "Labels",
+    "StopSignal", "ArgsEscaped", "Healthcheck", "OnBuild", "Shell", "StopTimeout",
+    "Hostname", "Domainname", "AttachStdin", "AttachStdout", "AttachStderr", "Tty",
+    "OpenStdin", "StdinOnce", "Image", "NetworkDisabled", "MacAddress",
+)  # fmt: skip
+
+
+def _unknown_config_keys(config: dict[str, Any], fields: _Fields) -> list[str]:
+    """A key loaders ignore is a typo, most likely: say which key was meant. One that
+    differs from a known key by case alone is refused: Go's JSON reads it as that key,
+    our readers refuse such images as ambiguous."""
+    import difflib
+
+    warnings = []
+    by_case = {key.lower(): key for key in CONFIG_KEYS}
+    for key in config:
+        if key in CONFIG_KEYS:
+            continue
+        known = by_case.get(key.lower())
+        if known is not None:
+            raise fields.at(
+                f"'config'.'{key}'", f"write it {known!r}: loaders read it as {known!r}"
+            )
+        close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        warnings.append(
+            f"{fields.source}: unknown key 'config'.'{key}', which loaders ignore{hint}"
+        )
+    return warnings
 
 
 def _now() -> datetime:

@@ -97,7 +97,7 @@ def build_image(
     """
     report = progress or SilentProgress()
     plan = plan_layers(config, root=root, max_planned=max_planned)
-    result = BuildResult(image_id="", repo_tags=[config.repo_tag] if config.repo_tag else [])
+    result = BuildResult(image_id="", repo_tags=config.repo_tags)
     _refuse_what_loaders_refuse(config, plan)
     caching = _Caching(cache, plan, config.store_dir, root) if cache is not None else None
     scan_ahead = _ScanAhead(plan, caching)

@@ -104,7 +104,12 @@ def optgroup_items(function: Any) -> Any:
     help="Write the archive to FILE, atomically, instead of standard output.",
 )
 @click.option(
-    "-t", "--tag", "repo_tag", metavar="NAME:TAG", help="Image name, overriding repo_tag."
+    "-t",
+    "--tag",
+    "tags",
+    metavar="NAME[:TAG]",
+    multiple=True,
+    help="Image name, overriding repo_tag (NAME alone is NAME:latest); again for more names.",
 )
 @click.option(
     "--root",
@@ -122,7 +127,7 @@ def optgroup_items(function: Any) -> Any:
 def build(
     sources: tuple[str, ...],
     output: str | None,
-    repo_tag: str | None,
+    tags: tuple[str, ...],
     root: str | None,
     example: bool,
     no_cache: bool,
@@ -149,6 +154,7 @@ def build(
     """
     from ..build.config import parse_config, validate_config
 
+    repo_tag, extra_tags = (tags[0], tags[1:]) if tags else (None, ())
     store_dir = items_options["store_dir"]
     items = _store_items(sources, store_dir)
     given = bool(sources) or example
@@ -165,7 +171,11 @@ def build(
         plan = _plan_items(items, repo_tag, root, items_options)
         if items_options["print_layers"] or items_options["emit_config"]:
             return
-        config = validate_config(plan.document, source="store items", repo_tag=repo_tag)
+        config = validate_config(
+            plan.document, source="store items", repo_tag=repo_tag, extra_tags=extra_tags
+        )
+        for warning in config.warnings:
+            note(f"warning: {warning}")
         _refuse_terminal(output)
         _run_build(config, output, root, use_cache=not no_cache)
         return
@@ -175,12 +185,15 @@ def build(
             from ..build.example import make_example_store
 
             config = validate_config(
-                make_example_store(example_root), source="example", repo_tag=repo_tag
+                make_example_store(example_root),
+                source="example",
+                repo_tag=repo_tag,
+                extra_tags=extra_tags,
             )
             root = example_root
         else:
             text, name = _read_config(sources[0])
-            config = parse_config(text, source=name, repo_tag=repo_tag)
+            config = parse_config(text, source=name, repo_tag=repo_tag, extra_tags=extra_tags)
         for warning in config.warnings:
             note(f"warning: {warning}")
         _run_build(config, output, root, use_cache=not no_cache and not example)
