@@ -160,3 +160,34 @@ def test_a_bare_name_is_name_latest_and_tags_repeat(
     )
     assert bad.exit_code == 2 and "is not a valid image name" in bad.stderr
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_an_sbom_of_the_closure_that_a_validator_accepts(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    """CycloneDX 1.5, checked by the CycloneDX project's own validator: every store
+    item with its name, version, NAR hash and references; the same bytes twice."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    (app, lib, libc, data), database = small_store(store, tmp_path)
+    documents = []
+    for name in ("one", "two"):
+        sbom = tmp_path / f"{name}.cdx.json"
+        built = cli(
+            "build", str(app), "--db", str(database), "--sbom", str(sbom),
+            "-o", str(tmp_path / f"{name}.tar"),
+        )  # fmt: skip
+        assert built.exit_code == 0, built.output
+        documents.append(sbom.read_text())
+    assert documents[0] == documents[1]
+    assert JsonStrictValidator(SchemaVersion.V1_5).validate_str(documents[0]) is None
+    bom = json.loads(documents[0])
+    by_path = {c["bom-ref"]: c for c in bom["components"]}
+    assert sorted(by_path) == sorted(map(str, (app, lib, libc, data)))
+    assert (by_path[str(libc)]["name"], by_path[str(libc)]["version"]) == ("libc", "2.39")
+    assert by_path[str(app)]["hashes"] == [{"alg": "SHA-256", "content": nar_hash(app)[7:]}]
+    dependencies = {d["ref"]: d["dependsOn"] for d in bom["dependencies"]}
+    assert dependencies["image"] == [str(app)]
+    assert dependencies[str(app)] == sorted(map(str, (lib, data)))
+    assert bom["metadata"]["component"]["name"] == "app"

@@ -53,6 +53,7 @@ class ItemsPlan:
     graph: StoreGraph
     layers: list[list[str]]
     base_layers: int
+    database: str | None  # the store database the closure came from, if one did
 
 
 def store_item(argument: str, store_dir: str | None) -> str | None:
@@ -104,7 +105,7 @@ def plan_items(
             opened.close()
     layers = plan_layers(graph, budget, strategy)
     document = _document(settings, directory, layers, items)
-    return ItemsPlan(document, graph, layers, base_layers)
+    return ItemsPlan(document, graph, layers, base_layers, opened.path if opened else None)
 
 
 def _document(

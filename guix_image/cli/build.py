@@ -83,6 +83,11 @@ def optgroup_items(function: Any) -> Any:
             help="Write the equivalent CONFIG to FILE and stop.",
         ),
         click.option("--json", is_flag=True, help="With --print-layers: JSON."),
+        click.option(
+            "--sbom",
+            type=click.Path(dir_okay=False),
+            help="Write a CycloneDX 1.5 SBOM of the store items to FILE.",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -170,6 +175,7 @@ def build(
     if items is not None:
         plan = _plan_items(items, repo_tag, root, items_options)
         if items_options["print_layers"] or items_options["emit_config"]:
+            _write_sbom(plan, items_options["sbom"], repo_tag)
             return
         config = validate_config(
             plan.document, source="store items", repo_tag=repo_tag, extra_tags=extra_tags
@@ -178,6 +184,7 @@ def build(
             note(f"warning: {warning}")
         _refuse_terminal(output)
         _run_build(config, output, root, use_cache=not no_cache)
+        _write_sbom(plan, items_options["sbom"], config.repo_tag)
         return
     _refuse_terminal(output)
     with _example_root() if example else contextlib.nullcontext(None) as example_root:
@@ -280,6 +287,23 @@ def _plan_items(
     if options["print_layers"]:
         _print_layers(plan, options["json"])
     return plan
+
+
+def _write_sbom(plan: Any, path: str | None, repo_tag: str | None) -> None:
+    """The SBOM, once the image is there (or planned, in a dry run)."""
+    if path is None:
+        return
+    from ..build.sbom import sbom_document, write_sbom
+    from ..store.database import StoreDatabase
+
+    database = StoreDatabase(plan.database) if plan.database else None
+    try:
+        document = {**plan.document, "repo_tag": repo_tag or plan.document["repo_tag"]}
+        write_sbom(path, sbom_document(plan.graph, document, database))
+    finally:
+        if database is not None:
+            database.close()
+    verbose(f"SBOM of {len(plan.graph.items)} store items written to {path}")
 
 
 def _print_layers(plan: Any, as_json: bool) -> None:
