@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from pathlib import Path
+
+import pytest
 
 from .support.cli import Cli, inspect_json
 from .support.nar import nar_hash
-from .support.stores import BuildFn, StoreTree, make_database
-from .support.tools import podman
+from .support.stores import BuildFn, StoreTree, busybox_store, make_database
+from .support.tools import docker_answers, podman
 
 
 def small_store(store: StoreTree, tmp_path: Path) -> tuple[list[Path], Path]:
@@ -191,3 +194,50 @@ def test_an_sbom_of_the_closure_that_a_validator_accepts(
     assert dependencies["image"] == [str(app)]
     assert dependencies[str(app)] == sorted(map(str, (lib, data)))
     assert bom["metadata"]["component"]["name"] == "app"
+
+
+def test_an_image_of_store_items_with_links_and_added_files_runs(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    """`--symlink /bin=bin` (as guix pack -S) and `--add`: docker runs the store's
+    busybox through /bin and reads the added file; the layer is the same bytes
+    each time, and --emit-config keeps it beside the config."""
+    if not docker_answers():
+        pytest.skip("no Docker daemon answers `docker info`")
+    busybox = busybox_store(store)
+    database = make_database(tmp_path / "db.sqlite", {busybox: nar_hash(busybox)}, {})
+    added = tmp_path / "etc-app"
+    added.mkdir()
+    (added / "greeting").write_text("hello from an added file\n")
+    tag = f"guix-image-test/items-{uuid.uuid4().hex[:8]}:1"
+    flags = [
+        "--db", str(database), "-t", tag, "--symlink", "/bin=bin",
+        "--symlink", "/usr/bin/sh=bin/busybox", "--add", f"{added}:/etc/app",
+        "--entrypoint", "/bin/busybox",
+    ]  # fmt: skip
+    archive = tmp_path / "run.tar"
+    assert cli("build", str(busybox), *flags, "-o", str(archive)).exit_code == 0
+    again = tmp_path / "again.tar"
+    assert cli("build", str(busybox), *flags, "-o", str(again)).exit_code == 0
+    assert archive.read_bytes() == again.read_bytes()
+    config = tmp_path / "c.json"
+    assert cli("build", str(busybox), *flags, "--emit-config", str(config)).exit_code == 0
+    assert json.loads(config.read_text())["customisation_layer"] == f"{config}.customisation"
+    via_config = tmp_path / "via.tar"
+    assert cli("build", str(config), "-o", str(via_config)).exit_code == 0
+    assert via_config.read_bytes() == archive.read_bytes()
+    subprocess.run(["docker", "load", "-i", str(archive)], check=True, capture_output=True)
+    try:
+        shown = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", tag, "cat", "/etc/app/greeting"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert shown.stdout == "hello from an added file\n"
+        linked = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", "--entrypoint", "/usr/bin/sh", tag,
+             "-c", "echo through the link"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert linked.stdout == "through the link\n"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)

@@ -7,8 +7,6 @@ them all, so CI runs every one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import stat
 import subprocess
 import uuid
@@ -17,10 +15,8 @@ from pathlib import Path
 import pytest
 
 from .support.archives import read_archive
-from .support.stores import BuildFn, StoreTree, disk_tree, populate
+from .support.stores import BuildFn, StoreTree, busybox_store, disk_tree, populate
 from .support.tools import docker_answers, is_root, podman, require, run
-
-BUSYBOX = "/bin/busybox"
 
 
 def to_oci(tmp_path: Path, image: Path, name: str) -> Path:
@@ -45,15 +41,6 @@ def rootfs_tree(rootfs: Path, paths: list[Path]) -> dict[str, tuple[str, int, by
     tree = disk_tree(inside)
     prefix = str(rootfs).lstrip("/") + "/"
     return {name[len(prefix) :]: value for name, value in tree.items()}
-
-
-def busybox_store(store: StoreTree) -> Path:
-    if not os.path.exists(BUSYBOX):
-        pytest.skip("busybox-static is not installed (.ci/run installs it)")
-    item = store.item("busybox-1.35")
-    (item / "bin").mkdir()
-    shutil.copy2(BUSYBOX, item / "bin" / "busybox")
-    return item
 
 
 def test_podman_loads_the_image(store: StoreTree, build: BuildFn, podman_storage: Path) -> None:

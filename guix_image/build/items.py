@@ -18,7 +18,8 @@ from ..errors import InputError
 from ..store.closure import StoreGraph, closure_of
 from ..store.database import StoreDatabase
 from ..store.layering import DEFAULT_STRATEGY, plan_layers
-from .config import ARCHITECTURE_HINTS
+from .config import ARCHITECTURE_HINTS, validate_config
+from .customisation import write_customisation
 from .plan import base_image
 
 STORE_DIRS = ("/gnu/store", "/nix/store")
@@ -43,6 +44,8 @@ class ImageSettings:
     created: str | None = None
     mtime: str | None = None
     from_image: str | None = None
+    symlinks: list[str] = field(default_factory=list)  # LINK=TARGET
+    adds: list[str] = field(default_factory=list)  # SRC:DEST
 
 
 @dataclass
@@ -80,8 +83,11 @@ def plan_items(
     max_layers: int = DEFAULT_MAX_LAYERS,
     strategy: str = DEFAULT_STRATEGY,
     root: str | None = None,
+    customisation: str | None = None,
 ) -> ItemsPlan:
-    """The closure of `items`, layered within `max_layers`, as a config document."""
+    """The closure of `items`, layered within `max_layers`, as a config document;
+    with --symlink or --add, its customisation layer written into the directory
+    `customisation`."""
     directory = store_dir or os.path.dirname(items[0])
     if any(os.path.dirname(item) != directory for item in items):
         raise InputError(f"the store items are not all in one store directory ({directory})")
@@ -89,7 +95,10 @@ def plan_items(
         raise InputError(f"--max-layers {max_layers}: from 1 to {MAX_LAYERS}, what loaders take")
     base = base_image(settings.from_image)
     base_layers = len(base.layers) if base is not None else 0
-    budget = max_layers - base_layers
+    customised = bool(settings.symlinks or settings.adds)
+    if customised and customisation is None:
+        raise ValueError("a directory for the customisation layer")
+    budget = max_layers - base_layers - customised
     if budget < 1:
         raise InputError(
             f"--max-layers {max_layers}: the base image has {base_layers} layers already, "
@@ -105,6 +114,10 @@ def plan_items(
             opened.close()
     layers = plan_layers(graph, budget, strategy)
     document = _document(settings, directory, layers, items)
+    if customised and customisation is not None:
+        mtime = validate_config(document, source="store items").mtime
+        write_customisation(customisation, settings.symlinks, settings.adds, items[0], mtime)
+        document["customisation_layer"] = customisation
     return ItemsPlan(document, graph, layers, base_layers, opened.path if opened else None)
 
 

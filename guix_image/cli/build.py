@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -87,6 +88,18 @@ def optgroup_items(function: Any) -> Any:
             "--sbom",
             type=click.Path(dir_okay=False),
             help="Write a CycloneDX 1.5 SBOM of the store items to FILE.",
+        ),
+        click.option(
+            "--symlink",
+            metavar="LINK=TARGET",
+            multiple=True,
+            help="A link in the image into the first item, as /bin=bin (repeatable).",
+        ),
+        click.option(
+            "--add",
+            metavar="SRC:DEST",
+            multiple=True,
+            help="A host file or directory copied to DEST in the image (repeatable).",
         ),
     ]
     for option in reversed(options):
@@ -173,18 +186,8 @@ def build(
     if example and root is not None:
         raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
     if items is not None:
-        plan = _plan_items(items, repo_tag, root, items_options)
-        if items_options["print_layers"] or items_options["emit_config"]:
-            _write_sbom(plan, items_options["sbom"], repo_tag)
-            return
-        config = validate_config(
-            plan.document, source="store items", repo_tag=repo_tag, extra_tags=extra_tags
-        )
-        for warning in config.warnings:
-            note(f"warning: {warning}")
-        _refuse_terminal(output)
-        _run_build(config, output, root, use_cache=not no_cache)
-        _write_sbom(plan, items_options["sbom"], config.repo_tag)
+        with _customisation_directory(items_options) as customisation:
+            _build_items(items, tags, output, root, no_cache, customisation, items_options)
         return
     _refuse_terminal(output)
     with _example_root() if example else contextlib.nullcontext(None) as example_root:
@@ -204,6 +207,47 @@ def build(
         for warning in config.warnings:
             note(f"warning: {warning}")
         _run_build(config, output, root, use_cache=not no_cache and not example)
+
+
+def _build_items(
+    items: list[str],
+    tags: tuple[str, ...],
+    output: str | None,
+    root: str | None,
+    no_cache: bool,
+    customisation: str | None,
+    options: dict[str, Any],
+) -> None:
+    from ..build.config import validate_config
+
+    repo_tag, extra_tags = (tags[0], tags[1:]) if tags else (None, ())
+    plan = _plan_items(items, repo_tag, root, customisation, options)
+    if options["print_layers"] or options["emit_config"]:
+        _write_sbom(plan, options["sbom"], repo_tag)
+        return
+    config = validate_config(
+        plan.document, source="store items", repo_tag=repo_tag, extra_tags=extra_tags
+    )
+    for warning in config.warnings:
+        note(f"warning: {warning}")
+    _refuse_terminal(output)
+    _run_build(config, output, root, use_cache=not no_cache)
+    _write_sbom(plan, options["sbom"], config.repo_tag)
+
+
+@contextlib.contextmanager
+def _customisation_directory(options: dict[str, Any]) -> Iterator[str | None]:
+    """Where --symlink and --add make their layer: beside an emitted CONFIG (which
+    names it), else a temporary directory, removed after the build."""
+    if not (options["symlink"] or options["add"]):
+        yield None
+    elif options["emit_config"]:
+        yield os.path.abspath(options["emit_config"]) + ".customisation"
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="guix-image-customisation-") as directory:
+            yield directory
 
 
 def _refuse_terminal(output: str | None) -> None:
@@ -251,7 +295,11 @@ def _refuse_items_options(options: dict[str, Any], have_items: bool) -> None:
 
 
 def _plan_items(
-    items: list[str], tag: str | None, root: str | None, options: dict[str, Any]
+    items: list[str],
+    tag: str | None,
+    root: str | None,
+    customisation: str | None,
+    options: dict[str, Any],
 ) -> Any:
     from ..build.items import ImageSettings, plan_items
 
@@ -268,6 +316,8 @@ def _plan_items(
         created=options["created"],
         mtime=options["mtime"],
         from_image=options["from_image"],
+        symlinks=list(options["symlink"]),
+        adds=list(options["add"]),
     )
     plan = plan_items(
         items,
@@ -278,6 +328,7 @@ def _plan_items(
         max_layers=options["max_layers"],
         strategy=options["strategy"],
         root=root,
+        customisation=customisation,
     )
     if options["emit_config"]:
         import json

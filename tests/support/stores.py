@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import tarfile
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pytest
 
 if TYPE_CHECKING:
     from guix_image.build.engine import BuildResult
@@ -182,3 +185,18 @@ def make_database(path: Path, items: dict[Path, str], refs: dict[Path, list[Path
                 db.execute("INSERT INTO Refs VALUES (?, ?)", (ids[referrer], ids[reference]))
     db.close()
     return path
+
+
+# -- a store item that runs -------------------------------------------------------
+
+BUSYBOX = "/bin/busybox"
+
+
+def busybox_store(store: StoreTree) -> Path:
+    """A store item holding Debian's static busybox: an image of it runs."""
+    if not os.path.exists(BUSYBOX):
+        pytest.skip("busybox-static is not installed (.ci/run installs it)")
+    item = store.item("busybox-1.35")
+    (item / "bin").mkdir()
+    shutil.copy2(BUSYBOX, item / "bin" / "busybox")
+    return item
