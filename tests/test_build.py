@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from guix_image.errors import FileChanged, InputError, OperationError
 
 from .support.archives import layer_members, read_archive
 from .support.stores import CREATED, BuildFn, StoreTree, disk_tree, layer_tree, populate
-from .support.tools import is_root
+from .support.tools import docker_answers, is_root
 
 if TYPE_CHECKING:
     from click.testing import CliRunner
@@ -480,3 +481,58 @@ def test_a_base_image_that_is_a_fifo_is_refused(
     result = cli_runner.invoke(main, ["build", str(config), "-o", str(tmp_path / "o.tar")])
     assert result.exit_code == 2, result.output
     assert "neither a file nor an OCI layout directory" in result.stderr
+
+
+def test_the_example_program_prints_its_greeting_with_nothing_else() -> None:
+    """The example image's program needs no shell and no libc: run here (amd64), and
+    read back by an independent disassembler for arm64 (capstone)."""
+    import platform
+
+    import capstone
+
+    from guix_image.build.example import GREETING, hello_program
+
+    amd64 = hello_program("amd64")
+    if platform.machine() == "x86_64":
+        with tempfile.TemporaryDirectory() as directory:
+            program = Path(directory) / "hello"
+            program.write_bytes(amd64)
+            program.chmod(0o755)
+            done = subprocess.run([str(program)], capture_output=True, timeout=10)
+            assert (done.returncode, done.stdout) == (0, GREETING)
+    arm64 = hello_program("arm64")
+    assert arm64[18] == 183 and amd64[18] == 62  # e_machine: aarch64, x86-64
+    disassembler = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
+    code = [(i.mnemonic, i.op_str) for i in disassembler.disasm(arm64[120:152], 0x400078)]
+    assert code == [
+        ("mov", "x0, #1"),
+        ("adr", "x1, #0x400098"),  # the message, right after the code
+        ("mov", f"x2, #{len(GREETING):#x}"),
+        ("mov", "x8, #0x40"),  # write
+        ("svc", "#0"),
+        ("mov", "x0, #0"),
+        ("mov", "x8, #0x5d"),  # exit
+        ("svc", "#0"),
+    ]
+    assert arm64[152:] == GREETING
+
+
+def test_docker_runs_the_example(tmp_path: Path, cli_runner: CliRunner) -> None:
+    """The Quick start's image prints its greeting with `docker run`."""
+    from guix_image.build.items import this_architecture
+
+    if not docker_answers():
+        pytest.skip("no Docker daemon answers `docker info`")
+    if this_architecture() not in ("amd64", "arm64"):
+        pytest.skip(f"the example has no program for {this_architecture()}")
+    archive = tmp_path / "example.tar"
+    assert cli_runner.invoke(main, ["build", "-q", "--example", "-o", str(archive)]).exit_code == 0
+    subprocess.run(["docker", "load", "-i", str(archive)], check=True, capture_output=True)
+    try:
+        ran = subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", "guix-image-example"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["docker", "rmi", "-f", "guix-image-example"], capture_output=True)
+    assert (ran.returncode, ran.stdout) == (0, "Hello, world!\n"), ran.stderr

@@ -27,7 +27,9 @@ from guix_image.cli import main
 STORE = "/gnu/store"
 # sha256 of each archive, as the code before the restructuring wrote it.
 GOLDEN = {
-    "example": "026d3f8b9f5d6f043184dc1edd6d2c75016e875f551621cee69d0195a5181774",
+    # Since issue 16 the example holds a program (no shell needed), one per architecture.
+    "example": "0d4e75a1e479fa952d9427cc11f848f29a2439f437da428da96b6375e156787e",
+    "example arm64": "6ac69a68f898264b00513101ec38835176fdebf90e737b1810e89826ee9cafad",
     "store": "19ced223c5e037ae12eecba2590bc195d63663b01873007fac029685751870ed",
     "base": "98df30a9f396886a75a20ff35dc8c9eacb94ad5815ca8904c11fc73349256da9",
     "on base": "3ba3b7094404af956c5d9b27870b6cca490ff1f7fa8525ff5d2b11a83be44d60",
@@ -155,11 +157,16 @@ def gzip_oci_base(base: bytes, directory: Path) -> Path:
     return directory
 
 
-def test_the_example_image(cli_runner: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("architecture", "golden"), [("amd64", "example"), ("arm64", "example arm64")]
+)
+def test_the_example_image(cli_runner: Any, tmp_path: Path, architecture: str, golden: str) -> None:
     output = tmp_path / "example.tar"
-    result = cli_runner.invoke(main, ["build", "-q", "--example", "-o", str(output)])
+    result = cli_runner.invoke(
+        main, ["build", "-q", "--example", "--architecture", architecture, "-o", str(output)]
+    )
     assert result.exit_code == 0, result.output
-    assert digest(output.read_bytes()) == GOLDEN["example"]
+    assert digest(output.read_bytes()) == GOLDEN[golden]
 
 
 def test_a_store_with_hard_links_long_and_undecodable_names(

@@ -182,6 +182,9 @@ def build(
         raise click.UsageError(
             f"{sources[1]!r}: one CONFIG, or store items only (not in {store_dir or 'a store'})"
         )
+    architecture = items_options["architecture"]
+    if example:  # the one option --example takes: which program its image holds
+        items_options = {**items_options, "architecture": None}
     _refuse_items_options(items_options, items is not None)
     if example and root is not None:
         raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
@@ -192,10 +195,19 @@ def build(
     _refuse_terminal(output)
     with _example_root() if example else contextlib.nullcontext(None) as example_root:
         if example_root is not None:
-            from ..build.example import make_example_store
+            from ..build.example import ARCHITECTURES, make_example_store
+            from ..build.items import this_architecture
+
+            architecture = architecture or this_architecture()
+            if architecture not in ARCHITECTURES:
+                raise CommandError(
+                    f"the example has a program for {' and '.join(ARCHITECTURES)}, "
+                    f"not {architecture}: give --architecture",
+                    2,
+                )
 
             config = validate_config(
-                make_example_store(example_root),
+                make_example_store(example_root, architecture),
                 source="example",
                 repo_tag=repo_tag,
                 extra_tags=extra_tags,
