@@ -361,6 +361,7 @@ class StoreLayer(Layer):
         if self.cached is None:  # walked twice, and the two walks disagree
             return FileChanged(f"{self.where}: the store paths changed during the build ({why})")
         return StaleCacheEntry(
-            f"{self.where}: the store paths changed since this layer was cached ({why}); "
-            "the cache entry is dropped, run the build again"
+            f"{self.where}: the store paths changed since the layer cache recorded this "
+            f"layer ({why}); the cache entry is dropped: run the build again, or build "
+            "with --no-cache"
         )

@@ -397,6 +397,7 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
     from ..build.cache import LayerCache, default_directory
     from ..build.engine import build_image
     from ..build.output import atomic_output, terminate_on_signals
+    from ..build.store_layer import StaleCacheEntry
 
     def warn(message: str) -> None:
         note(f"warning: {message}")
@@ -407,11 +408,18 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
     started = time.monotonic()
     try:
         with terminate_on_signals():
-            if output in (None, "-"):
+            if output in (None, "-"):  # what was streamed cannot be taken back
                 result = build_image(config, _stdout_sink(), **options)
             else:
-                with atomic_output(output) as fd:
-                    result = build_image(config, fd, **options)
+                try:
+                    with atomic_output(output) as fd:
+                        result = build_image(config, fd, **options)
+                except StaleCacheEntry as error:
+                    # The store changed under a cached layer: its entry is dropped;
+                    # into a file, the build starts again (nothing was written).
+                    verbose(f"{error.args[0].split(';')[0]}; building again without it")
+                    with atomic_output(output) as fd:
+                        result = build_image(config, fd, **options)
     finally:
         progress.close()
     for layer in result.layers:
