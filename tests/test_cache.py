@@ -102,9 +102,7 @@ def fails_once(runner: CliRunner, config: Path, output: Path, fresh: Path) -> No
     the build starts again without the entry and writes what a fresh build writes."""
     streamed = runner.invoke(main, ["build", str(config)])
     assert streamed.exit_code == 1
-    assert "the store paths changed since the layer cache recorded this layer" in (
-        streamed.stderr
-    )
+    assert "the store paths changed since the layer cache recorded this layer" in (streamed.stderr)
     assert "the cache entry is dropped: run the build again, or build with --no-cache" in (
         streamed.stderr
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -619,10 +620,14 @@ def wait_for_children(pid: int) -> list[int]:
     return found
 
 
-def run_with_terminal_stderr(command: list[str]) -> tuple[int, str]:
+def run_with_terminal_stderr(
+    command: list[str], env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run `command` with stderr on a pseudo-terminal; return its status and what it drew."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen(command, stderr=follower, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, stderr=follower, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -858,3 +863,39 @@ def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
     assert all(len(line.rstrip()) <= 80 for line in table)
     header = text[text.rindex("\n", 0, text.index("DIFF ID")) + 1 :].splitlines()[0]
     assert header.split() == ["#", "DIFF", "ID", "SIZE", "ENTRIES", "COMPRESSION", "COMMENT"]
+
+
+def test_the_progress_bar_fits_80_columns_and_names_the_package() -> None:
+    """One line that fits 80 columns: the package's name (not its hash), the sizes
+    whole, the layer count."""
+    from rich.console import Console
+
+    from guix_image.cli.progress import BarProgress
+
+    bar = BarProgress(Console(file=io.StringIO(), width=80, force_terminal=True))
+    paths = [f"/gnu/store/{'a' * 32}-python3-3.11.7", f"/gnu/store/{'b' * 32}-zlib-1.3"]
+    bar.layer_started(3, 6, f"from paths: {json.dumps(paths)}")
+    bar.layer_sized(585_000_000)
+    bar.layer_progress(240_000_000)
+    bar.close()
+    frame = Console(file=io.StringIO(), width=80, record=True)  # the bar, drawn once
+    frame.print(bar._progress.get_renderable())
+    lines = [line for line in frame.export_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and len(lines[0]) <= 80, lines
+    shown = lines[0]
+    assert "layer 3/6" in shown and "240.0/585.0 MB" in shown
+    assert "python3-3.11.7 (+1 more)" in shown and "a" * 32 not in shown
+
+
+def test_no_color_and_the_done_line(store: StoreTree, tmp_path: Path) -> None:
+    """NO_COLOR set to something turns colour off, set empty does not (no-color.org);
+    Done: says sizes in human units, with plurals right."""
+    item = store.item("python3-3.11.7", {f"lib/f{n}": os.urandom(20_000).hex() for n in range(50)})
+    config = write_config(tmp_path / "c.json", store.config([[item]]))
+    command = [*GUIX_IMAGE, "build", str(config), "-o", str(tmp_path / "o.tar")]
+    colour = re.compile(r"\x1b\[[0-9;]*3[0-9]m|\x1b\[38;")
+    status, drawn = run_with_terminal_stderr(command, {"COLUMNS": "80", "NO_COLOR": ""})
+    assert status == 0 and colour.search(drawn)
+    status, plain = run_with_terminal_stderr(command, {"COLUMNS": "80", "NO_COLOR": "1"})
+    assert status == 0 and not colour.search(plain)
+    assert re.search(r"Done: sha256:\S+ \(test/image:latest\), 1 layer, [0-9.]+ [kM]B to ", plain)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .completion import complete_config
-from .options import CommandError, common_options, flag, note, verbose
+from .options import CommandError, common_options, flag, no_color, note, verbose
 
 # Options of `build STORE_ITEM...`, with their defaults.
 ITEMS_DEFAULTS: dict[str, Any] = {"max_layers": 100, "strategy": "auto"}
@@ -428,9 +428,11 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
             state += ", files from the cached member list"
         verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
     where = f" to {output}" if output not in (None, "-") else ""
+    from .render import counted, human_size
+
     note(
         f"Done: {result.image_id} ({', '.join(result.repo_tags) or 'no tag'}), "
-        f"{len(result.layers)} layers, {result.bytes_written} bytes{where}"
+        f"{counted(len(result.layers), 'layer')}, {human_size(result.bytes_written)}{where}"
     )
     pipeline = "in a forked process" if result.forked else "on threads of this process"
     verbose(f"{time.monotonic() - started:.2f} s; hashed and written {pipeline}")
@@ -457,7 +459,7 @@ def _build_progress() -> Any:
     if sys.stderr.isatty():
         from rich.console import Console
 
-        return BarProgress(Console(stderr=True, no_color=flag("no_color")))
+        return BarProgress(Console(stderr=True, no_color=no_color()))
     return LineProgress()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,12 @@ def common_options(function: Callable[..., Any]) -> Callable[..., Any]:
 def flag(name: str) -> bool:
     """Whether a common option was given (anywhere on the command line)."""
     return bool(click.get_current_context().meta.get(f"guix_image.{name}"))
+
+
+def no_color() -> bool:
+    """--no-color, or NO_COLOR set to a non-empty value (no-color.org: an empty one
+    does not count)."""
+    return flag("no_color") or bool(os.environ.get("NO_COLOR"))
 
 
 def note(message: str) -> None:
@@ -143,7 +150,7 @@ def output() -> Any:
     """Where results go (see render.Output)."""
     from .render import Output
 
-    return Output(color=False if flag("no_color") else None)
+    return Output(color=False if no_color() else None)
 
 
 def emit(result: Any, as_json: bool, show: Callable[[Any, Any], None]) -> None:
@@ -168,7 +175,7 @@ def _stdin_progress() -> Iterator[Any]:
     from rich.console import Console
     from rich.progress import DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    console = Console(stderr=True, no_color=flag("no_color"))
+    console = Console(stderr=True, no_color=no_color())
     columns = (TextColumn("reading standard input"), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("stdin", total=None)
@@ -194,7 +201,7 @@ def reading_progress(label: str, total: int) -> Iterator[Any]:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    console = Console(stderr=True, no_color=flag("no_color"))
+    console = Console(stderr=True, no_color=no_color())
     columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(label, total=total)

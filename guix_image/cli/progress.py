@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Any, TextIO
 
@@ -41,9 +43,12 @@ class BarProgress:
             TransferSpeedColumn,
         )
 
+        # One line that fits: at 80 columns the label, sizes, speed and time take
+        # 45 columns; the bar (10 there) and the package's name share the rest.
+        self._width = console.width
         self._progress = Progress(
             TextColumn("[bold]{task.fields[label]}"),
-            BarColumn(bar_width=30),
+            BarColumn(bar_width=max(10, min(30, self._width - 70))),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeElapsedColumn(),
@@ -63,7 +68,7 @@ class BarProgress:
         self._progress.update(
             self._task,
             label=f"layer {number}/{total}",
-            description=_shorten(description, 40),
+            description=_shorten(package_names(description), max(12, self._width - 56)),
             completed=0,
             total=None,
         )
@@ -80,6 +85,16 @@ class BarProgress:
     def close(self) -> None:
         if self._started:
             self._progress.stop()
+
+
+def package_names(description: str) -> str:
+    """ "python3-3.11.7 (+2 more)" for 'from paths: ["/gnu/store/<hash>-python3-3.11.7",
+    ...]': the store hash says nothing to a person watching."""
+    paths: list[str] = re.findall(r'"(/[^"]+)"', description)
+    if not paths:
+        return description
+    first = os.path.basename(paths[0]).partition("-")[2] or os.path.basename(paths[0])
+    return first + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
 
 
 def _shorten(text: str, width: int) -> str:

@@ -104,7 +104,7 @@ class Output:
         self.stream = stream or sys.stdout
         terminal = self.stream.isatty()
         self.rich = terminal
-        self.color = terminal and color is not False and "NO_COLOR" not in os.environ
+        self.color = terminal and color is not False and not os.environ.get("NO_COLOR")
         self._console: Any = None
 
     @property
