@@ -16,23 +16,7 @@ import pytest
 
 from .support.archives import read_archive
 from .support.stores import BuildFn, StoreTree, busybox_store, disk_tree, populate
-from .support.tools import docker_answers, is_root, podman, require, run
-
-
-def to_oci(tmp_path: Path, image: Path, name: str) -> Path:
-    require("skopeo")
-    layout = tmp_path / f"oci-{name}"
-    run("skopeo", "copy", f"docker-archive:{image}", f"oci:{layout}:{name}")
-    return layout
-
-
-def unpack(tmp_path: Path, layout: Path, name: str) -> Path:
-    require("umoci")
-    if not is_root():
-        pytest.skip("umoci unpack keeps file owners only as root")
-    bundle = tmp_path / f"bundle-{name}"
-    run("umoci", "unpack", "--image", f"{layout}:{name}", str(bundle))
-    return bundle / "rootfs"
+from .support.tools import docker_answers, podman, run, to_oci, unpack
 
 
 def rootfs_tree(rootfs: Path, paths: list[Path]) -> dict[str, tuple[str, int, bytes]]:

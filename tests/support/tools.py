@@ -107,3 +107,19 @@ def tampered_copy(archive: Path, form: str, tamper: str, directory: Path) -> Pat
         target = Path(convert(archive, form, directory))
     tamper_with(target, tamper)
     return target
+
+
+def to_oci(tmp_path: Path, image: Path, name: str) -> Path:
+    require("skopeo")
+    layout = tmp_path / f"oci-{name}"
+    run("skopeo", "copy", f"docker-archive:{image}", f"oci:{layout}:{name}")
+    return layout
+
+
+def unpack(tmp_path: Path, layout: Path, name: str) -> Path:
+    require("umoci")
+    if not is_root():
+        pytest.skip("umoci unpack keeps file owners only as root")
+    bundle = tmp_path / f"bundle-{name}"
+    run("umoci", "unpack", "--image", f"{layout}:{name}", str(bundle))
+    return bundle / "rootfs"
