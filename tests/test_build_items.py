@@ -244,3 +244,19 @@ def test_an_image_of_store_items_with_links_and_added_files_runs(
         assert linked.stdout == "through the link\n"
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+def test_without_a_database_the_closure_comes_from_nix_store(
+    nix_items: list[str], tmp_path: Path, cli: Cli
+) -> None:
+    """No database under the store's root (a chroot store without one): nix-store on
+    PATH answers, as `nix-store -qR` does."""
+    app = next(path for path in nix_items if "-app-" in path)
+    expected = subprocess.run(
+        ["nix-store", "-qR", app], capture_output=True, text=True, check=True
+    ).stdout.split()
+    (tmp_path / "chroot").mkdir()
+    planned = cli("build", app, "--root", str(tmp_path / "chroot"), "--print-layers", "--json")
+    assert planned.exit_code == 0, planned.output
+    found = [p for layer in json.loads(planned.stdout)["layers"] for p in layer["items"]]
+    assert sorted(found) == sorted(expected)
