@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import pickle
-import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +38,8 @@ class Scratch:
     def __init__(self, *, keep_rows: int = KEEP_ROWS, forking: bool = False) -> None:
         self._keep_rows = keep_rows
         self._kept = 0
+        import tempfile  # here: a build reads no layer, and the module costs a start-up
+
         self._file = tempfile.TemporaryFile(prefix="guix-image-rows-")  # noqa: SIM115
         self._fd = self._file.fileno()
         if forking:  # a counter and lock shared with the workers forked later
@@ -112,6 +112,8 @@ class SortedRows:
         """Write the rows held in memory as a sorted run."""
         if not self._pending:
             return
+        import pickle
+
         scratch = self._scratch_of()
         self._pending.sort()
         pending = self._pending
@@ -144,6 +146,8 @@ class SortedRows:
         return heapq.merge(*map(self._read_run, self._runs), iter(self._pending))
 
     def _read_run(self, run: list[Chunk]) -> Iterator[Row]:
+        import pickle
+
         scratch = self._scratch_of()
         for chunk in run:
             yield from pickle.loads(scratch.read(chunk))

@@ -22,7 +22,6 @@ from .config import ARCHITECTURE_HINTS, validate_config
 from .customisation import write_customisation
 from .plan import base_image
 
-STORE_DIRS = ("/gnu/store", "/nix/store")
 MAX_LAYERS = 125  # what docker and containerd accept
 DEFAULT_MAX_LAYERS = 100
 DEFAULT_CREATED = "1970-01-01T00:00:01Z"  # as nixpkgs: reproducible, and after the epoch
@@ -57,20 +56,6 @@ class ItemsPlan:
     layers: list[list[str]]
     base_layers: int
     database: str | None  # the store database the closure came from, if one did
-
-
-def store_item(argument: str, store_dir: str | None) -> str | None:
-    """The store item an argument names (a `result` link is followed once), or None
-    if it is not one (then it is a CONFIG)."""
-    candidate = argument
-    if os.path.islink(argument):
-        candidate = os.path.join(os.path.dirname(argument), os.readlink(argument))
-    candidate = os.path.normpath(candidate)
-    parent = os.path.dirname(candidate)
-    if store_dir is not None:
-        return candidate if parent == os.path.normpath(store_dir) else None
-    # /gnu/store or /nix/store, or one under a prefix (a chroot store, a test's)
-    return candidate if parent.endswith(STORE_DIRS) else None
 
 
 def plan_items(

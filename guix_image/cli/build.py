@@ -286,7 +286,7 @@ def _read_config(source: str) -> tuple[bytes, str]:
 
 def _store_items(sources: tuple[str, ...], store_dir: str | None) -> list[str] | None:
     """The store items the arguments name, or None if they name a CONFIG."""
-    from ..build.items import store_item
+    from ..store.paths import store_item
 
     found = [store_item(source, store_dir) for source in sources]
     if not sources or any(item is None for item in found):
@@ -371,7 +371,7 @@ def _write_sbom(plan: Any, path: str | None, repo_tag: str | None) -> None:
 
 def _print_layers(plan: Any, as_json: bool) -> None:
     from .options import output
-    from .render import human_size
+    from .units import human_size
 
     layers = [
         {
@@ -428,7 +428,7 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
             state += ", files from the cached member list"
         verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
     where = f" to {output}" if output not in (None, "-") else ""
-    from .render import counted, human_size
+    from .units import counted, human_size
 
     note(
         f"Done: {result.image_id} ({', '.join(result.repo_tags) or 'no tag'}), "

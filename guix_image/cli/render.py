@@ -16,6 +16,7 @@ from json.encoder import encode_basestring_ascii as _ascii
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..model import SHA256_PREFIX
+from .units import counted, human_size
 
 if TYPE_CHECKING:
     from ..analysis.ci import CiReport
@@ -55,11 +56,6 @@ def _value(value: Any, indent: str) -> str:
     return json.dumps(value, indent=2, ensure_ascii=True).replace("\n", indent)
 
 
-def counted(number: int, noun: str) -> str:
-    """ "1 layer", "2 layers", "0 layers"."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
 def printable(text: str) -> str:
     """`text` safe to print: control characters and undecodable bytes escaped."""
     if text.isprintable() and text.isascii():
@@ -70,17 +66,6 @@ def printable(text: str) -> str:
 
 def short(digest: str | None) -> str:
     return (digest or "-")[:SHORT_DIGEST]
-
-
-def human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def mode_string(kind: str, mode: int) -> str:

@@ -6,11 +6,10 @@ decompressor fails with an ArchiveError instead of inflating without limit.
 
 from __future__ import annotations
 
-import bz2
 import hashlib
 import io
-import lzma
 import os
+import sys
 import zlib
 from typing import Any, BinaryIO, cast
 
@@ -207,7 +206,7 @@ class Decompressor(io.RawIOBase):
         while not self._pending and not self._eof:
             try:
                 self._pending = self._inflate(size)
-            except (zlib.error, lzma.LZMAError, OSError, EOFError) as error:
+            except _decode_errors() as error:
                 raise ArchiveError(f"{self._name}: bad {self._kind} data: {error}") from None
         data, self._pending = self._pending[:size], self._pending[size:]
         return data
@@ -232,10 +231,28 @@ class Decompressor(io.RawIOBase):
         return bytes(decoder.decompress(chunk, size))
 
 
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    """What the decoders raise on bad data (lzma's own only once it is loaded)."""
+    lzma = sys.modules.get("lzma")
+    return (zlib.error, OSError, EOFError, *((lzma.LZMAError,) if lzma else ()))
+
+
+def _lzma() -> Any:
+    import lzma  # here: xz archives are rare, and the module costs a start-up
+
+    return lzma.LZMADecompressor()
+
+
+def _bz2() -> Any:
+    import bz2
+
+    return bz2.BZ2Decompressor()
+
+
 _DECODERS: dict[str, Any] = {
     "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
-    "xz": lzma.LZMADecompressor,
-    "bzip2": bz2.BZ2Decompressor,
+    "xz": _lzma,
+    "bzip2": _bz2,
 }
 
 
