@@ -90,6 +90,7 @@ def optgroup_items(function: Any) -> Any:
             help="Write a CycloneDX 1.5 SBOM of the store items to FILE.",
         ),
         click.option(
+            "-S",
             "--symlink",
             metavar="LINK=TARGET",
             multiple=True,
@@ -165,7 +166,7 @@ def build(
     \b
     Examples:
       guix-image build --example -o example.tar
-      guix-image build $(guix build hello) --entrypoint /bin/hello -o hello.tar
+      guix-image build $(guix build hello) -S /bin=bin --entrypoint /bin/hello -o hi.tar
       guix-image build ./result --print-layers
       guix-image build image.json | docker load
       guix-image build image.json -t app:1.0 -o app.tar
