@@ -14,6 +14,7 @@ items.
 
     python3 tests/bench/layering.py            # the table, and the targets PASS/FAIL
     python3 tests/bench/layering.py --json     # the numbers
+    python3 tests/bench/layering.py --item $(guix build python)   # and a real closure
 
 Targets for the default strategy: (a) at most the application's size plus
 5 %; (b) no more than the best of popularity and size; the plan of a
@@ -117,13 +118,32 @@ def measure(graph: StoreGraph, strategy: str) -> dict[str, float]:
     }
 
 
+def real_closure(item: str) -> StoreGraph:
+    """The closure of a real store item, from its store's database (as build reads it)."""
+    from guix_image.store.closure import closure_of
+    from guix_image.store.database import StoreDatabase
+
+    database = StoreDatabase.find(item.rsplit("/", 1)[0])
+    if database is None:
+        raise SystemExit(f"no store database for {item}")
+    try:
+        return closure_of([item], database=database)
+    finally:
+        database.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--item", action="append", default=[], help="also a real store item's closure"
+    )
     args = parser.parse_args()
+    graphs = {name: generated(items, seed=7) for name, items in GRAPHS.items()}
+    graphs.update({item.rsplit("/", 1)[1]: real_closure(item) for item in args.item})
     results = {
-        name: {strategy: measure(generated(items, seed=7), strategy) for strategy in STRATEGIES}
-        for name, items in GRAPHS.items()
+        name: {strategy: measure(graph, strategy) for strategy in STRATEGIES}
+        for name, graph in graphs.items()
     }
     started = time.perf_counter()
     plan_layers(generated(5000, seed=11), BUDGET, DEFAULT_STRATEGY)
