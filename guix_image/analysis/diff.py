@@ -186,14 +186,12 @@ def read_for_diff(side: Side, same: set[int]) -> list[LayerContents]:
 
 
 def _check_claims(side: Side, layer: StoredLayer, contents: LayerContents) -> None:
-    claims = [("diff_id", layer.diff_id, contents.diff_id)]
-    if layer.digest is not None:
-        claims.append(("blob digest", layer.digest, contents.blob_digest))
-    for what, claimed, found in claims:
-        if claimed != found:
+    for claim in layer.digest_claims(contents):
+        if not claim.holds:
             raise ArchiveError(
-                f"{side.source.name}: layer {layer.index}'s bytes hash to {found}, "
-                f"its {what} says {claimed}: the archive is damaged (see `guix-image verify`)"
+                f"{side.source.name}: layer {layer.index}'s bytes hash to {claim.found}, "
+                f"its {claim.what} says {claim.claimed}: the archive is damaged "
+                "(see `guix-image verify`)"
             )
 
 

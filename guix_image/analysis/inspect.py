@@ -180,11 +180,11 @@ def summarize(image: Image[StoredLayer], contents: list[LayerContents]) -> Inspe
         if not check.ok
     ]
     for layer, read in zip(image.layers, contents, strict=True):
-        declared = layer.declared_compression
-        if declared is not None and declared != read.compression:
+        claim = layer.compression_claim(read)
+        if claim is not None and not claim.holds:
             warnings.append(
                 f"layer {layer.index}: its media type {layer.media_type} says "
-                f"{declared}, its bytes are {read.compression}"
+                f"{claim.claimed}, its bytes are {claim.found}"
             )
     return InspectReport(
         warnings=warnings,

@@ -78,33 +78,11 @@ def check_archive(
         if isinstance(read, ArchiveError):
             checks.append(Check(f"{prefix} readable", False, "a complete tar", str(read)))
             continue
-        checks.append(
-            Check(
-                f"{prefix} diff_id",
-                read.diff_id == layer.diff_id,
-                str(layer.diff_id),
-                str(read.diff_id),
-            )
-        )
-        if layer.digest is not None:
-            checks.append(
-                Check(
-                    f"{prefix} blob digest",
-                    read.blob_digest == layer.digest,
-                    layer.digest,
-                    str(read.blob_digest),
-                )
-            )
-        declared = layer.declared_compression
-        if declared is not None:  # what a media type says must be what the bytes are
-            checks.append(
-                Check(
-                    f"{prefix} compression",
-                    declared == read.compression,
-                    declared,
-                    read.compression,
-                )
-            )
+        # What the archive says of the layer must be what its bytes are.
+        compression = layer.compression_claim(read)
+        for claim in [*layer.digest_claims(read), *([compression] if compression else [])]:
+            name = f"{prefix} {claim.what}"
+            checks.append(Check(name, claim.holds, str(claim.claimed), str(claim.found)))
         checks.append(
             Check(
                 f"{prefix} duplicate paths",

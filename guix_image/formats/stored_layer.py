@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from ..errors import FileChanged, InputError
 from ..files import open_regular
@@ -32,6 +32,18 @@ _MEDIA_TYPE_COMPRESSION = (
     (".tar.zstd", "zstd"),
     (".tar", "none"),
 )
+
+
+class Claim(NamedTuple):
+    """Something an archive says of a layer (`claimed`), and what its bytes are."""
+
+    what: str
+    claimed: str | None
+    found: str | None
+
+    @property
+    def holds(self) -> bool:
+        return self.claimed == self.found
 
 
 class StoredLayer(Layer):
@@ -57,14 +69,20 @@ class StoredLayer(Layer):
         self._compression: str | None = None
         self._tar_size: int | None = None
 
-    @property
-    def declared_compression(self) -> str | None:
+    def digest_claims(self, read: LayerContents) -> list[Claim]:
+        """The digests the archive claims for this layer, beside those of its bytes."""
+        claims = [Claim("diff_id", self.diff_id, read.diff_id)]
+        if self.digest is not None:
+            claims.append(Claim("blob digest", self.digest, read.blob_digest))
+        return claims
+
+    def compression_claim(self, read: LayerContents) -> Claim | None:
         """The compression its media type names ("none", "gzip", "zstd"), if it has
-        one that names a layer."""
+        one that names a layer, beside what its bytes are."""
         media_type = self.media_type or ""
         for suffix, compression in _MEDIA_TYPE_COMPRESSION:
             if media_type.endswith(suffix):
-                return compression
+                return Claim("compression", compression, read.compression)
         return None
 
     def read(self, options: ReadOptions, scratch: Scratch | None = None) -> LayerContents:
