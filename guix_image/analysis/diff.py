@@ -22,9 +22,8 @@ from ..errors import ArchiveError, InputError
 from ..formats.layer_tar import EVERYTHING, FileRecord, LayerContents, ReadOptions
 from ..formats.sources import Source
 from ..formats.stored_layer import StoredLayer
-from ..formats.streams import open_layer
 from ..model import Image
-from ..tar.reader import TarReader, normalise_member_name
+from ..tar.reader import normalise_member_name
 from .overlay import merged_filesystem
 from .read import read_layers
 
@@ -374,9 +373,7 @@ def _report_root(directory: str, side_name: str) -> str:
 
 def _copy_out(layer: StoredLayer, paths: set[str], root: str) -> int:
     written = 0
-    with layer.open_blob() as blob:
-        data, _ = open_layer(blob, f"layer {layer.index}", layer.size)
-        reader = TarReader(data, name=f"{layer.source.name}: layer {layer.index}")
+    with layer.tar_reader() as reader:
         for member in reader:
             path = normalise_member_name(member.name)
             if member.isreg() and path in paths:

@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from ..formats.sources import Source
 from ..formats.stored_layer import StoredLayer
-from ..formats.streams import open_layer
 from ..model import Check, Image
 from ..store.database import StoreDatabase
 from ..store.nar import NarHasher, NotNarOrder
+from ..store.paths import STORE_DIRS
 from ..tar.format import DIRTYPE, REGTYPE, SYMTYPE
 from ..tar.reader import TarMember, TarReader, normalise_member_name
 
-STORE_DIRS = ("/gnu/store", "/nix/store")
 SHOWN = 10  # paths named in a check, at most
 
 
@@ -75,9 +74,7 @@ def _items_of(layer: StoredLayer, store_dir: str | None) -> list[_Item]:
     prefixes = [d.strip("/") + "/" for d in ([store_dir] if store_dir else STORE_DIRS)]
     items: dict[str, _Item] = {}
     current: _Item | None = None
-    with layer.open_blob() as blob:
-        stream, _ = open_layer(blob, f"layer {layer.index}", layer.size)
-        reader = TarReader(stream, name=f"layer {layer.index}")
+    with layer.tar_reader() as reader:
         for member in reader:
             path = normalise_member_name(member.name)
             prefix = next((p for p in prefixes if path.startswith(p)), None)

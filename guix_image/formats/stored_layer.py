@@ -11,6 +11,7 @@ A `TarFileLayer` is a layer tar in a file of its own (a customisation layer).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
@@ -19,6 +20,7 @@ from ..errors import FileChanged, InputError
 from ..files import open_regular
 from ..model import Layer, Progress, TarSink
 from ..spill import Scratch
+from ..tar.reader import TarReader
 from .layer_tar import LayerContents, ReadOptions
 from .sources import Source
 from .streams import detect_compression, open_layer
@@ -128,6 +130,13 @@ class StoredLayer(Layer):
         """(file, offset, size) of the tar, if it is stored uncompressed in a file."""
         extent = self.source.extent(self.location)
         return extent if extent is not None and self.compression() == "none" else None
+
+    @contextlib.contextmanager
+    def tar_reader(self) -> Iterator[TarReader]:
+        """Its members, uncompressed, read from the start of its blob."""
+        with self.open_blob() as blob:
+            data, _ = open_layer(blob, self.description, self.size)
+            yield TarReader(data, name=self.description)
 
     def _inflated(self) -> Iterator[bytes]:
         with self.open_blob() as blob:
