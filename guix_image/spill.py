@@ -38,33 +38,39 @@ class Scratch:
     def __init__(self, *, keep_rows: int = KEEP_ROWS, forking: bool = False) -> None:
         self._keep_rows = keep_rows
         self._kept = 0
-        import tempfile  # here: a build reads no layer, and the module costs a start-up
-
-        self._file = tempfile.TemporaryFile(prefix="guix-image-rows-")  # noqa: SIM115
-        self._fd = self._file.fileno()
-        if forking:  # a counter and lock shared with the workers forked later
+        self._file: Any = None  # made at the first spill, which most reads never reach
+        if forking:  # the file, and a counter and lock, shared with the workers forked later
             import multiprocessing
 
+            self._open()
             self._end: Any = multiprocessing.get_context("fork").Value("q", 0)
             self._lock: Any = self._end.get_lock()
         else:
             self._end, self._lock = None, threading.Lock()
             self._offset = 0
 
+    def _open(self) -> int:
+        if self._file is None:
+            import tempfile  # here: the module costs a start-up that a build need not pay
+
+            self._file = tempfile.TemporaryFile(prefix="guix-image-rows-")  # noqa: SIM115
+        return int(self._file.fileno())
+
     def write(self, data: bytes) -> Chunk:
         with self._lock:
+            descriptor = self._open()
             if self._end is None:
                 offset, self._offset = self._offset, self._offset + len(data)
             else:
                 offset = self._end.value
                 self._end.value = offset + len(data)
         # At an explicit offset: other threads and processes write the same file.
-        os.pwrite(self._fd, data, offset)
+        os.pwrite(descriptor, data, offset)
         return offset, len(data)
 
     def read(self, chunk: Chunk) -> bytes:
         offset, length = chunk
-        return os.pread(self._fd, length, offset)
+        return os.pread(self._open(), length, offset)
 
     def keep(self, rows: int) -> bool:
         """May `rows` more rows stay in memory?"""
@@ -75,7 +81,8 @@ class Scratch:
             return True
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class SortedRows:
