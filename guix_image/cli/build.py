@@ -14,9 +14,6 @@ import click
 from .completion import complete_config
 from .options import CommandError, common_options, flag, no_color, note, verbose
 
-# Options of `build STORE_ITEM...`, with their defaults.
-ITEMS_DEFAULTS: dict[str, Any] = {"max_layers": 100, "strategy": "auto"}
-
 
 def optgroup_items(function: Any) -> Any:
     """The options of `build STORE_ITEM...` (refused with a CONFIG)."""
@@ -301,8 +298,9 @@ def _store_items(sources: tuple[str, ...], store_dir: str | None) -> list[str] |
 def _refuse_items_options(options: dict[str, Any], have_items: bool) -> None:
     if have_items:
         return
+    defaults = {param.name: param.default for param in click.get_current_context().command.params}
     for name, value in options.items():
-        if value not in (None, False, (), ITEMS_DEFAULTS.get(name)):
+        if value not in (None, False, (), defaults.get(name)):
             flag_name = "--" + name.replace("_", "-")
             raise click.UsageError(f"{flag_name} goes with STORE_ITEMs, not with a CONFIG")
 
@@ -387,9 +385,13 @@ def _print_layers(plan: Any, as_json: bool) -> None:
         out.json({"base_layers": plan.base_layers, "layers": layers})
         return
     rows = [
-        [str(layer["index"]), human_size(layer["size"]), str(len(layer["items"])), item]
+        [
+            str(layer["index"]),
+            human_size(layer["size"]),
+            str(len(layer["items"])),
+            layer["items"][0],
+        ]
         for layer in layers
-        for item in layer["items"][:1]
     ]
     out.table(["LAYER", "SIZE", "ITEMS", "FIRST ITEM"], rows)
 
