@@ -260,3 +260,19 @@ def test_without_a_database_the_closure_comes_from_nix_store(
     assert planned.exit_code == 0, planned.output
     found = [p for layer in json.loads(planned.stdout)["layers"] for p in layer["items"]]
     assert sorted(found) == sorted(expected)
+
+
+def test_what_build_writes_beside_the_image_is_whole_or_absent(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    """--emit-config and --sbom go through the same atomic writes as the archive: into
+    a directory that is not there, one line and exit 2, and no temporary file."""
+    (app, *_), database = small_store(store, tmp_path)
+    for option in ("--emit-config", "--sbom"):
+        target = tmp_path / "missing" / "out.json"
+        result = cli(
+            "build", str(app), "--db", str(database), option, str(target), "--print-layers"
+        )
+        assert result.exit_code == 2, result.output
+        assert "directory" in result.stderr and "does not exist" in result.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

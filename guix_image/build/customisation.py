@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..tar.format import DIRTYPE, REGTYPE, SYMTYPE, padding
 from ..tar.writer import HeaderEncoder
+from .output import atomic_output, write_atomically
 
 END = bytes(1024)  # two zero blocks
 
@@ -59,7 +60,7 @@ def write_customisation(
     digest = hashlib.sha256()
     encoder = HeaderEncoder(mtime=mtime)
     layer = os.path.join(directory, "layer.tar")
-    with open(layer + ".part", "wb") as out:
+    with atomic_output(layer) as fd, open(fd, "wb", closefd=False) as out:
 
         def write(data: bytes) -> None:
             digest.update(data)
@@ -72,9 +73,7 @@ def write_customisation(
             if entry.source is not None:
                 _copy(entry, write)
         write(END)
-    os.replace(layer + ".part", layer)
-    with open(os.path.join(directory, "checksum"), "w") as checksum:
-        checksum.write(digest.hexdigest() + "\n")
+    write_atomically(os.path.join(directory, "checksum"), digest.hexdigest() + "\n")
 
 
 def _image_name(path: str, option: str) -> bytes:

@@ -50,6 +50,12 @@ def current_umask() -> int:
     return mask
 
 
+def write_atomically(path: str, text: str) -> None:
+    """`text` as the file `path`, whole or not at all (see atomic_output)."""
+    with atomic_output(path) as fd, open(fd, "w", encoding="utf-8", closefd=False) as out:
+        out.write(text)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[int]:
     """A file descriptor whose contents become `path` only if the block succeeds.

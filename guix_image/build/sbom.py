@@ -20,6 +20,7 @@ from typing import Any
 from .. import __version__
 from ..store.closure import StoreGraph
 from ..store.database import StoreDatabase
+from .output import write_atomically
 
 SPEC_VERSION = "1.5"
 
@@ -89,8 +90,5 @@ def _digest(value: Any) -> str:
 
 
 def write_sbom(path: str, sbom: dict[str, Any]) -> None:
-    """Write it atomically (a temporary file renamed into place)."""
-    temporary = f"{path}.part"
-    with open(temporary, "w") as out:
-        out.write(json.dumps(sbom, indent=2, ensure_ascii=True) + "\n")
-    os.replace(temporary, path)
+    """Write it whole or not at all."""
+    write_atomically(path, json.dumps(sbom, indent=2, ensure_ascii=True) + "\n")

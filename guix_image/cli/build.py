@@ -344,8 +344,9 @@ def _plan_items(
     if options["emit_config"]:
         import json
 
-        with open(options["emit_config"], "w") as out:
-            out.write(json.dumps(plan.document, indent=2) + "\n")
+        from ..build.output import write_atomically
+
+        write_atomically(options["emit_config"], json.dumps(plan.document, indent=2) + "\n")
     if options["print_layers"]:
         _print_layers(plan, options["json"])
     return plan
