@@ -14,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -279,31 +280,12 @@ def test_quiet_and_verbose_on_build(
     assert "(cached digest confirmed" in again.stderr
 
 
-def on_a_terminal(command: list[str], env: dict[str, str] | None = None) -> str:
-    """What `command` prints with stdout on a pseudo-terminal."""
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(command, stdout=follower, stderr=subprocess.DEVNULL, env=env)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    process.wait(timeout=60)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def test_colour_on_a_terminal_only_and_never_with_no_color(workspace: Path) -> None:
     command = [*GUIX_IMAGE, "verify", str(workspace / "app.tar")]
     env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
-    assert ANSI_COLOUR.search(on_a_terminal(command, env))
-    assert not ANSI_COLOUR.search(on_a_terminal(command, {**env, "NO_COLOR": "1"}))
-    assert not ANSI_COLOUR.search(on_a_terminal([*command, "--no-color"], env))
+    assert ANSI_COLOUR.search(on_a_terminal(command, "stdout", env)[2])
+    assert not ANSI_COLOUR.search(on_a_terminal(command, "stdout", {**env, "NO_COLOR": "1"})[2])
+    assert not ANSI_COLOUR.search(on_a_terminal([*command, "--no-color"], "stdout", env)[2])
     piped = subprocess.run(command, capture_output=True, text=True, env=env)
     assert "\x1b[" not in piped.stdout
     assert piped.stdout.splitlines()[0] == "PASS  config digest"
@@ -620,33 +602,39 @@ def wait_for_children(pid: int) -> list[int]:
     return found
 
 
-def run_with_terminal_stderr(
-    command: list[str], env: dict[str, str] | None = None
-) -> tuple[int, str]:
-    """Run `command` with stderr on a pseudo-terminal; return its status and what it drew."""
+def on_a_terminal(
+    command: list[str], stream: str = "stderr", env: dict[str, str] | None = None, stdin: Any = None
+) -> tuple[int, bytes, str]:
+    """Run `command` with `stream` ("stderr" or "stdout") on a pseudo-terminal, draining
+    it as the command runs, in the environment `env` (by default this one); its status,
+    its standard output (when that is not the terminal), and what the terminal showed."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        command, stderr=follower, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})}
-    )
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO once the child has closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    return process.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+    with tempfile.TemporaryFile() as stdout:
+        streams = {"stdout": stdout, "stderr": subprocess.DEVNULL, stream: follower}
+        process = subprocess.Popen(
+            command, stdin=stdin, env=os.environ if env is None else env, **streams
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO once the child has closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(leader)
+        status = process.wait(timeout=60)
+        stdout.seek(0)
+        return status, stdout.read(), b"".join(chunks).decode(errors="replace")
 
 
 def test_progress_bar_on_a_terminal_and_lines_otherwise(store: StoreTree, tmp_path: Path) -> None:
     first, second = (store.item(name, {"f": "1" * 100_000}) for name in ("x", "y"))
     config = write_config(tmp_path / "c.json", store.config([[first], [second]]))
     command = [*GUIX_IMAGE, "build", str(config), "-o", str(tmp_path / "o.tar")]
-    status, drawn = run_with_terminal_stderr(command)
+    status, _, drawn = on_a_terminal(command)
     assert status == 0
     assert "layer 2/2" in drawn
     assert "\x1b[" in drawn  # terminal control sequences: a live bar
@@ -808,55 +796,25 @@ def test_quiet_means_failures_only(image_file: Path, tmp_path: Path, cli_runner:
     assert [line.split()[0] for line in failed.stdout.splitlines()] == ["FAIL", "FAILED:"]
 
 
-def at_a_terminal(
-    arguments: list[str], stream: str, columns: int, stdin: Any = None
-) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
-    """guix-image with `stream` ("stdout" or "stderr") a terminal of `columns`;
-    the process, and what the terminal showed."""
-    leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": str(columns), "LINES": "50", "NO_COLOR": "1"}
-    others = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL}
-    try:
-        result = subprocess.run(
-            [*GUIX_IMAGE, *arguments],
-            stdin=stdin,
-            timeout=120,
-            env=env,
-            **{**others, stream: follower},  # type: ignore[arg-type]
-        )
-        os.close(follower)
-        follower = -1
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(leader, 1 << 16)
-            except OSError:  # EIO: the terminal's other end is closed
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(leader)
-        if follower >= 0:
-            os.close(follower)
-    return result, shown
-
-
 def test_reading_standard_input_shows_progress_at_a_terminal(image_file: Path) -> None:
     """A stream of unknown length: a line on stderr counts what arrived (a terminal),
     and the result is the same as without it."""
     with image_file.open("rb") as archive:
-        result, shown = at_a_terminal(["inspect", "-", "--json"], "stderr", 100, archive)
-    assert result.returncode == 0
-    assert json.loads(result.stdout)["layers"]
-    assert b"reading standard input" in shown
+        command = [*GUIX_IMAGE, "inspect", "-", "--json"]
+        status, stdout, shown = on_a_terminal(
+            command, env={**os.environ, "COLUMNS": "100"}, stdin=archive
+        )
+    assert status == 0
+    assert json.loads(stdout)["layers"]
+    assert "reading standard input" in shown
 
 
 def test_a_terminal_of_80_columns_never_cuts_a_digest(image_file: Path) -> None:
     """The layer table at a narrow terminal: whole short digests, lines within 80."""
-    result, shown = at_a_terminal(["inspect", str(image_file)], "stdout", 80)
-    assert result.returncode == 0
-    text = re.sub(r"\x1b\[[0-9;]*m", "", shown.decode())  # bold headers
+    narrow = {**os.environ, "COLUMNS": "80", "LINES": "50", "NO_COLOR": "1"}
+    status, _, shown = on_a_terminal([*GUIX_IMAGE, "inspect", str(image_file)], "stdout", narrow)
+    assert status == 0
+    text = re.sub(r"\x1b\[[0-9;]*m", "", shown)  # bold headers
     table = text[text.index("DIFF ID") :].splitlines()
     digests = re.findall(r"sha256:[0-9a-f]+", "\n".join(table))
     assert digests and all(len(d) == len("sha256:") + 12 for d in digests)
@@ -894,8 +852,8 @@ def test_no_color_and_the_done_line(store: StoreTree, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.json", store.config([[item]]))
     command = [*GUIX_IMAGE, "build", str(config), "-o", str(tmp_path / "o.tar")]
     colour = re.compile(r"\x1b\[[0-9;]*3[0-9]m|\x1b\[38;")
-    status, drawn = run_with_terminal_stderr(command, {"COLUMNS": "80", "NO_COLOR": ""})
+    status, _, drawn = on_a_terminal(command, env={**os.environ, "COLUMNS": "80", "NO_COLOR": ""})
     assert status == 0 and colour.search(drawn)
-    status, plain = run_with_terminal_stderr(command, {"COLUMNS": "80", "NO_COLOR": "1"})
+    status, _, plain = on_a_terminal(command, env={**os.environ, "COLUMNS": "80", "NO_COLOR": "1"})
     assert status == 0 and not colour.search(plain)
     assert re.search(r"Done: sha256:\S+ \(test/image:latest\), 1 layer, [0-9.]+ [kM]B to ", plain)
