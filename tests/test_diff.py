@@ -12,7 +12,7 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import TAMPERED, archive_of, flip_byte, layer_tar
+from .support.archives import TAMPERED, archive_of, files_of, flip_byte, layer_tar, write_files
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 from .support.tools import convert, tampered_copy
@@ -139,19 +139,14 @@ def test_a_flipped_byte_is_never_identical(tmp_path: Path, cli: Cli) -> None:
 def reserialised(archive: Path, target: Path) -> Path:
     """`archive` with its config written in other bytes (indented), the same fields:
     as a podman re-save can do."""
-    with tarfile.open(archive) as outer:
-        members = {m.name: outer.extractfile(m).read() for m in outer if m.isfile()}  # type: ignore[union-attr]
+    members = files_of(archive)
     [entry] = json.loads(members.pop("manifest.json"))
     config = json.loads(members.pop(entry["Config"]))
     data = json.dumps(config, indent=2).encode()
     entry["Config"] = hashlib.sha256(data).hexdigest() + ".json"
     members[entry["Config"]] = data
     members["manifest.json"] = json.dumps([entry]).encode()
-    with tarfile.open(target, "w") as out:
-        for name, content in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            out.addfile(info, io.BytesIO(content))
+    write_files(target, members)
     return target
 
 
