@@ -12,7 +12,14 @@ import pytest
 
 from guix_image.build.engine import BuildResult
 
-from .support.archives import TAMPERED, archive_of, files_of, flip_byte, layer_tar, write_files
+from .support.archives import (
+    TAMPERED,
+    archive_of,
+    files_of,
+    layer_tar,
+    tamper_with,
+    write_files,
+)
 from .support.cli import Cli, inspect_json
 from .support.stores import BuildFn, StoreTree
 from .support.tools import convert, tampered_copy
@@ -113,11 +120,8 @@ def test_report_dir_refuses_standard_input_before_writing(
 
 def damaged_copy(good: Path, target: Path) -> Path:
     """`good` with one byte flipped inside the contents of a file of its layer."""
-    data = bytearray(good.read_bytes())
-    with tarfile.open(good) as outer:
-        member = outer.getmember("0/layer.tar")
-    flip_byte(data, member.offset_data + 2048, member.offset_data + member.size - 2048)
-    target.write_bytes(data)
+    target.write_bytes(good.read_bytes())
+    tamper_with(target, "flipped-byte")
     return target
 
 
