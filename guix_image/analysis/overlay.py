@@ -129,11 +129,11 @@ class _Frame:
     # (layer, position) of the opaque whiteouts its children meet: its own, and
     # those above it that its entry (declared in their layer) passed on
     opaques: list[tuple[int, int]]
+    prefix: bytes = field(init=False)  # what the keys below it start with
 
-    @property
-    def prefix(self) -> bytes:
-        """What the keys below it start with."""
-        return self.key + b"\0" if self.key else b""
+    def __post_init__(self) -> None:
+        # Once: the sweep compares it with every key that follows.
+        self.prefix = self.key + b"\0" if self.key else b""
 
 
 def merged_filesystem(
