@@ -134,6 +134,11 @@ class Layer:
     size: int | None = None  # bytes of the blob as stored
     checkpoints: bytes = b""  # of the uncompressed tar, if known (see Measured)
 
+    def known_blob(self, label: str) -> tuple[str, int] | None:
+        """The digest and size of the blob an earlier build compressed this layer
+        into with the compressor `label` names (see formats/compression.py), if known."""
+        return None
+
     def tar_size(self) -> int:
         """The uncompressed tar's size, found as cheaply as can be (and kept)."""
         raise NotImplementedError

@@ -15,16 +15,8 @@ from pathlib import Path
 import pytest
 
 from .support.archives import read_archive
-from .support.stores import BuildFn, StoreTree, busybox_store, disk_tree, populate
+from .support.stores import BuildFn, StoreTree, busybox_store, disk_tree, populate, rootfs_tree
 from .support.tools import docker_answers, podman, run, to_oci, unpack
-
-
-def rootfs_tree(rootfs: Path, paths: list[Path]) -> dict[str, tuple[str, int, bytes]]:
-    """The unpacked counterparts of `paths`, in the shape of support.stores.disk_tree."""
-    inside = [Path(str(rootfs) + str(p)) for p in paths]
-    tree = disk_tree(inside)
-    prefix = str(rootfs).lstrip("/") + "/"
-    return {name[len(prefix) :]: value for name, value in tree.items()}
 
 
 def test_podman_loads_the_image(store: StoreTree, build: BuildFn, podman_storage: Path) -> None:

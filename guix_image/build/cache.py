@@ -28,6 +28,7 @@ from typing import Any
 from .. import strict_json
 from ..fastpath import sha256
 from ..files import read_regular
+from ..formats.oci_layout import BlobStore
 from ..model import canonical_json, is_sha256_digest
 from . import member_list
 from .member_list import MemberList, MemberListError, MemberListWriter, OtherWriter
@@ -38,6 +39,7 @@ LAYER_FORMAT = "guix-image/layer-tar/1"
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 MEMBER_LISTS_BUDGET = 512 << 20
+BLOBS_BUDGET = 2 << 30  # compressed layer blobs kept for rebuilds
 # An entry holds its checkpoints: 64 hex digits per 4 MiB, 16 MiB for a 1 TiB layer.
 MAX_ENTRY_SIZE = 16 << 20
 _MEMBERS = ".members"
@@ -55,11 +57,29 @@ def cache_key(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({"format": LAYER_FORMAT, **recipe})).hexdigest()
 
 
+# A compressed blob made of a layer: (Compression.label, digest, size).
+BlobEntry = tuple[str, str, int]
+MAX_BLOBS_PER_LAYER = 4  # compressors remembered for one layer, the latest first
+
+
+def blob_entries(blob: BlobEntry | None) -> tuple[BlobEntry, ...]:
+    return () if blob is None else (blob,)
+
+
 @dataclass(frozen=True)
 class CachedLayer:
     size: int
     diff_id: str
     checkpoints: bytes = b""  # see sha256.py; none if they could not be taken
+    # The compressed blobs made of it, kept in the cache's blob store (see build/oci.py).
+    blobs: tuple[BlobEntry, ...] = ()
+
+    def with_blob(self, blob: BlobEntry | None) -> tuple[BlobEntry, ...]:
+        """Its blobs with `blob` first, in place of another by the same compressor."""
+        if blob is None:
+            return self.blobs
+        others = [entry for entry in self.blobs if entry[0] != blob[0]]
+        return (blob, *others)[:MAX_BLOBS_PER_LAYER]
 
 
 class LayerCache:
@@ -88,6 +108,24 @@ class LayerCache:
         # paths of those it read or wrote, which trimming must leave alone.
         self._pending: list[tuple[str, MemberListWriter]] = []
         self._in_use: set[str] = set()
+
+    @property
+    def blobs(self) -> BlobStore:
+        """Where compressed layer blobs are kept, by digest (see build/oci.py)."""
+        return BlobStore(str(self.directory.parent))
+
+    def use_blobs(self, digests: list[str]) -> None:
+        """Mark blobs as this build's: recently used, and not trimmed by it."""
+        for digest in digests:
+            path = self.blobs.path(digest)
+            with contextlib.suppress(OSError):
+                os.utime(path)
+            self._in_use.add(path)
+
+    def trim_blobs(self, budget: int = BLOBS_BUDGET) -> None:
+        """Remove the least recently used blobs beyond `budget` bytes, and
+        temporary files a crashed build left (housekeeping: never fails)."""
+        _trim_directory(self.blobs.directory, budget, self._in_use, lambda name: True)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -128,6 +166,11 @@ class LayerCache:
                 "interval": self.checkpoint_interval,
                 "states": layer.checkpoints.hex(),
             }
+        if layer.blobs:
+            document["blobs"] = [
+                {"compression": label, "digest": digest, "size": size}
+                for label, digest, size in layer.blobs
+            ]
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             import tempfile  # here: a rebuild adds no entry, and skips the import
@@ -249,6 +292,36 @@ class LayerCache:
             total -= size
 
 
+def _trim_directory(
+    directory: str, budget: int, in_use: set[str], counted: Callable[[str], bool]
+) -> None:
+    """Remove least recently used files of `directory` beyond `budget` bytes
+    (not those `in_use`), and abandoned temporary files (dot-names)."""
+    files: list[tuple[int, int, str]] = []
+    now = time.time()
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.name.startswith("."):
+                        if _abandoned(entry, now):
+                            os.unlink(entry.path)
+                    elif counted(entry.name):
+                        st = entry.stat(follow_symlinks=False)
+                        files.append((st.st_mtime_ns, st.st_size, entry.path))
+    except OSError:
+        return
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        if path in in_use:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        total -= size
+
+
 def _abandoned(entry: os.DirEntry[str], now: float) -> bool:
     return now - entry.stat(follow_symlinks=False).st_mtime > _ABANDONED
 
@@ -271,9 +344,27 @@ def _parse_entry(data: bytes, key: str, interval: int) -> CachedLayer | None:
     if not is_sha256_digest(diff_id):
         return None
     checkpoints = _parse_checkpoints(document.get("checkpoints", {}), size, interval)
-    if checkpoints is None:
+    blobs = _parse_blobs(document.get("blobs", []))
+    if checkpoints is None or blobs is None:
         return None
-    return CachedLayer(size, diff_id, checkpoints)
+    return CachedLayer(size, diff_id, checkpoints, blobs)
+
+
+def _parse_blobs(field: Any) -> tuple[BlobEntry, ...] | None:
+    """An entry's compressed blobs; None if malformed."""
+    if not isinstance(field, list):
+        return None
+    blobs = []
+    for blob in field[:MAX_BLOBS_PER_LAYER]:
+        if not isinstance(blob, dict):
+            return None
+        label, digest, size = blob.get("compression"), blob.get("digest"), blob.get("size")
+        if not isinstance(label, str) or not is_sha256_digest(digest):
+            return None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return None
+        blobs.append((label, digest, size))
+    return tuple(blobs)
 
 
 def _parse_checkpoints(field: Any, size: int, interval: int) -> bytes | None:

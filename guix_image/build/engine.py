@@ -1,4 +1,5 @@
-"""`build`: turn a BuildConfig into an image archive streamed to a sink.
+"""`build`: turn a BuildConfig into an image: a Docker archive streamed to a
+sink, or OCI (see oci.py).
 
 What can be checked cheaply is checked before the first byte is written
 (see plan.py). Then every layer is streamed once: its tar header carries
@@ -12,6 +13,9 @@ is left behind (see output.py).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,10 +24,21 @@ from ..fastpath import HashingWriter, Sink
 from ..formats.docker_archive import DockerArchiveWriter
 from ..formats.limits import MAX_CONFIG_SIZE
 from ..formats.stored_layer import StoredLayer
-from ..model import SHA256_PREFIX, HistoryEntry, Image, ImageConfig, Layer, Measured, merge_env
+from ..model import (
+    SHA256_PREFIX,
+    HistoryEntry,
+    Image,
+    ImageConfig,
+    Layer,
+    Measured,
+    PendingDigest,
+    Progress,
+    merge_env,
+)
 from ..store.database import StoreDatabase
 from .cache import LayerCache
 from .config import BuildConfig
+from .oci import LayerBlob
 from .plan import Plan, plan_layers
 from .store_layer import MAX_PLANNED, StaleCacheEntry, StoreLayer
 
@@ -60,6 +75,81 @@ class SilentProgress:
         pass
 
 
+class ImageWriter(Protocol):
+    """Writes an image in one format: layers in order, then the rest."""
+
+    sizes_first: bool  # whether a layer's tar size must be known before it is added
+    bytes_written: int
+    forked: bool  # whether a forked process hashed and wrote (see fastpath)
+    manifest_digest: str | None  # OCI: the image's manifest
+    blobs: list[LayerBlob]  # OCI: each layer's blob, in order
+    # Compressed blobs made of the layers, by position: (label, digest, size),
+    # for the cache (see oci.py).
+    new_blobs: dict[int, tuple[str, str, int]]
+
+    def add_layer(self, layer: Layer, progress: Progress) -> PendingDigest:
+        """Stream `layer`; its digest is final once the writer drains."""
+        ...
+
+    def drain(self) -> None: ...
+
+    def finish(self, config: bytes, repo_tags: list[str]) -> str:
+        """Add the config and whatever lists the image; the image id."""
+        ...
+
+
+class ImageOutput(Protocol):
+    """Where a build goes, in which format (DockerOutput here, OciOutput in oci.py)."""
+
+    def open(
+        self, idle: Callable[[], bool], checkpoint_interval: int | None
+    ) -> AbstractContextManager[ImageWriter]:
+        """The writer; leaving the block normally completes the output.
+
+        `idle` is the build's chance to scan ahead while the writer waits.
+        """
+        ...
+
+
+class DockerOutput:
+    """A Docker archive streamed to `sink` (a file descriptor or a function)."""
+
+    def __init__(self, sink: Sink, *, mtime: int) -> None:
+        self.sink = sink
+        self.mtime = mtime
+
+    @contextlib.contextmanager
+    def open(
+        self, idle: Callable[[], bool], checkpoint_interval: int | None
+    ) -> Iterator[ImageWriter]:
+        with HashingWriter(self.sink, idle=idle, checkpoint_interval=checkpoint_interval) as out:
+            writer = _DockerWriter(out, self.mtime)
+            yield writer
+        writer.bytes_written, writer.forked = out.position, out.forked
+
+
+class _DockerWriter:
+    sizes_first = True
+
+    def __init__(self, out: HashingWriter, mtime: int) -> None:
+        self._out = out
+        self._archive = DockerArchiveWriter(out, mtime=mtime)
+        self.bytes_written = 0
+        self.forked = False
+        self.manifest_digest: str | None = None
+        self.blobs: list[LayerBlob] = []
+        self.new_blobs: dict[int, tuple[str, str, int]] = {}
+
+    def add_layer(self, layer: Layer, progress: Progress) -> PendingDigest:
+        return self._archive.add_layer(layer, progress)
+
+    def drain(self) -> None:
+        self._out.drain()
+
+    def finish(self, config: bytes, repo_tags: list[str]) -> str:
+        return self._archive.finish(config, repo_tags)
+
+
 @dataclass
 class BuiltLayer:
     number: int
@@ -68,6 +158,7 @@ class BuiltLayer:
     description: str
     cached: bool = False  # its digest came from the cache (and was confirmed)
     listed: bool = False  # streamed from the cached member list, without a walk
+    blob: LayerBlob | None = None  # OCI: the blob it is stored as
 
 
 @dataclass
@@ -77,21 +168,21 @@ class BuildResult:
     layers: list[BuiltLayer] = field(default_factory=list)
     bytes_written: int = 0
     forked: bool = False  # whether a forked process hashed and wrote (see fastpath)
+    manifest_digest: str | None = None  # OCI: the image's manifest
 
 
 def build_image(
     config: BuildConfig,
-    sink: Sink,
+    output: Sink | ImageOutput,
     *,
     root: str | None = None,
     progress: BuildProgress | None = None,
     cache: LayerCache | None = None,
     max_planned: int = MAX_PLANNED,
 ) -> BuildResult:
-    """Stream the image `config` describes, as a Docker archive, to `sink`.
-
-    `sink` is a file descriptor or a function that takes each block of bytes.
-    With a `cache`, layers built before are streamed from their member
+    """Write the image `config` describes to `output`: an ImageOutput, or a
+    Docker archive to a file descriptor or a function that takes each block of
+    bytes. With a `cache`, layers built before are streamed from their member
     lists, or without waiting for their scan, and their digests are checked
     against the cached ones.
     """
@@ -102,18 +193,20 @@ def build_image(
     caching = _Caching(cache, plan, config.store_dir, root) if cache is not None else None
     scan_ahead = _ScanAhead(plan, caching)
     interval = cache.checkpoint_interval if cache is not None else None
+    if isinstance(output, int) or callable(output):
+        output = DockerOutput(output, mtime=config.mtime)
     try:
-        with HashingWriter(sink, idle=scan_ahead.step, checkpoint_interval=interval) as out:
-            archive = DockerArchiveWriter(out, mtime=config.mtime)
+        with output.open(scan_ahead.step, interval) as archive:
             pending = []
             for number, layer in enumerate(plan.layers, 1):
                 scan_ahead.current = number - 1
                 report.layer_started(number, len(plan.layers), layer.description)
                 if caching is not None:
                     caching.consult(number - 1)
-                report.layer_sized(layer.tar_size())
+                if archive.sizes_first:
+                    report.layer_sized(layer.tar_size())
                 pending.append(archive.add_layer(layer, report.layer_progress))
-            out.drain()
+            archive.drain()
             measured = [digest.result() for digest in pending]
             for number, (layer, layer_measured) in enumerate(
                 zip(plan.layers, measured, strict=True), 1
@@ -132,13 +225,18 @@ def build_image(
         if caching is not None:
             caching.close()
     if caching is not None:
-        caching.record(measured)
-    result.bytes_written = out.position
-    result.forked = out.forked
+        caching.record(measured, archive.new_blobs)
+        caching.cache.use_blobs([blob.digest for blob in archive.blobs])
+        caching.cache.trim_blobs()
+    result.bytes_written = archive.bytes_written
+    result.forked = archive.forked
+    result.manifest_digest = archive.manifest_digest
     result.layers = [
         _built(number, layer, layer_measured, plan.store_layers.get(number - 1))
         for number, (layer, layer_measured) in enumerate(zip(plan.layers, measured, strict=True), 1)
     ]
+    for built, blob in zip(result.layers, archive.blobs, strict=False):
+        built.blob = blob
     return result
 
 
@@ -191,9 +289,11 @@ class _Caching:
             if layer.cache is None or layer.cached is not None:
                 self.cache.drop(layer.key(self.database))
 
-    def record(self, measured: list[Measured]) -> None:
+    def record(self, measured: list[Measured], blobs: dict[int, tuple[str, str, int]]) -> None:
+        """Record what is new: entries, checkpoints, and `blobs` compressed by
+        this build (see ImageWriter)."""
         for position, layer in self.store_layers.items():
-            entry = layer.entry(measured[position])
+            entry = layer.entry(measured[position], blobs.get(position))
             if entry is not None and layer.cache_key is not None:
                 self.cache.put(layer.cache_key, entry)
 

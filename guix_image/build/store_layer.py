@@ -29,7 +29,7 @@ from ..store.database import StoreDatabase
 from ..store.walk import Store
 from ..tar.format import END_OF_ARCHIVE, padded
 from ..tar.writer import HeaderEncoder
-from .cache import LAYER_FORMAT, CachedLayer, LayerCache, cache_key
+from .cache import LAYER_FORMAT, CachedLayer, LayerCache, blob_entries, cache_key
 from .member_list import Chunk, Member, MemberList, MemberListError, MemberListGone
 
 _PROGRESS_EVERY = 256  # entries between progress callbacks
@@ -154,13 +154,32 @@ class StoreLayer(Layer):
         if self.cached.diff_id != measured.digest:
             raise self.stale(f"its digest is now {measured.digest}, not {self.cached.diff_id}")
 
-    def entry(self, measured: Measured) -> CachedLayer | None:
+    def entry(
+        self, measured: Measured, blob: tuple[str, str, int] | None = None
+    ) -> CachedLayer | None:
         """What the cache should now hold for this layer, if that is new: an entry
-        for a layer that had none, or checkpoints for one that had none."""
+        for a layer that had none, checkpoints for one that had none, or the
+        compressed `blob` (label, digest, size) made of it."""
         if self.cache_key is None:
             return None
-        if self.cached is None or (measured.checkpoints and not self.cached.checkpoints):
-            return CachedLayer(measured.size, measured.digest, measured.checkpoints)
+        cached = self.cached
+        if cached is None:
+            return CachedLayer(
+                measured.size, measured.digest, measured.checkpoints, blob_entries(blob)
+            )
+        new_checkpoints = measured.checkpoints and not cached.checkpoints
+        new_blob = blob is not None and blob not in cached.blobs
+        if not (new_checkpoints or new_blob):
+            return None
+        checkpoints = measured.checkpoints if new_checkpoints else cached.checkpoints
+        return CachedLayer(cached.size, cached.diff_id, checkpoints, cached.with_blob(blob))
+
+    def known_blob(self, label: str) -> tuple[str, int] | None:
+        if self.cached is None:
+            return None
+        for known, digest, size in self.cached.blobs:
+            if known == label:
+                return digest, size
         return None
 
     def use_member_list(self, members: MemberList) -> None:

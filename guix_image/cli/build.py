@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -116,8 +117,30 @@ def optgroup_items(function: Any) -> Any:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, allow_dash=True),
-    help="Write the archive to FILE, atomically, instead of standard output.",
+    type=click.Path(allow_dash=True),
+    help="Write the archive to FILE, atomically, instead of standard output "
+    "(the layout directory, for --format oci-dir).",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(["docker-archive", "oci-archive", "oci-dir"]),
+    default="docker-archive",
+    show_default=True,
+    help="A Docker archive (docker load), an OCI layout in one tar (podman load, "
+    "skopeo oci-archive:), or an OCI layout directory (oci:DIR), which keeps its other images.",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "gzip", "zstd"]),
+    help="How OCI layers are compressed, reproducibly (default: gzip, which every "
+    "registry and runtime reads).",
+)
+@click.option(
+    "--compress-level",
+    type=int,
+    metavar="N",
+    help="gzip 1-9 (default 2; 1-3 by ISA-L, 4-9 by zlib), zstd 1-19 (default 3).",
 )
 @click.option(
     "-t",
@@ -147,6 +170,9 @@ def build(
     root: str | None,
     example: bool,
     no_cache: bool,
+    image_format: str,
+    compress: str | None,
+    compress_level: int | None,
     **items_options: Any,
 ) -> None:
     """Stream a Docker image archive of store items: the closure of STORE_ITEMs,
@@ -170,6 +196,7 @@ def build(
     """
     from ..build.config import parse_config, validate_config
 
+    destination = _destination(output, image_format, compress, compress_level)
     repo_tag, extra_tags = (tags[0], tags[1:]) if tags else (None, ())
     store_dir = items_options["store_dir"]
     items = _store_items(sources, store_dir)
@@ -188,9 +215,9 @@ def build(
         raise click.UsageError("--root reads a store for CONFIG; --example makes its own")
     if items is not None:
         with _customisation_directory(items_options) as customisation:
-            _build_items(items, tags, output, root, no_cache, customisation, items_options)
+            _build_items(items, tags, destination, root, no_cache, customisation, items_options)
         return
-    _refuse_terminal(output)
+    _refuse_terminal(destination)
     with _example_root() if example else contextlib.nullcontext(None) as example_root:
         if example_root is not None:
             from ..build.example import ARCHITECTURES, make_example_store
@@ -216,13 +243,13 @@ def build(
             config = parse_config(text, source=name, repo_tag=repo_tag, extra_tags=extra_tags)
         for warning in config.warnings:
             note(f"warning: {warning}")
-        _run_build(config, output, root, use_cache=not no_cache and not example)
+        _run_build(config, destination, root, use_cache=not no_cache and not example)
 
 
 def _build_items(
     items: list[str],
     tags: tuple[str, ...],
-    output: str | None,
+    destination: Destination,
     root: str | None,
     no_cache: bool,
     customisation: str | None,
@@ -240,8 +267,8 @@ def _build_items(
     )
     for warning in config.warnings:
         note(f"warning: {warning}")
-    _refuse_terminal(output)
-    _run_build(config, output, root, use_cache=not no_cache)
+    _refuse_terminal(destination)
+    _run_build(config, destination, root, use_cache=not no_cache)
     _write_sbom(plan, options["sbom"], config.repo_tag)
 
 
@@ -260,12 +287,52 @@ def _customisation_directory(options: dict[str, Any]) -> Iterator[str | None]:
             yield directory
 
 
-def _refuse_terminal(output: str | None) -> None:
+@dataclass(frozen=True)
+class Destination:
+    """Where the image goes (None or "-": standard output), and in which format."""
+
+    path: str | None
+    image_format: str
+    compression: Any  # formats.compression.Compression, for the OCI formats
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.path in (None, "-")
+
+
+def _destination(
+    output: str | None, image_format: str, compress: str | None, level: int | None
+) -> Destination:
+    from ..errors import InputError
+    from ..formats.compression import choose
+
+    if image_format == "docker-archive":
+        if compress is not None or level is not None:
+            raise click.UsageError(
+                "--compress goes with --format oci-archive or oci-dir "
+                "(a Docker archive's layers are uncompressed tars)"
+            )
+        compression = None
+    else:
+        try:
+            compression = choose(compress or "gzip", level)
+        except InputError as error:
+            raise click.BadParameter(str(error), param_hint="--compress-level") from None
+    if image_format == "oci-dir" and output in (None, "-"):
+        raise click.UsageError("--format oci-dir writes a directory: give it with -o DIR")
+    if image_format != "oci-dir" and output not in (None, "-") and os.path.isdir(output):
+        raise CommandError(f"output {output} is a directory (for a layout: --format oci-dir)", 2)
+    return Destination(output, image_format, compression)
+
+
+def _refuse_terminal(destination: Destination) -> None:
     from .streams import CLOSED
 
-    if output in (None, "-") and 1 in CLOSED:
+    if not destination.to_stdout:
+        return
+    if 1 in CLOSED:
         raise CommandError("standard output is closed; use -o FILE", 2)
-    if output in (None, "-") and sys.stdout.isatty():
+    if sys.stdout.isatty():
         raise CommandError(
             "refusing to write an image archive to a terminal; use -o FILE or a pipe", 2
         )
@@ -397,7 +464,7 @@ def _print_layers(plan: Any, as_json: bool) -> None:
     out.table(["LAYER", "SIZE", "ITEMS", "FIRST ITEM"], rows)
 
 
-def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: bool) -> None:
+def _run_build(config: Any, destination: Destination, root: str | None, *, use_cache: bool) -> None:
     from ..build.cache import LayerCache, default_directory
     from ..build.engine import build_image
     from ..build.output import atomic_output, terminate_on_signals
@@ -409,21 +476,33 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
     cache = LayerCache(default_directory(), warn) if use_cache else None
     progress = _build_progress()
     options = {"root": root, "progress": progress, "cache": cache}
+    output = destination.path
     started = time.monotonic()
+
+    def build_to(target: Any) -> Any:
+        return build_image(config, _image_output(destination, target, config, cache), **options)
+
     try:
         with terminate_on_signals():
-            if output in (None, "-"):  # what was streamed cannot be taken back
-                result = build_image(config, _stdout_sink(), **options)
+            if destination.image_format == "oci-dir":
+                try:
+                    result = build_to(output)
+                except StaleCacheEntry as error:
+                    verbose(f"{error.args[0].split(';')[0]}; building again without it")
+                    result = build_to(output)
+            elif destination.to_stdout:  # what was streamed cannot be taken back
+                result = build_to(_stdout_sink())
             else:
+                assert output is not None
                 try:
                     with atomic_output(output) as fd:
-                        result = build_image(config, fd, **options)
+                        result = build_to(fd)
                 except StaleCacheEntry as error:
                     # The store changed under a cached layer: its entry is dropped;
                     # into a file, the build starts again (nothing was written).
                     verbose(f"{error.args[0].split(';')[0]}; building again without it")
                     with atomic_output(output) as fd:
-                        result = build_image(config, fd, **options)
+                        result = build_to(fd)
     finally:
         progress.close()
     for layer in result.layers:
@@ -431,15 +510,34 @@ def _run_build(config: Any, output: str | None, root: str | None, *, use_cache: 
         if layer.listed:
             state += ", files from the cached member list"
         verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
-    where = f" to {output}" if output not in (None, "-") else ""
+        if layer.blob is not None and layer.blob.digest != layer.diff_id:
+            verbose(f"  blob {layer.blob.digest}, {layer.blob.size} bytes ({layer.blob.label})")
+    where = f" to {output}" if not destination.to_stdout else ""
     from .units import counted, human_size
 
+    manifest = f", manifest {result.manifest_digest}" if result.manifest_digest else ""
     note(
-        f"Done: {result.image_id} ({', '.join(result.repo_tags) or 'no tag'}), "
+        f"Done: {result.image_id} ({', '.join(result.repo_tags) or 'no tag'}){manifest}, "
         f"{counted(len(result.layers), 'layer')}, {human_size(result.bytes_written)}{where}"
     )
     pipeline = "in a forked process" if result.forked else "on threads of this process"
     verbose(f"{time.monotonic() - started:.2f} s; hashed and written {pipeline}")
+
+
+def _image_output(destination: Destination, target: Any, config: Any, cache: Any) -> Any:
+    """What build_image writes to: `target` (a descriptor, a function or a
+    directory) in the destination's format."""
+    if destination.image_format == "docker-archive":
+        return target
+    from ..build.oci import OciOutput
+
+    return OciOutput(
+        destination.image_format,
+        target,
+        destination.compression,
+        kept_blobs=cache.blobs if cache is not None else None,
+        mtime=config.mtime,
+    )
 
 
 def _stdout_sink() -> Any:

@@ -30,6 +30,7 @@ from .sources import ConfigReader, Source
 from .stored_layer import StoredLayer
 
 MEMBER_MODE = 0o644
+DOCKER_MANIFEST = "manifest.json"
 
 
 def layer_member_name(index: int) -> str:

@@ -2,16 +2,40 @@
 
 `index.json` lists manifests (or nested indexes, for several platforms);
 every manifest, config and layer is a blob at `blobs/<alg>/<hex>` whose
-content must match its descriptor's digest and size. What a descriptor says
-is recorded as a check, which `verify` completes with what the bytes say.
+content must match its descriptor's digest and size.
+
+Reading: what a descriptor says is recorded as a check, which `verify`
+completes with what the bytes say.
+
+Writing: a `BlobStore` writes each blob beside its place and renames it to
+its digest, so a blob is whole or absent; `LayoutWriter` writes index.json
+last and atomically, so a layout never names a blob it does not hold, and
+keeps the images it already held. `write_archive` streams a layout's blobs
+as one tar (`oci-archive`), checking each blob's digest as it copies it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ArchiveError
-from ..model import SHA256_PREFIX, Check, Image, is_sha256_digest, sha256_digest
+from .. import strict_json
+from ..errors import ArchiveError, InputError, OperationError
+from ..model import (
+    SHA256_PREFIX,
+    Check,
+    Image,
+    canonical_json,
+    is_sha256_digest,
+    sha256_digest,
+)
+from ..tar.format import DIRTYPE, END_OF_ARCHIVE, REGTYPE, padding
+from ..tar.writer import HeaderEncoder
 from .documents import DESCRIPTOR_KEYS, OCI_MANIFEST_KEYS, check_key_case, parse_json
 from .limits import (
     MANIFESTS_KEPT_BYTES,
@@ -23,15 +47,20 @@ from .limits import (
 from .sources import ConfigReader, Source
 from .stored_layer import StoredLayer
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_FILE = canonical_json({"imageLayoutVersion": "1.0.0"})
 MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
+    OCI_MANIFEST,
     "application/vnd.docker.distribution.manifest.v2+json",
 }
 INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
+    OCI_INDEX,
     "application/vnd.docker.distribution.manifest.list.v2+json",
 }
-TAG_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+TAG_ANNOTATIONS = ("io.containerd.image.name", REF_NAME)
 
 
 def blob_location(descriptor: dict[str, Any], where: str) -> str:
@@ -206,3 +235,286 @@ def _tags(descriptor: dict[str, Any]) -> list[str]:
 def _declared_size(descriptor: dict[str, Any]) -> int | None:
     size = descriptor.get("size")
     return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+# -- writing ---------------------------------------------------------------------
+
+_COPY_CHUNK = 1 << 20
+_TEMPORARY_PREFIX = ".new-"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What an index or manifest says of a blob it points to."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] | None = None
+    platform: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": self.digest,
+            "size": self.size,
+        }
+        if self.annotations:
+            document["annotations"] = self.annotations
+        if self.platform:
+            document["platform"] = self.platform
+        return document
+
+
+def manifest_document(config: Descriptor, layers: list[Descriptor]) -> bytes:
+    """An OCI image manifest's bytes."""
+    return canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.to_json(),
+            "layers": [layer.to_json() for layer in layers],
+        }
+    )
+
+
+class BlobStore:
+    """Blobs at `root`/blobs/sha256/<hex>, each whole or absent."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.directory = os.path.join(root, "blobs", "sha256")
+
+    def create(self) -> None:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"cannot create {self.directory}: {error.strerror}") from None
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.directory, digest.removeprefix(SHA256_PREFIX))
+
+    def has(self, digest: str, size: int) -> bool:
+        """Whether the blob is there, a regular file of `size` bytes (its bytes are
+        checked by whoever copies them)."""
+        try:
+            st = os.lstat(self.path(digest))
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size
+
+    @contextlib.contextmanager
+    def new_blob(self) -> Iterator[tuple[int, str]]:
+        """A new temporary file beside the blobs: its descriptor and path, removed
+        unless `commit` renamed it."""
+        import tempfile
+
+        fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, dir=self.directory)
+        try:
+            yield fd, temporary
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+
+    def commit(self, temporary: str, digest: str) -> str:
+        """Give the temporary file its name, `digest`; its path."""
+        path = self.path(digest)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+        return path
+
+    def put(self, data: bytes) -> str:
+        """Store `data` (unless it is there); its digest."""
+        digest = sha256_digest(data)
+        if not self.has(digest, len(data)):
+            with self.new_blob() as (fd, temporary):
+                _write_all(fd, data)
+                self.commit(temporary, digest)
+        return digest
+
+    def adopt(self, path: str, digest: str, size: int) -> None:
+        """Make the blob at `path` (another store's, known good) one of these."""
+        if self.has(digest, size) or os.path.abspath(path) == os.path.abspath(self.path(digest)):
+            return
+        with self.new_blob() as (_, temporary):
+            os.unlink(temporary)
+            try:
+                os.link(path, temporary)  # the same file system: no copy
+            except OSError:
+                with open(path, "rb") as source, open(temporary, "wb") as target:
+                    while chunk := source.read(_COPY_CHUNK):
+                        target.write(chunk)
+            self.commit(temporary, digest)
+
+
+class LayoutWriter(BlobStore):
+    """An OCI layout directory that blobs and then images are added to."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise InputError(f"output {root} exists and is not a directory")
+        if os.path.isdir(root) and os.listdir(root) and not _is_layout(root):
+            raise InputError(
+                f"output {root} is a directory that is not an OCI layout; refusing to write in it"
+            )
+        parent = os.path.dirname(os.path.abspath(root))
+        if not os.path.isdir(parent):
+            raise InputError(f"output {root}: directory {parent} does not exist")
+        self.create()
+        layout = os.path.join(root, "oci-layout")
+        if not os.path.exists(layout):
+            _replace_file(layout, LAYOUT_FILE)
+
+    def add_image(self, manifest: Descriptor, names: list[str]) -> None:
+        """List the image in index.json, under each of `names` (or none), keeping
+        the other images, those that had these names excepted."""
+        path = os.path.join(self.root, "index.json")
+        kept = [
+            entry
+            for entry in _existing_manifests(path)
+            if not _replaced(entry, manifest.digest, names)
+        ]
+        _replace_file(path, index_document(manifest, names, kept))
+
+
+def index_document(
+    manifest: Descriptor, names: list[str], kept: list[dict[str, Any]] | None = None
+) -> bytes:
+    """An index.json listing the images `kept` and `manifest`, once per name."""
+    added = [
+        Descriptor(manifest.media_type, manifest.digest, manifest.size, {REF_NAME: name})
+        for name in names
+    ] or [manifest]
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [*(kept or []), *(d.to_json() for d in added)],
+    }
+    return canonical_json(index)
+
+
+def _is_layout(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, "oci-layout"))
+
+
+def _existing_manifests(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_SIZE + 1)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise InputError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        index = strict_json.loads(data)
+    except strict_json.JSONRefused as error:
+        raise InputError(error.describe(path)) from None
+    manifests = index.get("manifests") if isinstance(index, dict) else None
+    if not isinstance(manifests, list) or not all(isinstance(m, dict) for m in manifests):
+        raise InputError(f'{path} has no "manifests" list; refusing to rewrite it')
+    return manifests
+
+
+def _replaced(entry: dict[str, Any], digest: str, names: list[str]) -> bool:
+    """Whether an index entry gives way to the new image: it has one of its
+    names, or it is the same manifest without a name."""
+    annotations = entry.get("annotations")
+    name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+    return name in names if name is not None else entry.get("digest") == digest
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    """`path` holds `data`, whole, or what it held before."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=_TEMPORARY_PREFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def writer_of(out: int | Callable[[bytes], object]) -> Callable[[bytes | memoryview], None]:
+    """A function that writes all it is given to `out`, a descriptor or a function."""
+    if isinstance(out, int):
+        fd = out
+        return lambda data: _write_all(fd, data)
+    function = out
+
+    def call(data: bytes | memoryview) -> None:
+        function(bytes(data))
+
+    return call
+
+
+@dataclass(frozen=True)
+class ArchivedBlob:
+    """A blob to put in an archive: its digest and size, and the file it is in."""
+
+    digest: str
+    size: int
+    path: str
+
+
+def write_archive(
+    out: int | Callable[[bytes], object],
+    documents: list[tuple[str, bytes]],
+    blobs: list[ArchivedBlob],
+    *,
+    mtime: int,
+) -> int:
+    """Stream an OCI layout as one tar to `out`: `documents` (name, bytes) first,
+    then `blobs`, each checked against its digest while it is copied (an
+    OperationError if it does not match). The bytes written."""
+    encoder = HeaderEncoder(mtime=mtime)
+    write = writer_of(out)
+    written = 0
+
+    def emit(data: bytes | memoryview) -> None:
+        nonlocal written
+        write(data)
+        written += len(data)
+
+    for directory in (b"blobs/", b"blobs/sha256/"):
+        emit(encoder.encode(directory, DIRTYPE, 0o755))
+    for name, data in documents:
+        emit(encoder.encode(name.encode(), REGTYPE, 0o644, len(data)))
+        emit(data + bytes(padding(len(data))))
+    for blob in blobs:
+        name = "blobs/sha256/" + blob.digest.removeprefix(SHA256_PREFIX)
+        emit(encoder.encode(name.encode(), REGTYPE, 0o644, blob.size))
+        _copy_checked(blob, emit)
+        emit(bytes(padding(blob.size)))
+    emit(END_OF_ARCHIVE)
+    return written
+
+
+def _copy_checked(blob: ArchivedBlob, emit: Any) -> None:
+    digest = hashlib.sha256()
+    copied = 0
+    try:
+        with open(blob.path, "rb") as f:
+            while copied < blob.size and (chunk := f.read(min(_COPY_CHUNK, blob.size - copied))):
+                digest.update(chunk)
+                emit(chunk)
+                copied += len(chunk)
+    except OSError as error:
+        raise OperationError(f"cannot read blob {blob.path}: {error.strerror}") from None
+    if copied != blob.size or SHA256_PREFIX + digest.hexdigest() != blob.digest:
+        raise OperationError(f"blob {blob.path} is not the blob {blob.digest} it should be")

@@ -18,6 +18,15 @@ each as a ratio to the floor measured in the same run:
     --baseline   another guix-image (say, the code before a change), cold and
                  warm, its readers and its start-up, in the same rounds
 
+With --oci, the OCI output of the OCI issue, against its own floors:
+
+    pigz floor   tar -cf - PATHS | pigz -p 2 -6 | openssl dgst -sha256
+    zstd floor   tar -cf - PATHS | zstd -3 -T2 | openssl dgst -sha256
+    oci zstd     build --format oci-archive --compress zstd, cold, to a pipe
+    oci gzip     build --format oci-archive (gzip), cold, and warm (cache)
+
+and the archives' sizes beside `zstd -3` and `gzip -6` of the same tar.
+
 Peak RSS is the process's maximum resident set size (getrusage). The startup
 rows are absolute: `guix-image --help` and one shell-completion request.
 The package's bytecode is compiled first, as `pip install` does.
@@ -25,6 +34,7 @@ The package's bytecode is compiled first, as `pip install` does.
     python3 tests/bench/bench.py                  # the 1.2 GB store
     python3 tests/bench/bench.py --size small     # about 100 MB, under a minute
     python3 tests/bench/bench.py --baseline /tmp/old/bin/guix-image   # before/after
+    python3 tests/bench/bench.py --oci --runs 5   # the OCI formats and compression
 """
 
 from __future__ import annotations
@@ -338,6 +348,7 @@ def main() -> None:
         help="another guix-image executable to measure beside this one, interleaved",
     )
     parser.add_argument("--record", type=Path, help="write the table to this Markdown file")
+    parser.add_argument("--oci", action="store_true", help="measure the OCI output instead")
     args = parser.parse_args()
 
     config = make_store(args.work, args.size)
@@ -349,6 +360,9 @@ def main() -> None:
 
     guix_image = guix_image_command()
     precompile_guix_image()
+    if args.oci:
+        bench_oci(args, config, paths, guix_image, summary)
+        return
     cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
     build = [*guix_image, "build", "-q", str(config)]
@@ -467,6 +481,109 @@ def main() -> None:
     if args.record:
         with args.record.open("a") as record:
             record.write(table + "\n\n")
+
+
+def bench_oci(
+    args: argparse.Namespace, config: Path, paths: list[str], guix_image: list[str], summary: str
+) -> None:
+    """The OCI issue's targets: cold zstd and gzip builds against zstd and pigz, a
+    warm build against the plain floor, sizes against zstd -3 and gzip -6."""
+    tar = ["tar", "-C", "/", "-cf", "-", *(p.lstrip("/") for p in paths)]
+    digest = ["openssl", "dgst", "-sha256"]
+    cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
+    build = [*guix_image, "build", "-q", str(config), "--format", "oci-archive"]
+    run_timed([build, ["cat"]], warm_env)  # fills the warm cache, and the page cache
+    cases: dict[str, tuple[list[list[str]], dict[str, str] | None]] = {
+        "floor": ([tar, digest], None),
+        "pigz floor": ([tar, ["pigz", "-p", "2", "-6"], digest], None),
+        "zstd floor": ([tar, ["zstd", "-q", "-3", "-T2"], digest], None),
+        "oci zstd cold": ([[*build, "--compress", "zstd"], ["cat"]], None),
+        "oci gzip cold": ([build, ["cat"]], None),
+        "oci gzip warm": ([build, ["cat"]], warm_env),
+    }
+    results = {name: Measurement(name) for name in cases}
+    for run in range(args.runs):
+        for name, (commands, case_env) in cases.items():
+            env = case_env
+            if name.endswith("cold"):
+                env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / f"{name}-{run}")}
+            seconds, rss = run_timed(commands, env)
+            results[name].seconds.append(seconds)
+            results[name].rss_kb.append(rss)
+            if name.endswith("cold"):
+                shutil.rmtree(cache_home / f"{name}-{run}", ignore_errors=True)
+        print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+    sizes = {
+        "zstd -3": compressed_size([tar, ["zstd", "-q", "-3", "-T2"]]),
+        "gzip -6": compressed_size([tar, ["pigz", "-p", "2", "-6"]]),
+        "oci zstd": compressed_size([[*build, "--compress", "zstd", "--no-cache"]]),
+        "oci gzip": compressed_size([[*build, "--no-cache"]]),
+    }
+    shutil.rmtree(cache_home, ignore_errors=True)
+    floors = {name: results[name].median for name in ("floor", "pigz floor", "zstd floor")}
+    lines = [
+        f"### {args.size}, OCI output: {summary}",
+        "",
+        f"{args.runs} runs, medians; {machine()}.",
+        "",
+        "| command | median s | x floor | x pigz floor | x zstd floor | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in results.values():
+        ratios = " | ".join(f"{m.median / floors[f]:.2f}" for f in floors)
+        lines.append(f"| {m.name} | {m.median:.3f} | {ratios} | {max(m.rss_kb) / 1024:.0f} |")
+    lines += ["", "| output | bytes |", "|---|---|"]
+    lines += [f"| {name} | {size} |" for name, size in sizes.items()]
+    checks = [
+        (
+            "cold oci zstd <= 1.0 x zstd floor",
+            results["oci zstd cold"].median / floors["zstd floor"],
+            1.0,
+        ),
+        (
+            "cold oci gzip <= 0.35 x pigz floor",
+            results["oci gzip cold"].median / floors["pigz floor"],
+            0.35,
+        ),
+        ("warm oci gzip <= 1.0 x floor", results["oci gzip warm"].median / floors["floor"], 1.0),
+        ("oci zstd size <= 1.03 x zstd -3", sizes["oci zstd"] / sizes["zstd -3"], 1.03),
+        ("oci gzip size <= 1.15 x gzip -6", sizes["oci gzip"] / sizes["gzip -6"], 1.15),
+        (
+            "peak RSS <= 100 MiB",
+            max(max(m.rss_kb) for n, m in results.items() if n.startswith("oci")) / 1024,
+            100,
+        ),
+    ]
+    lines += [""] + [
+        f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.2f})"
+        for name, value, limit in checks
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        with args.record.open("a") as record:
+            record.write(table + "\n\n")
+
+
+def compressed_size(commands: list[list[str]]) -> int:
+    """The bytes the pipeline `commands` writes."""
+    processes: list[subprocess.Popen[bytes]] = []
+    stdin = None
+    for command in commands:
+        process = subprocess.Popen(command, stdin=stdin, stdout=subprocess.PIPE)
+        if stdin is not None:
+            stdin.close()
+        stdin = process.stdout
+        processes.append(process)
+    assert stdin is not None
+    size = 0
+    while chunk := stdin.read(1 << 20):
+        size += len(chunk)
+    for process in processes:
+        if process.wait() != 0:
+            raise SystemExit(f"{process.args} failed with status {process.returncode}")
+    return size
 
 
 def check_targets(

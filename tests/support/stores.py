@@ -135,6 +135,14 @@ def disk_tree(paths: list[Path]) -> Tree:
     return tree
 
 
+def rootfs_tree(rootfs: Path, paths: list[Path]) -> Tree:
+    """The unpacked counterparts of `paths` under `rootfs`, in the shape of disk_tree."""
+    inside = [Path(str(rootfs) + str(p)) for p in paths]
+    tree = disk_tree(inside)
+    prefix = str(rootfs).lstrip("/") + "/"
+    return {name[len(prefix) :]: value for name, value in tree.items()}
+
+
 def layer_tree(layer: bytes, skip: int) -> Tree:
     tree: Tree = {}
     with tarfile.open(fileobj=io.BytesIO(layer), encoding="utf-8", errors="surrogateescape") as tar:

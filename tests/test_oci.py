@@ -1,0 +1,432 @@
+"""`build --format oci-archive|oci-dir --compress none|gzip|zstd`: OCI layouts with
+reproducible compressed layers, checked by our readers, the system's gzip and
+zstd, and skopeo, umoci, podman and docker."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+import subprocess
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guix_image.build.cache import LayerCache
+from guix_image.build.config import validate_config
+from guix_image.build.engine import BuildResult, build_image
+from guix_image.build.oci import OciOutput
+from guix_image.errors import InputError
+from guix_image.formats import compression as compression_module
+from guix_image.formats.compression import ANNOTATION, GZIP_HEADER, BlobWriter, choose
+
+from .support.cli import Cli
+from .support.nar import nar_hash
+from .support.stores import (
+    StoreTree,
+    busybox_store,
+    disk_tree,
+    make_database,
+    populate,
+    rootfs_tree,
+)
+from .support.tools import docker_answers, podman, require, run, unpack
+
+# -- the compressors ------------------------------------------------------------------
+
+
+def compress(data: bytes, method: str, level: int | None, pieces: list[int]) -> bytes:
+    """`data` through a BlobWriter, handed over in pieces of the given sizes."""
+    with tempfile.TemporaryFile() as f:
+        writer = BlobWriter(f.fileno(), choose(method, level))
+        position = 0
+        for size in pieces:
+            writer(memoryview(data)[position : position + size])
+            position += size
+        writer(memoryview(data)[position:])
+        measured = writer.finish()
+        f.seek(0)
+        blob = f.read()
+    assert measured.digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert measured.size == len(blob)
+    return blob
+
+
+def sample(size: int) -> bytes:
+    """Compressible but not trivial: words in a seeded random order."""
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghij", k=rng.randint(2, 9))) for _ in range(500)]
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(words) + b" "
+    return bytes(out[:size])
+
+
+@pytest.mark.parametrize(("method", "level"), [("gzip", 1), ("gzip", 2), ("gzip", 6), ("zstd", 3)])
+def test_a_blob_does_not_depend_on_how_its_tar_arrives(method: str, level: int) -> None:
+    """The same bytes in any split (ISA-L's own output would depend on it)."""
+    data = sample(5 << 20)
+    whole = compress(data, method, level, [])
+    rng = random.Random(level)
+    splits = [[1 << 20] * 4, [rng.randint(1, 3 << 20) for _ in range(3)], [7, 300_001, 2 << 20]]
+    for pieces in splits:
+        assert compress(data, method, level, pieces) == whole
+    if method == "gzip":
+        assert whole[:10] == GZIP_HEADER  # no name, mtime 0, OS 255
+        assert gzip.decompress(whole) == data
+    else:
+        import zstandard
+
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(whole) == data
+
+
+def test_zstd_blobs_do_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = sample(9 << 20)
+    blobs = set()
+    for workers in (1, 2, 4):
+        monkeypatch.setattr(compression_module, "_zstd_workers", lambda w=workers: w)
+        blobs.add(compress(data, "zstd", 3, [3 << 20]))
+    assert len(blobs) == 1
+
+
+def test_levels_and_labels() -> None:
+    assert choose("gzip").level == 2 and choose("zstd").level == 3
+    assert "ISA-L" in choose("gzip", 3).label and "zlib" in choose("gzip", 4).label
+    assert choose("zstd", 19).label.startswith("zstd level 19 (libzstd ")
+    assert choose("none").media_type == "application/vnd.oci.image.layer.v1.tar"
+    for method, level in [("gzip", 0), ("gzip", 10), ("zstd", 20), ("none", 1), ("lz4", None)]:
+        with pytest.raises(InputError):
+            choose(method, level)
+
+
+# -- builds ----------------------------------------------------------------------------
+
+
+def oci_build(
+    document: dict[str, Any],
+    target: Path,
+    kind: str = "oci-archive",
+    method: str = "gzip",
+    level: int | None = None,
+    cache: LayerCache | None = None,
+) -> BuildResult:
+    config = validate_config(document)
+    blobs = cache.blobs if cache is not None else None
+    if kind == "oci-dir":
+        output = OciOutput(kind, str(target), choose(method, level), kept_blobs=blobs)
+        return build_image(config, output, cache=cache)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        output = OciOutput(kind, fd, choose(method, level), kept_blobs=blobs, mtime=config.mtime)
+        return build_image(config, output, cache=cache)
+    finally:
+        os.close(fd)
+
+
+def members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+
+
+def blob(files: dict[str, bytes], digest: str) -> bytes:
+    return files["blobs/sha256/" + digest.removeprefix("sha256:")]
+
+
+def manifest_of(files: dict[str, bytes]) -> dict[str, Any]:
+    index = json.loads(files["index.json"])
+    return json.loads(blob(files, index["manifests"][0]["digest"]))  # type: ignore[no-any-return]
+
+
+def warn(message: str) -> None:
+    raise AssertionError(f"unexpected cache warning: {message}")
+
+
+def test_an_oci_archive_is_a_layout_whose_digests_hold(store: StoreTree, tmp_path: Path) -> None:
+    """Both digests from one pass: the config keeps the tars' diff_ids, the
+    manifest the blobs', with media type, size and the compressor's annotation."""
+    paths = populate(store)
+    document = store.config([paths[:1], paths[1:]], repo_tag="app:1.0")
+    for method in ("none", "gzip", "zstd"):
+        archive = tmp_path / f"{method}.tar"
+        result = oci_build(document, archive, method=method)
+        files = members(archive)
+        assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
+        index = json.loads(files["index.json"])
+        descriptor = index["manifests"][0]
+        assert descriptor["annotations"] == {"org.opencontainers.image.ref.name": "app:1.0"}
+        assert descriptor["digest"] == result.manifest_digest
+        manifest = manifest_of(files)
+        config = json.loads(blob(files, manifest["config"]["digest"]))
+        assert manifest["config"]["digest"] == result.image_id
+        for layer, diff_id, built in zip(
+            manifest["layers"], config["rootfs"]["diff_ids"], result.layers, strict=True
+        ):
+            data = blob(files, layer["digest"])
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == layer["digest"]
+            assert layer["size"] == len(data)
+            assert layer["mediaType"] == choose(method).media_type
+            tar = {"none": lambda b: b, "gzip": gzip.decompress, "zstd": unzstd}[method](data)
+            assert "sha256:" + hashlib.sha256(tar).hexdigest() == diff_id == built.diff_id
+            if method == "none":
+                assert "annotations" not in layer
+            else:
+                assert layer["annotations"][ANNOTATION] == choose(method).label
+        # Docker's manifest.json beside the index, but for zstd, which Docker < 23 cannot read.
+        assert ("manifest.json" in files) == (method != "zstd")
+
+
+def unzstd(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(data)  # type: ignore[no-any-return]
+
+
+def test_builds_are_byte_identical_cold_warm_and_across_thread_counts(
+    store: StoreTree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """And a warm build compresses nothing: the blobs come from the cache."""
+    paths = populate(store)
+    store.item("big", {"data": sample(3 << 20), "more": os.urandom(300_000)})
+    document = store.config([paths[:1], [*paths[1:], store.path("big")]])
+    for method in ("gzip", "zstd"):
+        cache = LayerCache(tmp_path / f"cache-{method}", warn)
+        monkeypatch.setattr(compression_module, "_zstd_workers", lambda: 1)
+        cold = tmp_path / f"cold-{method}.tar"
+        oci_build(document, cold, method=method, cache=cache)
+        monkeypatch.setattr(compression_module, "_zstd_workers", lambda: 3)
+        uncached = tmp_path / f"uncached-{method}.tar"
+        oci_build(document, uncached, method=method)
+
+        def no_compression(self: object) -> None:
+            raise AssertionError("a warm build compressed a layer")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(compression_module.Compression, "compressor", no_compression)
+            warm = tmp_path / f"warm-{method}.tar"
+            oci_build(document, warm, method=method, cache=LayerCache(cache.directory.parent, warn))
+        assert cold.read_bytes() == uncached.read_bytes() == warm.read_bytes()
+
+
+def test_system_gzip_and_zstd_inflate_the_layers_to_the_uncompressed_tars(
+    store: StoreTree, tmp_path: Path
+) -> None:
+    paths = populate(store)
+    document = store.config([paths[:1], paths[1:]])
+    tars = {}
+    for method in ("none", "gzip", "zstd"):
+        oci_build(document, tmp_path / f"{method}.tar", method=method)
+        files = members(tmp_path / f"{method}.tar")
+        tars[method] = [blob(files, layer["digest"]) for layer in manifest_of(files)["layers"]]
+    for method, tool in (("gzip", "gzip"), ("zstd", "zstd")):
+        require(tool)
+        for data, tar in zip(tars[method], tars["none"], strict=True):
+            out = subprocess.run([tool, "-d", "-c"], input=data, capture_output=True, check=True)
+            assert out.stdout == tar
+
+
+def test_a_kept_blob_that_was_damaged_is_made_again(store: StoreTree, tmp_path: Path) -> None:
+    paths = populate(store)
+    document = store.config([paths])
+    cache = LayerCache(tmp_path / "cache", warn)
+    first = oci_build(document, tmp_path / "a.tar", cache=cache)
+    assert first.layers[0].blob is not None
+    kept = Path(cache.blobs.path(first.layers[0].blob.digest))
+    kept.write_bytes(b"x" * kept.stat().st_size)  # same size, other bytes
+    oci_build(document, tmp_path / "b.tar", cache=LayerCache(tmp_path / "cache", warn))
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def test_a_layout_gains_images_and_keeps_the_others(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    paths = populate(store)
+    layout = tmp_path / "layout"
+    one = oci_build(store.config([paths[:1]], repo_tag="a:1"), layout, "oci-dir")
+    two = oci_build(store.config([paths], repo_tag="b:1"), layout, "oci-dir", method="zstd")
+    again = oci_build(store.config([paths[1:]], repo_tag="a:1"), layout, "oci-dir")
+    index = json.loads((layout / "index.json").read_text())
+    names = {
+        m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"]
+        for m in index["manifests"]
+    }
+    assert names == {"b:1": two.manifest_digest, "a:1": again.manifest_digest}
+    assert one.manifest_digest != again.manifest_digest
+    verified = cli("verify", f"oci:{layout}:b:1", "--json")
+    assert verified.exit_code == 0, verified.output
+    assert json.loads(verified.stdout)["ok"] is True
+    leftovers = [p for p in (layout / "blobs" / "sha256").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_a_failed_build_leaves_no_layout_and_a_directory_is_refused(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    paths = populate(store)
+    fifo = paths[0] / "deep" / "fifo"
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(store.config([paths])))
+    layout = tmp_path / "new-layout"
+    failed = cli("build", str(config), "--format", "oci-dir", "-o", str(layout))
+    assert failed.exit_code != 0
+    assert not layout.exists()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    refused = cli("build", "--example", "--format", "oci-dir", "-o", str(occupied))
+    assert refused.exit_code == 2
+    assert "not an OCI layout" in refused.stderr
+    assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"]
+
+
+def test_options_out_of_place_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
+    out = str(tmp_path / "x.tar")
+    for args, message in [
+        (["--compress", "gzip"], "--compress goes with --format oci-archive"),
+        (["--format", "oci-archive", "--compress-level", "12"], "gzip levels are 1 to 9"),
+        (
+            ["--format", "oci-archive", "--compress", "none", "--compress-level", "3"],
+            "gzip or zstd",
+        ),
+    ]:
+        result = cli("build", "--example", "-o", out, *args)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+    no_dir = cli("build", "--example", "--format", "oci-dir")
+    assert no_dir.exit_code == 2 and "-o DIR" in no_dir.stderr
+    assert not Path(out).exists()
+
+
+def test_a_base_images_compressed_layers_stay_as_they_are(store: StoreTree, tmp_path: Path) -> None:
+    """Same blob, same digest; an uncompressed base layer is compressed as ours are."""
+    paths = populate(store)
+    base = tmp_path / "base.tar"
+    base_result = oci_build(store.config([paths[:1]]), base, method="zstd")
+    assert base_result.layers[0].blob is not None
+    app = store.item("app-on-base", {"f": "on top"})
+    image = tmp_path / "image.tar"
+    result = oci_build(store.config([[app]], from_image=str(base)), image, method="gzip")
+    files = members(image)
+    layers = manifest_of(files)["layers"]
+    assert layers[0]["digest"] == base_result.layers[0].blob.digest
+    assert layers[0]["mediaType"].endswith("+zstd") and ANNOTATION not in layers[0].get(
+        "annotations", {}
+    )
+    assert layers[1]["mediaType"].endswith("+gzip")
+    assert [layer.diff_id for layer in result.layers][:1] == [base_result.layers[0].diff_id]
+
+
+def test_oci_output_for_store_items_through_the_cli(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    busybox = busybox_store(store)
+    database = make_database(tmp_path / "db.sqlite", {busybox: nar_hash(busybox)}, {})
+    out = tmp_path / "items.tar"
+    flags = ["--db", str(database), "--entrypoint", "/bin/busybox", "-S", "/bin=bin"]
+    result = cli(
+        "build",
+        str(busybox),
+        *flags,
+        "--format",
+        "oci-archive",
+        "--compress",
+        "zstd",
+        "-o",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    assert "manifest sha256:" in result.stderr
+    assert cli("verify", str(out)).exit_code == 0
+
+
+# -- real tools --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def built(store: StoreTree, tmp_path: Path, cli: Cli) -> dict[str, Any]:
+    """One config built as a docker-archive, a zstd oci-archive, a gzip oci-dir
+    (Debian's umoci reads no zstd, nor does a docker-archive hold it)."""
+    paths = populate(store)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(store.config([paths[:1], paths[1:]], repo_tag="test/oci:1")))
+    outputs = {
+        "docker": (tmp_path / "d.tar", []),
+        "archive": (tmp_path / "o.tar", ["--format", "oci-archive", "--compress", "zstd"]),
+        "layout": (tmp_path / "layout", ["--format", "oci-dir"]),
+    }
+    for target, flags in outputs.values():
+        result = cli("build", str(config), "-o", str(target), *flags)
+        assert result.exit_code == 0, result.output
+    return {"paths": paths, **{name: target for name, (target, _) in outputs.items()}}
+
+
+def test_skopeo_reads_and_copies_both_forms(built: dict[str, Any], tmp_path: Path) -> None:
+    require("skopeo")
+    diff_ids = json.loads(
+        run("skopeo", "inspect", "--config", f"docker-archive:{built['docker']}").stdout
+    )["rootfs"]["diff_ids"]
+    for reference in (
+        f"oci-archive:{built['archive']}:test/oci:1",
+        f"oci:{built['layout']}:test/oci:1",
+    ):
+        config = json.loads(run("skopeo", "inspect", "--config", reference).stdout)
+        assert config["rootfs"]["diff_ids"] == diff_ids
+        raw = json.loads(run("skopeo", "inspect", "--raw", reference).stdout)
+        assert raw["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+        copied = tmp_path / f"copy-{uuid.uuid4().hex[:6]}"
+        run("skopeo", "copy", "-q", reference, f"oci:{copied}:t")  # skopeo checks every digest
+        if reference.startswith("oci:"):  # gzip: a docker-archive cannot hold zstd layers
+            run("skopeo", "copy", "-q", reference, f"docker-archive:{copied}.tar:x/y:1")
+
+
+def test_umoci_unpacks_the_layout_as_the_docker_archive(
+    built: dict[str, Any], tmp_path: Path
+) -> None:
+    rootfs = unpack(tmp_path, built["layout"], "test/oci:1")
+    assert rootfs_tree(rootfs, built["paths"]) == disk_tree(built["paths"])
+
+
+def test_podman_loads_the_oci_archive(built: dict[str, Any], podman_storage: Path) -> None:
+    podman(podman_storage, "load", "-i", str(built["archive"]))
+    inspected = json.loads(podman(podman_storage, "image", "inspect", "test/oci:1").stdout)
+    docker_archive = members(built["docker"])
+    config_name = json.loads(docker_archive["manifest.json"])[0]["Config"]
+    diff_ids = json.loads(docker_archive[config_name])["rootfs"]["diff_ids"]
+    assert inspected[0]["RootFS"]["Layers"] == diff_ids
+
+
+def test_docker_runs_the_store_item_image_after_skopeo_copy(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    require("skopeo")
+    if not docker_answers():
+        pytest.skip("no Docker daemon answers `docker info`")
+    busybox = busybox_store(store)
+    database = make_database(tmp_path / "db.sqlite", {busybox: nar_hash(busybox)}, {})
+    tag = f"guix-image-test/oci-{uuid.uuid4().hex[:8]}:1"
+    archive = tmp_path / "items.tar"
+    flags = ["--db", str(database), "-t", tag, "-S", "/bin=bin", "--entrypoint", "/bin/busybox"]
+    result = cli("build", str(busybox), *flags, "--format", "oci-archive", "-o", str(archive))
+    assert result.exit_code == 0, result.output
+    converted = tmp_path / "converted.tar"
+    run("skopeo", "copy", "-q", f"oci-archive:{archive}:{tag}", f"docker-archive:{converted}:{tag}")
+    try:
+        run("docker", "load", "-i", str(converted))
+        shown = run("docker", "run", "--rm", "--network", "none", tag, "echo", "from oci")
+        assert shown.stdout == "from oci\n"
+        # Our own manifest.json lets docker load the oci-archive itself, too.
+        run("docker", "rmi", "-f", tag)
+        run("docker", "load", "-i", str(archive))
+        assert (
+            run("docker", "run", "--rm", "--network", "none", tag, "echo", "again").stdout
+            == "again\n"
+        )
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
