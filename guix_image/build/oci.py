@@ -28,6 +28,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import OperationError
 from ..fastpath import HashingWriter
@@ -147,6 +148,8 @@ class OciWriter:
     ) -> None:
         self._output = output
         self._compression = output.compression
+        # Made at the first layer compressed (a rebuild may compress none).
+        self._compressors: Callable[[], Any] | None = None
         self._store = store
         self._layout = layout
         self._idle = idle
@@ -176,6 +179,7 @@ class OciWriter:
 
     def finish(self, config: bytes, repo_tags: list[str]) -> str:
         """Write the config, the manifest and the index; the image id."""
+        self._compressors = None  # zstd's workers stop
         config_digest = self._store.put(config)
         config_descriptor = Descriptor(OCI_CONFIG, config_digest, len(config))
         manifest = oci_layout.manifest_document(
@@ -195,7 +199,9 @@ class OciWriter:
     def _compress(self, layer: Layer, progress: Progress) -> tuple[LayerBlob, Measured]:
         compression = self._compression
         with self._store.new_blob() as (fd, temporary):
-            writer = BlobWriter(fd, compression)
+            if self._compressors is None and compression.method != "none":
+                self._compressors = compression.compressors()
+            writer = BlobWriter(fd, compression, self._compressors)
             measured = self._stream(layer, writer, progress)
             blob = writer.finish()
             if compression.method == "none":

@@ -14,7 +14,8 @@ version, whatever the machine, the thread count or how the tar arrives:
   tests/bench/RESULTS.md); levels 4 to 9 use zlib, as `gzip -4` to `-9`.
 - zstd: libzstd's streaming multi-threaded mode, whose frames do not depend
   on the number of workers as long as there is one (tested): workers are
-  always at least one, so the thread count never shows.
+  always at least one, and the job size is fixed, so the thread count
+  never shows.
 
 Which library and version made a blob is recorded in a layer annotation
 (`label`), so that `verify` can say why a compressed digest differs.
@@ -26,6 +27,7 @@ import hashlib
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,10 @@ MEDIA_TYPES = {"none": OCI_LAYER, "gzip": OCI_LAYER + "+gzip", "zstd": OCI_LAYER
 ANNOTATION = "dev.guix-image.layer.compression"
 
 CHUNK = 1 << 20  # input is compressed in pieces of exactly this size (see above)
+# zstd's jobs: smaller than its default (4 windows, 8 MiB at level 3), which
+# held 66 MiB in two workers' buffers where this holds 23, at the same speed
+# and 0.4 % more bytes (measured on 300 MB of store files).
+ZSTD_JOB = 2 << 20
 # No name, mtime 0, no extra flags, OS unknown: the same on every machine.
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
@@ -65,15 +71,26 @@ class Compression:
             return "none"
         return f"{self.method} level {self.level} ({_library(self.method, self.level)})"
 
-    def compressor(self) -> Any:
-        """A new object with compress(bytes) -> bytes and flush() -> bytes."""
+    def compressors(self) -> Callable[[], Any]:
+        """A function giving a new stream compressor (with compress(bytes) -> bytes
+        and flush() -> bytes) each time it is called, for one blob after another.
+
+        zstd's streams share one context, its workers and buffers: a context
+        per blob left its freed buffers scattered over the heap (about 30 MiB
+        more at the peak, measured). Its workers stop once the function is gone.
+        """
         assert self.level is not None
         if self.method == "zstd":
             import zstandard
 
-            return zstandard.ZstdCompressor(
-                level=self.level, threads=_zstd_workers(), write_checksum=True
-            ).compressobj()
+            parameters = zstandard.ZstdCompressionParameters.from_level(
+                self.level, threads=_zstd_workers(), job_size=ZSTD_JOB, write_checksum=1
+            )
+            return zstandard.ZstdCompressor(compression_params=parameters).compressobj
+        return self._deflater
+
+    def _deflater(self) -> Any:
+        assert self.level is not None
         if self.level in _ISAL_LEVELS:
             from isal import isal_zlib
 
@@ -137,7 +154,10 @@ class BlobWriter:
     Call it with each piece of the tar, in order, then `finish`.
     """
 
-    def __init__(self, fd: int, compression: Compression) -> None:
+    def __init__(
+        self, fd: int, compression: Compression, compressor: Callable[[], Any] | None = None
+    ) -> None:
+        """`compressor`: from `compression.compressors()`, when blobs follow each other."""
         self._fd = fd
         self._compression = compression
         self._hash = hashlib.sha256()
@@ -147,7 +167,9 @@ class BlobWriter:
         self._crc = 0
         self._crc32 = _crc32()
         self._input = 0
-        self._compressor = compression.compressor() if compression.method != "none" else None
+        self._compressor = None
+        if compression.method != "none":
+            self._compressor = (compressor or compression.compressors())()
         if self._gzip:
             self._emit(GZIP_HEADER)
 
