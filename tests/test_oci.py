@@ -430,3 +430,42 @@ def test_docker_runs_the_store_item_image_after_skopeo_copy(
         )
     finally:
         subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+def test_verify_rebuilds_as_the_image_was_compressed_and_explains_a_difference(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    paths = populate(store)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(store.config([paths[:1], paths[1:]])))
+    made = {}
+    for name, flags in [("level3", ["--compress-level", "3"]), ("zstd", ["--compress", "zstd"])]:
+        made[name] = tmp_path / f"{name}.tar"
+        built = cli("build", str(config), "--format", "oci-archive", *flags, "-o", str(made[name]))
+        assert built.exit_code == 0, built.output
+        verified = cli("verify", str(made[name]), "--rebuild", str(config), "--json")
+        assert verified.exit_code == 0, verified.output
+        checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+        assert checks["rebuild layer 2 blob"]["ok"] is True
+    other = tmp_path / "level5.tar"
+    assert (
+        cli(
+            "build",
+            str(config),
+            "--format",
+            "oci-archive",
+            "--compress-level",
+            "5",
+            "-o",
+            str(other),
+        ).exit_code
+        == 0
+    )
+    against = cli("verify", str(made["level3"]), "--against", str(other), "--json")
+    assert against.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(against.stdout)["checks"]}
+    assert checks["against layer 2"]["ok"] is True  # the same tar
+    blob = checks["against layer 2 blob"]
+    assert blob["ok"] is False
+    assert "the same tar, compressed otherwise: by gzip level 5 (zlib" in blob["actual"]
+    assert "by gzip level 3 (ISA-L igzip" in blob["actual"]

@@ -214,12 +214,33 @@ def compare_images(
     other_ids = [layer.diff_id for layer in other.layers]
     checks, first = compare_layers(name, image, other_ids, other.config_digest)
     verdict.checks.extend(checks)
+    verdict.checks.extend(compare_blobs(name, image, other))
     if first is None or first > min(len(image.layers), len(other.layers)):
         return
     ours = image.layers[first - 1].read(EVERYTHING)
     theirs = other.layers[first - 1].read(EVERYTHING)
     files = compare_files(ours.files or [], theirs.files or [], FILE_FIELDS)
     verdict.mismatch = Mismatch(first, files)
+
+
+def compare_blobs(name: str, image: Image[StoredLayer], other: Image[StoredLayer]) -> list[Check]:
+    """Where both images store layers as digested blobs (OCI), the blobs' digests:
+    a layer whose tar is the same but whose blob is not was compressed otherwise,
+    which the check says, naming each compressor where a build recorded it."""
+    checks = []
+    for number, (ours, theirs) in enumerate(zip(image.layers, other.layers, strict=False), 1):
+        if ours.digest is None or theirs.digest is None:
+            continue
+        found = theirs.digest
+        if ours.digest != theirs.digest and ours.diff_id == theirs.diff_id:
+            found += (
+                f" (the same tar, compressed otherwise: by {theirs.compressed_by or 'unrecorded'}"
+                f" there, by {ours.compressed_by or 'unrecorded'} here)"
+            )
+        checks.append(
+            Check(f"{name} layer {number} blob", ours.digest == theirs.digest, ours.digest, found)
+        )
+    return checks
 
 
 def compare_with_rebuild(

@@ -33,7 +33,14 @@ from typing import Any
 from ..errors import OperationError
 from ..fastpath import HashingWriter
 from ..formats import oci_layout
-from ..formats.compression import ANNOTATION, MEDIA_TYPES, BlobWriter, Compression
+from ..formats.compression import (
+    ANNOTATION,
+    MEDIA_TYPES,
+    BlobWriter,
+    Compression,
+    choose,
+    parse_label,
+)
 from ..formats.docker_archive import DOCKER_MANIFEST
 from ..formats.oci_layout import (
     OCI_CONFIG,
@@ -297,6 +304,18 @@ class OciWriter:
         self.bytes_written = oci_layout.write_archive(
             target, documents, blobs, mtime=self._output.mtime
         )
+
+
+def compression_of(layers: list[StoredLayer]) -> Compression:
+    """How an image's own layers were compressed: as the last of them that a
+    build recorded, else as their media type says, at the default level."""
+    for layer in reversed(layers):
+        recorded = parse_label(layer.compressed_by or "")
+        if recorded is not None:
+            return recorded
+    kinds = [layer.claimed_compression() for layer in layers]
+    method = next((kind for kind in reversed(kinds) if kind in ("gzip", "zstd")), "none")
+    return choose(method)
 
 
 def _discard(block: memoryview) -> None:

@@ -336,7 +336,8 @@ def verify(
                 stored = check_against_store(source, chosen, store_dir or None, database)
                 verdict.checks.extend(stored)
             if rebuild_config is not None:
-                checking.compare_with_rebuild(verdict, chosen, _rebuild(rebuild_config, root))
+                build = _rebuild(rebuild_config, root, chosen)
+                checking.compare_with_rebuild(verdict, chosen, build)
             elif against is not None:
                 try:
                     with opened(against, options, image, platform) as (other_source, other):
@@ -353,12 +354,19 @@ def verify(
         raise click.exceptions.Exit(1)
 
 
-def _rebuild(config_file: Any, root: str | None) -> Any:
-    """A function that builds CONFIG again into a file descriptor."""
+def _rebuild(config_file: Any, root: str | None, image: Any) -> Any:
+    """A function that builds CONFIG again into a file descriptor, as `image` was
+    built: an OCI image as an oci-archive, its layers compressed as its own were."""
     from ..build.config import parse_config
     from ..build.engine import build_image
+    from ..build.oci import OciOutput, compression_of
 
     config = parse_config(config_file.read(), source=config_file.name)
+    if image.layers and all(layer.digest is not None for layer in image.layers):
+        compression = compression_of(image.layers)
+        return lambda fd: build_image(
+            config, OciOutput("oci-archive", fd, compression, mtime=config.mtime), root=root
+        )
     return lambda fd: build_image(config, fd, root=root)
 
 

@@ -117,6 +117,17 @@ def choose(method: str, level: int | None = None) -> Compression:
     return Compression(method, level)
 
 
+def parse_label(label: str) -> Compression | None:
+    """The compression a `Compression.label` names ("gzip level 2 (...)"), if valid."""
+    words = label.split()
+    if len(words) >= 3 and words[1] == "level" and words[2].isdigit():
+        try:
+            return choose(words[0], int(words[2]))
+        except InputError:
+            return None
+    return None
+
+
 def _library(method: str, level: int | None) -> str:
     if method == "zstd":
         import zstandard

@@ -36,6 +36,7 @@ from ..model import (
 )
 from ..tar.format import DIRTYPE, END_OF_ARCHIVE, REGTYPE, padding
 from ..tar.writer import HeaderEncoder
+from .compression import ANNOTATION as COMPRESSION_ANNOTATION
 from .documents import DESCRIPTOR_KEYS, OCI_MANIFEST_KEYS, check_key_case, parse_json
 from .limits import (
     MANIFESTS_KEPT_BYTES,
@@ -203,6 +204,7 @@ def _image(
                 digest=descriptor["digest"],
                 media_type=descriptor.get("mediaType"),
                 declared_size=_declared_size(descriptor),
+                compressed_by=_annotation(descriptor, COMPRESSION_ANNOTATION),
             )
         )
         image.checks.append(
@@ -230,6 +232,12 @@ def _tags(descriptor: dict[str, Any]) -> list[str]:
     return [annotations[key] for key in TAG_ANNOTATIONS if isinstance(annotations.get(key), str)][
         :1
     ]
+
+
+def _annotation(descriptor: dict[str, Any], key: str) -> str | None:
+    annotations = descriptor.get("annotations")
+    value = annotations.get(key) if isinstance(annotations, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _declared_size(descriptor: dict[str, Any]) -> int | None:

@@ -62,11 +62,14 @@ class StoredLayer(Layer):
         digest: str | None = None,
         media_type: str | None = None,
         declared_size: int | None = None,
+        compressed_by: str | None = None,
     ) -> None:
         self.source, self.index, self.location = source, index, location
         self.declared_size = declared_size  # what an OCI descriptor says the size is
         self.size: int = size  # bytes as stored
         self.diff_id, self.digest, self.media_type = diff_id, digest, media_type
+        # What compressed the blob, as a guix-image build records it (an annotation).
+        self.compressed_by = compressed_by
         self.description = f"{source.name}: layer {index} ({location})"
         self._compression: str | None = None
         self._tar_size: int | None = None
@@ -81,10 +84,15 @@ class StoredLayer(Layer):
     def compression_claim(self, read: LayerContents) -> Claim | None:
         """The compression its media type names ("none", "gzip", "zstd"), if it has
         one that names a layer, beside what its bytes are."""
+        claimed = self.claimed_compression()
+        return None if claimed is None else Claim("compression", claimed, read.compression)
+
+    def claimed_compression(self) -> str | None:
+        """The compression its media type names ("none", "gzip", "zstd"), if any."""
         media_type = self.media_type or ""
         for suffix, compression in _MEDIA_TYPE_COMPRESSION:
             if media_type.endswith(suffix):
-                return Claim("compression", compression, read.compression)
+                return compression
         return None
 
     def read(self, options: ReadOptions, scratch: Scratch | None = None) -> LayerContents:
