@@ -469,3 +469,59 @@ def test_verify_rebuilds_as_the_image_was_compressed_and_explains_a_difference(
     assert blob["ok"] is False
     assert "the same tar, compressed otherwise: by gzip level 5 (zlib" in blob["actual"]
     assert "by gzip level 3 (ISA-L igzip" in blob["actual"]
+
+
+def test_one_index_of_an_image_per_platform(tmp_path: Path, cli: Cli) -> None:
+    """The example's amd64 and arm64 images in one index, which skopeo copies
+    whole (--all, checking every digest); each image is the one built alone."""
+    multi = tmp_path / "multi.tar"
+    platforms = ["--platform-image", "amd64", "--platform-image", "arm64"]
+    built = cli("build", "--example", *platforms, "--format", "oci-archive", "-o", str(multi))
+    assert built.exit_code == 0, built.output
+    assert "Done: index sha256:" in built.stderr
+    alone = tmp_path / "alone.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(alone)).exit_code == 0
+    files = members(multi)
+    top = json.loads(files["index.json"])["manifests"]
+    assert [m["mediaType"] for m in top] == ["application/vnd.oci.image.index.v1+json"]
+    index = json.loads(blob(files, top[0]["digest"]))
+    assert [m["platform"] for m in index["manifests"]] == [
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux"},
+    ]
+    alone_manifest = json.loads(members(alone)["index.json"])["manifests"][0]["digest"]
+    assert index["manifests"][0]["digest"] == alone_manifest
+    assert "manifest.json" not in files  # docker load could not choose
+    arm = cli("inspect", str(multi), "--platform", "linux/arm64", "--json")
+    assert arm.exit_code == 0, arm.output
+    assert json.loads(arm.stdout)["architecture"] == "arm64"
+    assert cli("verify", str(multi), "--platform", "linux/amd64").exit_code == 0
+    require("skopeo")
+    raw = json.loads(run("skopeo", "inspect", "--raw", f"oci-archive:{multi}").stdout)
+    assert raw["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    run("skopeo", "copy", "-q", "--all", f"oci-archive:{multi}", f"oci:{tmp_path / 'copy'}:x")
+    copied = json.loads((tmp_path / "copy" / "index.json").read_text())["manifests"][0]
+    assert copied["digest"] == top[0]["digest"]  # the same index, byte for byte
+
+
+def test_platform_images_that_cannot_be_one_index(
+    store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    paths = populate(store)
+    config = tmp_path / "amd.json"
+    config.write_text(json.dumps(store.config([paths])))
+    out = str(tmp_path / "m.tar")
+    oci = ["--format", "oci-archive", "-o", out]
+    for args, message in [
+        (["--platform-image", f"arm64={config}", *oci], "builds for amd64, not arm64"),
+        (
+            ["--platform-image", f"amd64={config}", "--platform-image", f"amd64={config}", *oci],
+            "two images for amd64",
+        ),
+        (["--platform-image", f"amd64={config}", "-o", out], "needs --format oci-archive"),
+        (["--platform-image", "amd64", *oci], "is not ARCH=CONFIG"),
+    ]:
+        result = cli("build", *args)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr
+    assert not Path(out).exists()

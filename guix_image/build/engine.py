@@ -38,7 +38,7 @@ from ..model import (
 from ..store.database import StoreDatabase
 from .cache import LayerCache
 from .config import BuildConfig
-from .oci import LayerBlob
+from .oci import LayerBlob, OciOutput
 from .plan import Plan, plan_layers
 from .store_layer import MAX_PLANNED, StaleCacheEntry, StoreLayer
 
@@ -79,13 +79,17 @@ class ImageWriter(Protocol):
     """Writes an image in one format: layers in order, then the rest."""
 
     sizes_first: bool  # whether a layer's tar size must be known before it is added
-    bytes_written: int
     forked: bool  # whether a forked process hashed and wrote (see fastpath)
     manifest_digest: str | None  # OCI: the image's manifest
     blobs: list[LayerBlob]  # OCI: each layer's blob, in order
     # Compressed blobs made of the layers, by position: (label, digest, size),
     # for the cache (see oci.py).
     new_blobs: dict[int, tuple[str, str, int]]
+
+    @property
+    def bytes_written(self) -> int:
+        """What the output holds, once complete."""
+        ...
 
     def add_layer(self, layer: Layer, progress: Progress) -> PendingDigest:
         """Stream `layer`; its digest is final once the writer drains."""
@@ -238,6 +242,23 @@ def build_image(
     for built, blob in zip(result.layers, archive.blobs, strict=False):
         built.blob = blob
     return result
+
+
+def build_index(
+    builds: list[tuple[BuildConfig, str | None]],
+    output: OciOutput,
+    names: list[str],
+    **options: Any,
+) -> list[BuildResult]:
+    """Build each (config, root) of `builds` into `output`, one image per
+    platform, listed under `names` by one image index (its digest is then
+    `output.index_digest`). `options` are build_image's."""
+    architectures = [config.architecture for config, _ in builds]
+    for architecture in architectures:
+        if architectures.count(architecture) > 1:
+            raise InputError(f"two images for {architecture}: an index has one per platform")
+    with output.several(names):
+        return [build_image(config, output, root=root, **options) for config, root in builds]
 
 
 def _refuse_what_loaders_refuse(config: BuildConfig, plan: Plan) -> None:

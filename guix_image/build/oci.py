@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -81,11 +82,22 @@ class _Done:
         return self.measured
 
 
+@dataclass
+class _Finished:
+    """An image whose blobs are all in the store: its manifest and what it names."""
+
+    manifest: Descriptor
+    blobs: list[Descriptor]  # the config's and the layers'
+    platform: dict[str, str]
+
+
 class OciOutput:
     """Where and how a build writes OCI: `target` is the layout directory
-    (oci-dir), or a file descriptor or function taking bytes (oci-archive)."""
+    (oci-dir), or a file descriptor or function taking bytes (oci-archive).
 
-    sizes_first = False  # no tar header precedes a layer blob: its size is not needed first
+    One build writes one image. Within `several()`, each build adds an image
+    for its platform, and at the end one image index lists them all.
+    """
 
     def __init__(
         self,
@@ -103,53 +115,142 @@ class OciOutput:
         # found there by a rebuild), never uncompressed ones.
         self.kept_blobs = kept_blobs if compression.method != "none" else None
         self.mtime = mtime
+        self.bytes_written = 0
+        self.index_digest: str | None = None  # that of the image index, for several images
+        self._store: BlobStore | None = None
+        self._layout: LayoutWriter | None = None
+        self._finished: list[_Finished] = []
+        self._several = False
 
     @contextlib.contextmanager
     def open(
         self, idle: Callable[[], bool], checkpoint_interval: int | None
     ) -> Iterator[OciWriter]:
-        layout = None
+        """A writer for one image, published as it finishes unless within `several`."""
+        if self._store is not None:
+            yield OciWriter(self, self._store, idle, checkpoint_interval)
+            return
+        with self._session():
+            yield OciWriter(self, self._store_now(), idle, checkpoint_interval)
+
+    @contextlib.contextmanager
+    def several(self, names: list[str]) -> Iterator[None]:
+        """Build several images (one per platform) within; at the end, publish one
+        image index of them under `names`."""
+        self._several = True
+        with self._session():
+            yield
+            self.publish(names)
+
+    def _store_now(self) -> BlobStore:
+        assert self._store is not None
+        return self._store
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        """The blob store for the images to come: the cache's, else the layout,
+        else a temporary directory (an archive's), removed at the end. A layout
+        this session created is removed if it fails: nothing half-written is left."""
+        created = False
         if self.kind == "oci-dir":
             assert isinstance(self.target, str)
             created = not os.path.exists(self.target)
-            layout = LayoutWriter(self.target)
+            self._layout = LayoutWriter(self.target)
         try:
-            with self._store(layout) as store:
-                yield OciWriter(self, store, layout, idle, checkpoint_interval)
+            with contextlib.ExitStack() as stack:
+                if self.kept_blobs is not None:
+                    self.kept_blobs.create()
+                    self._store = self.kept_blobs
+                elif self._layout is not None:
+                    self._store = self._layout
+                else:
+                    import tempfile
+
+                    prefix = "guix-image-"
+                    scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+                    self._store = BlobStore(scratch)
+                    self._store.create()
+                yield
         except BaseException:
-            if layout is not None and created:  # nothing half-written is left
-                shutil.rmtree(layout.root, ignore_errors=True)
+            if self._layout is not None and created:
+                shutil.rmtree(self._layout.root, ignore_errors=True)
             raise
+        finally:
+            self._store = None
 
-    @contextlib.contextmanager
-    def _store(self, layout: LayoutWriter | None) -> Iterator[BlobStore]:
-        """Where blobs are made: the cache's store, else the layout, else a
-        temporary directory (an archive's), removed at the end."""
-        with contextlib.ExitStack() as stack:
-            if self.kept_blobs is not None:
-                self.kept_blobs.create()
-                store = self.kept_blobs
-            elif layout is not None:
-                store = layout
-            else:
-                import tempfile
+    def finished(self, image: _Finished, repo_tags: list[str]) -> None:
+        """An image's blobs are stored: publish it, unless more are to come."""
+        self._finished.append(image)
+        if not self._several:
+            self.publish(repo_tags)
 
-                scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="guix-image-"))
-                store = BlobStore(scratch)
-                store.create()
-            yield store
+    def publish(self, names: list[str]) -> None:
+        """List what was built under `names`: in the layout's index.json, or as
+        an archive streamed to the target."""
+        store = self._store_now()
+        blobs = [d for image in self._finished for d in (image.manifest, *image.blobs)]
+        if self._several:
+            manifests = [
+                {**image.manifest.to_json(), "platform": image.platform} for image in self._finished
+            ]
+            index = canonical_json(
+                {"schemaVersion": 2, "mediaType": oci_layout.OCI_INDEX, "manifests": manifests}
+            )
+            top = Descriptor(oci_layout.OCI_INDEX, store.put(index), len(index))
+            self.index_digest = top.digest
+            blobs.insert(0, top)
+        else:
+            top = self._finished[0].manifest
+        unique = list({d.digest: d for d in blobs}.values())  # a blob is stored once
+        self.bytes_written = sum(d.size for d in unique)
+        if self._layout is not None:
+            for descriptor in unique:
+                self._layout.adopt(
+                    store.path(descriptor.digest), descriptor.digest, descriptor.size
+                )
+            self._layout.add_image(top, names)
+            return
+        documents = [
+            ("oci-layout", oci_layout.LAYOUT_FILE),
+            ("index.json", oci_layout.index_document(top, names)),
+        ]
+        docker_manifest = self._docker_manifest(names)
+        if docker_manifest is not None:
+            documents.append((DOCKER_MANIFEST, docker_manifest))
+        archived = [ArchivedBlob(d.digest, d.size, store.path(d.digest)) for d in unique]
+        assert not isinstance(self.target, str)
+        self.bytes_written = oci_layout.write_archive(
+            self.target, documents, archived, mtime=self.mtime
+        )
+
+    def _docker_manifest(self, names: list[str]) -> bytes | None:
+        """Docker's manifest.json, to put beside the index as `docker save` (25+)
+        does: the archive then loads with `docker load` too, of any version. Not
+        for several images, nor zstd layers, which Docker before 23 cannot read."""
+        if len(self._finished) != 1:
+            return None
+        image = self._finished[0]
+        config, *layers = image.blobs
+        if any(layer.media_type == MEDIA_TYPES["zstd"] for layer in layers):
+            return None
+        name = "blobs/sha256/{}".format
+        entry = {
+            "Config": name(config.digest.removeprefix(SHA256_PREFIX)),
+            "RepoTags": names,
+            "Layers": [name(layer.digest.removeprefix(SHA256_PREFIX)) for layer in layers],
+        }
+        return canonical_json([entry])
 
 
 class OciWriter:
-    """Adds layers as blobs, then the config, manifest and index (see OciOutput)."""
+    """Adds layers as blobs, then the config and manifest (see OciOutput)."""
 
-    sizes_first = False
+    sizes_first = False  # no tar header precedes a layer blob: its size is not needed first
 
     def __init__(
         self,
         output: OciOutput,
         store: BlobStore,
-        layout: LayoutWriter | None,
         idle: Callable[[], bool],
         checkpoint_interval: int | None,
     ) -> None:
@@ -158,16 +259,17 @@ class OciWriter:
         # Made at the first layer compressed (a rebuild may compress none).
         self._compressors: Callable[[], Any] | None = None
         self._store = store
-        self._layout = layout
         self._idle = idle
         self._interval = checkpoint_interval
         self.blobs: list[LayerBlob] = []
         # By position, blobs this build compressed: (label, digest, size).
         self.new_blobs: dict[int, tuple[str, str, int]] = {}
-        self.manifest: Descriptor | None = None
         self.manifest_digest: str | None = None
-        self.bytes_written = 0
         self.forked = False
+
+    @property
+    def bytes_written(self) -> int:
+        return self._output.bytes_written
 
     def add_layer(self, layer: Layer, progress: Progress) -> PendingDigest:
         """Stream one layer into its blob; its digests are final on return."""
@@ -185,21 +287,21 @@ class OciWriter:
         pass  # each layer was drained as it was added
 
     def finish(self, config: bytes, repo_tags: list[str]) -> str:
-        """Write the config, the manifest and the index; the image id."""
+        """Store the config and the manifest, and hand the image to the output;
+        the image id."""
         self._compressors = None  # zstd's workers stop
-        config_digest = self._store.put(config)
-        config_descriptor = Descriptor(OCI_CONFIG, config_digest, len(config))
-        manifest = oci_layout.manifest_document(
-            config_descriptor, [blob.descriptor() for blob in self.blobs]
-        )
-        manifest_digest = self._store.put(manifest)
-        self.manifest = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest))
-        self.manifest_digest = manifest_digest
-        if self._layout is not None:
-            self._finish_layout(self._layout, config_descriptor, repo_tags)
-        else:
-            self._finish_archive(config, manifest, config_descriptor, repo_tags)
-        return config_digest
+        config_descriptor = Descriptor(OCI_CONFIG, self._store.put(config), len(config))
+        layers = [blob.descriptor() for blob in self.blobs]
+        manifest = oci_layout.manifest_document(config_descriptor, layers)
+        manifest_descriptor = Descriptor(OCI_MANIFEST, self._store.put(manifest), len(manifest))
+        self.manifest_digest = manifest_descriptor.digest
+        document = json.loads(config)
+        platform = {
+            key: document[key] for key in ("architecture", "os", "variant") if key in document
+        }
+        finished = _Finished(manifest_descriptor, [config_descriptor, *layers], platform)
+        self._output.finished(finished, repo_tags)
+        return config_descriptor.digest
 
     # -- layers ------------------------------------------------------------------
 
@@ -261,49 +363,6 @@ class OciWriter:
             pending = layer.stream(out, progress)
             out.drain()
         return pending.result()
-
-    # -- the image -----------------------------------------------------------------
-
-    def _finish_layout(
-        self, layout: LayoutWriter, config: Descriptor, repo_tags: list[str]
-    ) -> None:
-        assert self.manifest is not None
-        descriptors = [config, self.manifest, *(b.descriptor() for b in self.blobs)]
-        for descriptor in descriptors:
-            layout.adopt(self._store.path(descriptor.digest), descriptor.digest, descriptor.size)
-        layout.add_image(self.manifest, repo_tags)
-        self.bytes_written = sum(d.size for d in {d.digest: d for d in descriptors}.values())
-
-    def _finish_archive(
-        self, config: bytes, manifest: bytes, config_descriptor: Descriptor, repo_tags: list[str]
-    ) -> None:
-        assert self.manifest is not None
-        index = oci_layout.index_document(self.manifest, repo_tags)
-        blob_name = "blobs/sha256/{}".format
-        # Docker's manifest.json beside the index, as `docker save` (25+) writes
-        # it: the archive then loads with `docker load` too, of any version;
-        # not with zstd layers, which Docker before 23 cannot read.
-        docker_manifest = [
-            {
-                "Config": blob_name(config_descriptor.digest.removeprefix(SHA256_PREFIX)),
-                "RepoTags": repo_tags,
-                "Layers": [blob_name(b.digest.removeprefix(SHA256_PREFIX)) for b in self.blobs],
-            }
-        ]
-        documents = [("oci-layout", oci_layout.LAYOUT_FILE), ("index.json", index)]
-        if not any(blob.media_type == MEDIA_TYPES["zstd"] for blob in self.blobs):
-            documents.append((DOCKER_MANIFEST, canonical_json(docker_manifest)))
-        documents += [
-            (blob_name(self.manifest.digest.removeprefix(SHA256_PREFIX)), manifest),
-            (blob_name(config_descriptor.digest.removeprefix(SHA256_PREFIX)), config),
-        ]
-        unique = {b.digest: b for b in self.blobs}.values()  # a blob is stored once
-        blobs = [ArchivedBlob(b.digest, b.size, self._store.path(b.digest)) for b in unique]
-        target = self._output.target
-        assert not isinstance(target, str)
-        self.bytes_written = oci_layout.write_archive(
-            target, documents, blobs, mtime=self._output.mtime
-        )
 
 
 def compression_of(layers: list[StoredLayer]) -> Compression:

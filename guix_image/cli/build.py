@@ -157,6 +157,14 @@ def optgroup_items(function: Any) -> Any:
 )
 @click.option("--example", is_flag=True, help="Build the built-in example image; needs no CONFIG.")
 @click.option(
+    "--platform-image",
+    "platform_images",
+    metavar="ARCH=CONFIG",
+    multiple=True,
+    help="With an OCI --format: the image for ARCH, built from CONFIG, in one index "
+    "of an image per platform (repeatable; with --example: ARCH alone).",
+)
+@click.option(
     "--no-cache",
     is_flag=True,
     help="Neither use nor update the layer cache ($XDG_CACHE_HOME/guix-image).",
@@ -169,6 +177,7 @@ def build(
     tags: tuple[str, ...],
     root: str | None,
     example: bool,
+    platform_images: tuple[str, ...],
     no_cache: bool,
     image_format: str,
     compress: str | None,
@@ -197,6 +206,12 @@ def build(
     from ..build.config import parse_config, validate_config
 
     destination = _destination(output, image_format, compress, compress_level)
+    if platform_images:
+        _refuse_items_options(items_options, have_items=False)
+        if sources:
+            raise click.UsageError("give CONFIGs with --platform-image ARCH=CONFIG, not apart")
+        _build_platforms(platform_images, destination, tags, root, example, no_cache)
+        return
     repo_tag, extra_tags = (tags[0], tags[1:]) if tags else (None, ())
     store_dir = items_options["store_dir"]
     items = _store_items(sources, store_dir)
@@ -244,6 +259,48 @@ def build(
         for warning in config.warnings:
             note(f"warning: {warning}")
         _run_build(config, destination, root, use_cache=not no_cache and not example)
+
+
+def _build_platforms(
+    platform_images: tuple[str, ...],
+    destination: Destination,
+    tags: tuple[str, ...],
+    root: str | None,
+    example: bool,
+    no_cache: bool,
+) -> None:
+    """One image per ARCH=CONFIG (or per ARCH, of the example), in one index."""
+    from ..build.config import parse_config, validate_config
+
+    if destination.image_format == "docker-archive":
+        raise click.UsageError("--platform-image needs --format oci-archive or oci-dir")
+    repo_tag, extra_tags = (tags[0], tags[1:]) if tags else (None, ())
+    with contextlib.ExitStack() as stack:
+        builds: list[tuple[Any, str | None]] = []
+        for value in platform_images:
+            architecture, equals, config_path = value.partition("=")
+            if example:
+                from ..build.example import make_example_store
+
+                if equals:
+                    raise click.BadParameter(f"{value!r}: with --example, give ARCH alone")
+                example_root = stack.enter_context(_example_root())
+                document = make_example_store(example_root, architecture)
+                config = validate_config(document, source="example", repo_tag=repo_tag)
+                builds.append((config, example_root))
+                continue
+            if not equals or not config_path:
+                raise click.BadParameter(f"{value!r} is not ARCH=CONFIG")
+            text, name = _read_config(config_path)
+            config = parse_config(text, source=name, repo_tag=repo_tag, extra_tags=extra_tags)
+            if config.architecture != architecture:
+                raise CommandError(
+                    f"{value}: {name} builds for {config.architecture}, not {architecture}", 2
+                )
+            builds.append((config, root))
+        _refuse_terminal(destination)
+        names = list(tags) or builds[0][0].repo_tags
+        _run_build(builds, destination, root, use_cache=not no_cache and not example, names=names)
 
 
 def _build_items(
@@ -464,7 +521,16 @@ def _print_layers(plan: Any, as_json: bool) -> None:
     out.table(["LAYER", "SIZE", "ITEMS", "FIRST ITEM"], rows)
 
 
-def _run_build(config: Any, destination: Destination, root: str | None, *, use_cache: bool) -> None:
+def _run_build(
+    config: Any,
+    destination: Destination,
+    root: str | None,
+    *,
+    use_cache: bool,
+    names: list[str] | None = None,
+) -> None:
+    """Build `config` (or, given `names`, each (config, root) of the list `config`
+    into one index under `names`) to the destination, and report."""
     from ..build.cache import LayerCache, default_directory
     from ..build.engine import build_image
     from ..build.output import atomic_output, terminate_on_signals
@@ -478,9 +544,17 @@ def _run_build(config: Any, destination: Destination, root: str | None, *, use_c
     options = {"root": root, "progress": progress, "cache": cache}
     output = destination.path
     started = time.monotonic()
+    from .units import counted, human_size
 
     def build_to(target: Any) -> Any:
-        return build_image(config, _image_output(destination, target, config, cache), **options)
+        if names is None:
+            return build_image(config, _image_output(destination, target, config, cache), **options)
+        from ..build.engine import build_index
+
+        oci = _image_output(destination, target, config[0][0], cache)
+        options.pop("root", None)
+        results = build_index(config, oci, names, **options)
+        return _IndexResult(oci.index_digest, names, results, oci.bytes_written)
 
     try:
         with terminate_on_signals():
@@ -505,6 +579,15 @@ def _run_build(config: Any, destination: Destination, root: str | None, *, use_c
                         result = build_to(fd)
     finally:
         progress.close()
+    where = f" to {output}" if not destination.to_stdout else ""
+    if isinstance(result, _IndexResult):
+        note(
+            f"Done: index {result.index_digest} ({', '.join(result.names) or 'no tag'}), "
+            f"{counted(len(result.results), 'image')}, {human_size(result.bytes_written)}{where}"
+        )
+        for image in result.results:
+            verbose(f"image {image.image_id}: manifest {image.manifest_digest}")
+        return
     for layer in result.layers:
         state = "cached digest confirmed" if layer.cached else "hashed"
         if layer.listed:
@@ -512,8 +595,6 @@ def _run_build(config: Any, destination: Destination, root: str | None, *, use_c
         verbose(f"layer {layer.number}: {layer.diff_id}, {layer.size} bytes ({state})")
         if layer.blob is not None and layer.blob.digest != layer.diff_id:
             verbose(f"  blob {layer.blob.digest}, {layer.blob.size} bytes ({layer.blob.label})")
-    where = f" to {output}" if not destination.to_stdout else ""
-    from .units import counted, human_size
 
     manifest = f", manifest {result.manifest_digest}" if result.manifest_digest else ""
     note(
@@ -522,6 +603,14 @@ def _run_build(config: Any, destination: Destination, root: str | None, *, use_c
     )
     pipeline = "in a forked process" if result.forked else "on threads of this process"
     verbose(f"{time.monotonic() - started:.2f} s; hashed and written {pipeline}")
+
+
+@dataclass
+class _IndexResult:
+    index_digest: str | None
+    names: list[str]
+    results: list[Any]
+    bytes_written: int
 
 
 def _image_output(destination: Destination, target: Any, config: Any, cache: Any) -> Any:
