@@ -22,6 +22,7 @@ from guix_image.build.cache import LayerCache
 from guix_image.build.config import validate_config
 from guix_image.build.engine import BuildResult, build_image
 from guix_image.build.oci import OciOutput
+from guix_image.build.store_layer import StaleCacheEntry
 from guix_image.errors import InputError
 from guix_image.formats import compression as compression_module
 from guix_image.formats.compression import ANNOTATION, GZIP_HEADER, BlobWriter, choose
@@ -238,8 +239,19 @@ def test_a_kept_blob_that_was_damaged_is_made_again(store: StoreTree, tmp_path: 
     assert first.layers[0].blob is not None
     kept = Path(cache.blobs.path(first.layers[0].blob.digest))
     kept.write_bytes(b"x" * kept.stat().st_size)  # same size, other bytes
+    # Into an archive: the copy finds it out, removes it, and the build fails once,
+    # as for a stale cache entry (into a file, the CLI builds again; see test_cache).
+    with pytest.raises(StaleCacheEntry, match="not the blob"):
+        oci_build(document, tmp_path / "b.tar", cache=LayerCache(tmp_path / "cache", warn))
+    assert not kept.exists()
     oci_build(document, tmp_path / "b.tar", cache=LayerCache(tmp_path / "cache", warn))
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert kept.read_bytes() == blob(members(tmp_path / "a.tar"), first.layers[0].blob.digest)
+    # Into a layout: found out before it is linked there, and made again at once.
+    kept.write_bytes(b"y" * kept.stat().st_size)
+    oci_build(document, tmp_path / "layout", "oci-dir", cache=LayerCache(tmp_path / "cache", warn))
+    linked = tmp_path / "layout" / "blobs" / "sha256" / kept.name
+    assert hashlib.sha256(linked.read_bytes()).hexdigest() == kept.name
 
 
 def test_a_layout_gains_images_and_keeps_the_others(
@@ -275,8 +287,17 @@ def test_a_failed_build_leaves_no_layout_and_a_directory_is_refused(
     config.write_text(json.dumps(store.config([paths])))
     layout = tmp_path / "new-layout"
     failed = cli("build", str(config), "--format", "oci-dir", "-o", str(layout))
-    assert failed.exit_code != 0
+    assert failed.exit_code == 2  # a fifo is refused by name, found as the layer streams
+    assert "fifo" in failed.stderr
     assert not layout.exists()
+    # A failure in a layout that holds images leaves its index.json as it was.
+    good = cli("build", "--example", "--format", "oci-dir", "-o", str(layout))
+    assert good.exit_code == 0, good.output
+    index = (layout / "index.json").read_bytes()
+    again = cli("build", str(config), "--format", "oci-dir", "-o", str(layout))
+    assert again.exit_code == 2
+    assert (layout / "index.json").read_bytes() == index
+    assert cli("verify", str(layout)).exit_code == 0
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -316,9 +337,8 @@ def test_a_base_images_compressed_layers_stay_as_they_are(store: StoreTree, tmp_
     files = members(image)
     layers = manifest_of(files)["layers"]
     assert layers[0]["digest"] == base_result.layers[0].blob.digest
-    assert layers[0]["mediaType"].endswith("+zstd") and ANNOTATION not in layers[0].get(
-        "annotations", {}
-    )
+    assert layers[0]["mediaType"].endswith("+zstd")  # and what compressed it, carried over
+    assert layers[0]["annotations"][ANNOTATION] == choose("zstd").label
     assert layers[1]["mediaType"].endswith("+gzip")
     assert [layer.diff_id for layer in result.layers][:1] == [base_result.layers[0].diff_id]
 
@@ -525,3 +545,27 @@ def test_platform_images_that_cannot_be_one_index(
         assert result.exit_code == 2, result.output
         assert message in result.stderr
     assert not Path(out).exists()
+
+
+def test_kept_blobs_are_trimmed_least_recently_used_first_but_not_a_builds_own(
+    store: StoreTree, tmp_path: Path
+) -> None:
+    paths = populate(store)
+    cache = LayerCache(tmp_path / "cache", warn)
+    old = oci_build(store.config([paths[:1]]), tmp_path / "old.tar", cache=cache)
+    old_blobs = [layer.blob.digest for layer in old.layers if layer.blob is not None]
+    for digest in old_blobs:  # used long ago
+        os.utime(cache.blobs.path(digest), (1, 1))
+    crashed = Path(cache.blobs.directory) / ".new-crashed"
+    crashed.write_bytes(b"half")
+    os.utime(crashed, (1, 1))
+    fresh = LayerCache(tmp_path / "cache", warn)
+    new = oci_build(store.config([paths[1:]]), tmp_path / "new.tar", cache=fresh)
+    fresh.trim_blobs(budget=0)  # everything but what this build used must go
+    left = {p.name for p in Path(cache.blobs.directory).iterdir()}
+    used = {layer.blob.digest.removeprefix("sha256:") for layer in new.layers if layer.blob}
+    used |= {
+        new.image_id.removeprefix("sha256:"),
+        (new.manifest_digest or "").removeprefix("sha256:"),
+    }
+    assert left == used

@@ -230,7 +230,8 @@ def build_image(
             caching.close()
     if caching is not None:
         caching.record(measured, archive.new_blobs)
-        caching.cache.use_blobs([blob.digest for blob in archive.blobs])
+        made = [archive.manifest_digest, result.image_id] if archive.manifest_digest else []
+        caching.cache.use_blobs([blob.digest for blob in archive.blobs] + made)
         caching.cache.trim_blobs()
     result.bytes_written = archive.bytes_written
     result.forked = archive.forked

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import OperationError
+from ..errors import InputError, OperationError
 from ..fastpath import HashingWriter
 from ..formats import oci_layout
 from ..formats.compression import (
@@ -47,12 +47,14 @@ from ..formats.oci_layout import (
     OCI_CONFIG,
     OCI_MANIFEST,
     ArchivedBlob,
+    BlobMismatch,
     BlobStore,
     Descriptor,
     LayoutWriter,
 )
 from ..formats.stored_layer import StoredLayer
 from ..model import SHA256_PREFIX, Layer, Measured, PendingDigest, Progress, canonical_json
+from .store_layer import StaleCacheEntry
 
 OCI_FORMATS = ("oci-archive", "oci-dir")
 _KEPT_COMPRESSIONS = ("gzip", "zstd")  # a base image's blobs kept as they are
@@ -154,12 +156,16 @@ class OciOutput:
         created = False
         if self.kind == "oci-dir":
             assert isinstance(self.target, str)
-            created = not os.path.exists(self.target)
+            created = not os.path.exists(self.target) or not os.listdir(self.target)
             self._layout = LayoutWriter(self.target)
         try:
             with contextlib.ExitStack() as stack:
                 if self.kept_blobs is not None:
-                    self.kept_blobs.create()
+                    try:
+                        self.kept_blobs.create()
+                    except InputError:  # an unwritable cache: build without it
+                        self.kept_blobs = None
+                if self.kept_blobs is not None:
                     self._store = self.kept_blobs
                 elif self._layout is not None:
                     self._store = self._layout
@@ -219,9 +225,19 @@ class OciOutput:
             documents.append((DOCKER_MANIFEST, docker_manifest))
         archived = [ArchivedBlob(d.digest, d.size, store.path(d.digest)) for d in unique]
         assert not isinstance(self.target, str)
-        self.bytes_written = oci_layout.write_archive(
-            self.target, documents, archived, mtime=self.mtime
-        )
+        try:
+            self.bytes_written = oci_layout.write_archive(
+                self.target, documents, archived, mtime=self.mtime
+            )
+        except BlobMismatch as error:
+            if self.kept_blobs is None:
+                raise
+            with contextlib.suppress(OSError):
+                os.unlink(error.path)  # a kept blob was damaged: the next build makes it again
+            raise StaleCacheEntry(
+                f"{error}; it is removed from the layer cache: run the build again, "
+                "or build with --no-cache"
+            ) from None
 
     def _docker_manifest(self, names: list[str]) -> bytes | None:
         """Docker's manifest.json, to put beside the index as `docker save` (25+)
@@ -320,18 +336,22 @@ class OciWriter:
         return made, measured
 
     def _reuse(self, layer: Layer, progress: Progress) -> tuple[LayerBlob, Measured] | None:
-        """The blob an earlier build made of this layer, if it is kept and intact:
-        the tar is still streamed, only to confirm the diff_id."""
+        """The blob an earlier build made of this layer, if it is kept: the tar is
+        still streamed, only to confirm the diff_id. The blob's bytes are checked
+        as an archive copies them; into a layout, before it is linked there."""
         store = self._output.kept_blobs
         known = layer.known_blob(self._compression.label)
         if store is None or known is None:
             return None
         digest, size = known
-        if not store.has(digest, size) or _file_digest(store.path(digest)) != digest:
+        if not store.has(digest, size):
+            return None
+        if self._output.kind == "oci-dir" and _file_digest(store.path(digest)) != digest:
             with contextlib.suppress(OSError):
                 os.unlink(store.path(digest))  # damaged: made again
             return None
-        measured = self._stream(layer, _discard, progress)
+        store.touch(digest)  # recently used: trimmed last
+        measured = self._stream(layer, None, progress)
         compression = self._compression
         return LayerBlob(digest, size, compression.media_type, compression.label), measured
 
@@ -351,15 +371,31 @@ class OciWriter:
                     f"{layer.description}: its blob has digest {found}, not {layer.digest}"
                 )
             self._store.commit(temporary, found)
-        measured = self._stream(layer, _discard, progress)
-        return LayerBlob(found, size, MEDIA_TYPES[layer.compression()], None), measured
+        measured = self._stream(layer, None, progress)
+        media_type = MEDIA_TYPES[layer.compression()]
+        return LayerBlob(found, size, media_type, layer.compressed_by), measured
 
     def _stream(
-        self, layer: Layer, sink: Callable[[memoryview], object], progress: Progress
+        self, layer: Layer, sink: Callable[[memoryview], object] | None, progress: Progress
     ) -> Measured:
-        with HashingWriter(
-            sink, idle=self._idle, fork=False, checkpoint_interval=self._interval
-        ) as out:
+        """Stream the layer's tar to `sink`, or only for its digest (None): then
+        to /dev/null, through the forked pipeline where it can run, whose
+        checkpoints check a rebuild's bytes on two cores."""
+        with contextlib.ExitStack() as stack:
+            if sink is None:
+                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                stack.callback(os.close, null)
+                target: int | Callable[[memoryview], object] = null
+            else:
+                target = sink
+            out = stack.enter_context(
+                HashingWriter(
+                    target,
+                    idle=self._idle,
+                    fork=None if sink is None else False,
+                    checkpoint_interval=self._interval,
+                )
+            )
             pending = layer.stream(out, progress)
             out.drain()
         return pending.result()
@@ -375,10 +411,6 @@ def compression_of(layers: list[StoredLayer]) -> Compression:
     kinds = [layer.claimed_compression() for layer in layers]
     method = next((kind for kind in reversed(kinds) if kind in ("gzip", "zstd")), "none")
     return choose(method)
-
-
-def _discard(block: memoryview) -> None:
-    """The sink of a tar streamed only for its digest."""
 
 
 def _file_digest(path: str) -> str | None:

@@ -280,13 +280,20 @@ def _build_platforms(
         for value in platform_images:
             architecture, equals, config_path = value.partition("=")
             if example:
-                from ..build.example import make_example_store
+                from ..build.example import ARCHITECTURES, make_example_store
 
                 if equals:
                     raise click.BadParameter(f"{value!r}: with --example, give ARCH alone")
+                if architecture not in ARCHITECTURES:
+                    raise click.BadParameter(
+                        f"the example has a program for {' and '.join(ARCHITECTURES)}, "
+                        f"not {architecture}"
+                    )
                 example_root = stack.enter_context(_example_root())
                 document = make_example_store(example_root, architecture)
-                config = validate_config(document, source="example", repo_tag=repo_tag)
+                config = validate_config(
+                    document, source="example", repo_tag=repo_tag, extra_tags=extra_tags
+                )
                 builds.append((config, example_root))
                 continue
             if not equals or not config_path:
@@ -299,7 +306,7 @@ def _build_platforms(
                 )
             builds.append((config, root))
         _refuse_terminal(destination)
-        names = list(tags) or builds[0][0].repo_tags
+        names = builds[0][0].repo_tags  # -t's, as names are read (app: app:latest)
         _run_build(builds, destination, root, use_cache=not no_cache and not example, names=names)
 
 

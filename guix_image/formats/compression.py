@@ -133,11 +133,13 @@ def _library(method: str, level: int | None) -> str:
         import zstandard
 
         version = ".".join(map(str, zstandard.ZSTD_VERSION))
-        return f"libzstd {version}, python-zstandard {zstandard.__version__}"
+        jobs = f"{ZSTD_JOB >> 20} MiB jobs"
+        return f"libzstd {version}, python-zstandard {zstandard.__version__}, {jobs}"
     if level in _ISAL_LEVELS:
         import isal
 
-        return f"ISA-L igzip {isal.ISAL_VERSION}, python-isal {isal.__version__}"
+        pieces = f"{CHUNK >> 20} MiB pieces"
+        return f"ISA-L igzip {isal.ISAL_VERSION}, python-isal {isal.__version__}, {pieces}"
     return f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
 
 

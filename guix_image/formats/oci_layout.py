@@ -298,6 +298,13 @@ class BlobStore:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as error:
             raise InputError(f"cannot create {self.directory}: {error.strerror}") from None
+        if not os.access(self.directory, os.W_OK):
+            raise InputError(f"cannot write in {self.directory}")
+
+    def touch(self, digest: str) -> None:
+        """Mark the blob as recently used (housekeeping: never fails)."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(digest))
 
     def path(self, digest: str) -> str:
         return os.path.join(self.directory, digest.removeprefix(SHA256_PREFIX))
@@ -370,6 +377,7 @@ class LayoutWriter(BlobStore):
         parent = os.path.dirname(os.path.abspath(root))
         if not os.path.isdir(parent):
             raise InputError(f"output {root}: directory {parent} does not exist")
+        _existing_manifests(os.path.join(root, "index.json"))  # refused now, not at the end
         self.create()
         layout = os.path.join(root, "oci-layout")
         if not os.path.exists(layout):
@@ -471,6 +479,14 @@ def writer_of(out: int | Callable[[bytes], object]) -> Callable[[bytes | memoryv
     return call
 
 
+class BlobMismatch(OperationError):
+    """A blob's bytes are not those its name says."""
+
+    def __init__(self, path: str, digest: str) -> None:
+        super().__init__(f"blob {path} is not the blob {digest} it should be")
+        self.path = path
+
+
 @dataclass(frozen=True)
 class ArchivedBlob:
     """A blob to put in an archive: its digest and size, and the file it is in."""
@@ -525,4 +541,4 @@ def _copy_checked(blob: ArchivedBlob, emit: Any) -> None:
     except OSError as error:
         raise OperationError(f"cannot read blob {blob.path}: {error.strerror}") from None
     if copied != blob.size or SHA256_PREFIX + digest.hexdigest() != blob.digest:
-        raise OperationError(f"blob {blob.path} is not the blob {blob.digest} it should be")
+        raise BlobMismatch(blob.path, blob.digest)
