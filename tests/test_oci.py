@@ -27,7 +27,7 @@ from guix_image.errors import InputError
 from guix_image.formats import compression as compression_module
 from guix_image.formats.compression import ANNOTATION, GZIP_HEADER, BlobWriter, choose
 
-from .support.cli import Cli
+from .support.cli import Cli, inspect_json
 from .support.nar import nar_hash
 from .support.stores import (
     StoreTree,
@@ -364,6 +364,9 @@ def test_oci_output_for_store_items_through_the_cli(
     assert result.exit_code == 0, result.output
     assert "manifest sha256:" in result.stderr
     assert cli("verify", str(out)).exit_code == 0
+    shown = inspect_json(cli, out)
+    assert {layer["compressed_by"] for layer in shown["layers"]} == {choose("zstd").label}
+    assert {layer["compression"] for layer in shown["layers"]} == {"zstd"}
 
 
 # -- real tools --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class LayerSummary:
     entries: int
     comment: str | None
     created_by: str | None
+    compressed_by: str | None = None  # as a guix-image build recorded it (OCI)
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -164,6 +165,7 @@ def summarize(image: Image[StoredLayer], contents: list[LayerContents]) -> Inspe
             entries=read.entries,
             comment=entry.get("comment"),
             created_by=entry.get("created_by"),
+            compressed_by=layer.compressed_by,
         )
         for layer, read, entry in zip(image.layers, contents, history, strict=True)
     ]

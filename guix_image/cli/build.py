@@ -184,16 +184,17 @@ def build(
     compress_level: int | None,
     **items_options: Any,
 ) -> None:
-    """Stream a Docker image archive of store items: the closure of STORE_ITEMs,
-    layered, or the layers a CONFIG describes.
+    """Stream an image archive of store items (Docker's, or OCI with compressed
+    layers): the closure of STORE_ITEMs, layered, or the layers a CONFIG describes.
 
     STORE_ITEM is a store item (/gnu/store/...-hello-2.12, or a `result` link
     to one): its closure comes from the store's database (or --references, or
     nix-store), spread over at most --max-layers layers by --strategy. CONFIG
     is the JSON file of nixpkgs' streamLayeredImage and Guix's
     stream-layered-image.py, or - for standard input. The archive loads with
-    `docker load` and `podman load`; the same inputs and store always give the
-    same bytes.
+    `docker load` and `podman load`; --format oci-archive or oci-dir writes an
+    OCI layout for skopeo, umoci and registries. The same inputs and store
+    always give the same bytes.
 
     \b
     Examples:
@@ -202,6 +203,7 @@ def build(
       guix-image build ./result --print-layers
       guix-image build image.json | docker load
       guix-image build image.json -t app:1.0 -o app.tar
+      guix-image build image.json --format oci-dir --compress zstd -o layout
     """
     from ..build.config import parse_config, validate_config
 
