@@ -125,7 +125,7 @@ class LayerCache:
     def trim_blobs(self, budget: int = BLOBS_BUDGET) -> None:
         """Remove the least recently used blobs beyond `budget` bytes, and
         temporary files a crashed build left (housekeeping: never fails)."""
-        _trim_directory(self.blobs.directory, budget, self._in_use, lambda name: True)
+        _trim_directory(self.blobs.directory, budget, self._in_use)
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -281,20 +281,24 @@ class LayerCache:
                             os.unlink(entry.path)
         except OSError:
             return
-        total = sum(size for _, size, _ in lists)
-        for _, size, path in sorted(lists):
-            if total <= budget:
-                break
-            if path in self._in_use:  # this build's: never thrash what it just used
-                continue
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            total -= size
+        _remove_least_recent(lists, budget, self._in_use)
 
 
-def _trim_directory(
-    directory: str, budget: int, in_use: set[str], counted: Callable[[str], bool]
-) -> None:
+def _remove_least_recent(files: list[tuple[int, int, str]], budget: int, in_use: set[str]) -> None:
+    """Remove the least recent of `files` (mtime, size, path) until they fit in
+    `budget` bytes; never those `in_use` (this build's: never thrash what it used)."""
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= budget:
+            break
+        if path in in_use:
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        total -= size
+
+
+def _trim_directory(directory: str, budget: int, in_use: set[str]) -> None:
     """Remove least recently used files of `directory` beyond `budget` bytes
     (not those `in_use`), and abandoned temporary files (dot-names)."""
     files: list[tuple[int, int, str]] = []
@@ -306,20 +310,12 @@ def _trim_directory(
                     if entry.name.startswith("."):
                         if _abandoned(entry, now):
                             os.unlink(entry.path)
-                    elif counted(entry.name):
+                    else:
                         st = entry.stat(follow_symlinks=False)
                         files.append((st.st_mtime_ns, st.st_size, entry.path))
     except OSError:
         return
-    total = sum(size for _, size, _ in files)
-    for _, size, path in sorted(files):
-        if total <= budget:
-            break
-        if path in in_use:
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        total -= size
+    _remove_least_recent(files, budget, in_use)
 
 
 def _abandoned(entry: os.DirEntry[str], now: float) -> bool:
