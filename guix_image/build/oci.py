@@ -123,6 +123,8 @@ class OciOutput:
         self._layout: LayoutWriter | None = None
         self._finished: list[_Finished] = []
         self._several = False
+        # The blobs made by this output's builds, which need no checking again.
+        self._made: set[str] = set()
 
     @contextlib.contextmanager
     def open(
@@ -184,9 +186,11 @@ class OciOutput:
         finally:
             self._store = None
 
-    def finished(self, image: _Finished, repo_tags: list[str]) -> None:
-        """An image's blobs are stored: publish it, unless more are to come."""
+    def finished(self, image: _Finished, made: set[str], repo_tags: list[str]) -> None:
+        """An image's blobs are stored (`made`: those its build made): publish it,
+        unless more are to come."""
         self._finished.append(image)
+        self._made |= made
         if not self._several:
             self.publish(repo_tags)
 
@@ -223,7 +227,10 @@ class OciOutput:
         docker_manifest = self._docker_manifest(names)
         if docker_manifest is not None:
             documents.append((DOCKER_MANIFEST, docker_manifest))
-        archived = [ArchivedBlob(d.digest, d.size, store.path(d.digest)) for d in unique]
+        archived = [
+            ArchivedBlob(d.digest, d.size, store.path(d.digest), d.digest not in self._made)
+            for d in unique
+        ]
         assert not isinstance(self.target, str)
         try:
             self.bytes_written = oci_layout.write_archive(
@@ -282,6 +289,7 @@ class OciWriter:
         self.new_blobs: dict[int, tuple[str, str, int]] = {}
         self.manifest_digest: str | None = None
         self.forked = False
+        self._made: set[str] = set()  # blobs written by this build (not reused)
 
     @property
     def bytes_written(self) -> int:
@@ -316,7 +324,7 @@ class OciWriter:
             key: document[key] for key in ("architecture", "os", "variant") if key in document
         }
         finished = _Finished(manifest_descriptor, [config_descriptor, *layers], platform)
-        self._output.finished(finished, repo_tags)
+        self._output.finished(finished, self._made, repo_tags)  # small blobs: checked anyway
         return config_descriptor.digest
 
     # -- layers ------------------------------------------------------------------
@@ -332,6 +340,7 @@ class OciWriter:
             if compression.method == "none":
                 blob = Measured(measured.digest, measured.size)  # the tar is the blob
             self._store.commit(temporary, blob.digest)
+        self._made.add(blob.digest)
         made = LayerBlob(blob.digest, blob.size, compression.media_type, compression.label)
         return made, measured
 
@@ -371,6 +380,7 @@ class OciWriter:
                     f"{layer.description}: its blob has digest {found}, not {layer.digest}"
                 )
             self._store.commit(temporary, found)
+        self._made.add(found)
         measured = self._stream(layer, None, progress)
         media_type = MEDIA_TYPES[layer.compression()]
         return LayerBlob(found, size, media_type, layer.compressed_by), measured

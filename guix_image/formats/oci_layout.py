@@ -489,11 +489,13 @@ class BlobMismatch(OperationError):
 
 @dataclass(frozen=True)
 class ArchivedBlob:
-    """A blob to put in an archive: its digest and size, and the file it is in."""
+    """A blob to put in an archive: its digest and size, the file it is in, and
+    whether its bytes must be checked on the way (not if they were just made)."""
 
     digest: str
     size: int
     path: str
+    check: bool = True
 
 
 def write_archive(
@@ -504,8 +506,8 @@ def write_archive(
     mtime: int,
 ) -> int:
     """Stream an OCI layout as one tar to `out`: `documents` (name, bytes) first,
-    then `blobs`, each checked against its digest while it is copied (an
-    OperationError if it does not match). The bytes written."""
+    then `blobs`, each checked against its digest while it is copied unless
+    it says not to (BlobMismatch if it does not match). The bytes written."""
     encoder = HeaderEncoder(mtime=mtime)
     write = writer_of(out)
     written = 0
@@ -535,10 +537,11 @@ def _copy_checked(blob: ArchivedBlob, emit: Any) -> None:
     try:
         with open(blob.path, "rb") as f:
             while copied < blob.size and (chunk := f.read(min(_COPY_CHUNK, blob.size - copied))):
-                digest.update(chunk)
+                if blob.check:
+                    digest.update(chunk)
                 emit(chunk)
                 copied += len(chunk)
     except OSError as error:
         raise OperationError(f"cannot read blob {blob.path}: {error.strerror}") from None
-    if copied != blob.size or SHA256_PREFIX + digest.hexdigest() != blob.digest:
+    if copied != blob.size or (blob.check and SHA256_PREFIX + digest.hexdigest() != blob.digest):
         raise BlobMismatch(blob.path, blob.digest)
