@@ -132,10 +132,14 @@ class OciOutput:
     ) -> Iterator[OciWriter]:
         """A writer for one image, published as it finishes unless within `several`."""
         if self._store is not None:
-            yield OciWriter(self, self._store, idle, checkpoint_interval)
+            with OciWriter(self, self._store, idle, checkpoint_interval) as writer:
+                yield writer
             return
-        with self._session():
-            yield OciWriter(self, self._store_now(), idle, checkpoint_interval)
+        with (
+            self._session(),
+            OciWriter(self, self._store_now(), idle, checkpoint_interval) as writer,
+        ):
+            yield writer
 
     @contextlib.contextmanager
     def several(self, names: list[str]) -> Iterator[None]:
@@ -290,6 +294,16 @@ class OciWriter:
         self.manifest_digest: str | None = None
         self.forked = False
         self._made: set[str] = set()  # blobs written by this build (not reused)
+        # Tars streamed only for their digests share one pipeline to /dev/null
+        # (a forked one where it can be): one fork, not one per layer.
+        self._stack = contextlib.ExitStack()
+        self._null: HashingWriter | None = None
+
+    def __enter__(self) -> OciWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.__exit__(*exc)  # type: ignore[arg-type]
 
     @property
     def bytes_written(self) -> int:
@@ -388,27 +402,27 @@ class OciWriter:
     def _stream(
         self, layer: Layer, sink: Callable[[memoryview], object] | None, progress: Progress
     ) -> Measured:
-        """Stream the layer's tar to `sink`, or only for its digest (None): then
-        to /dev/null, through the forked pipeline where it can run, whose
-        checkpoints check a rebuild's bytes on two cores."""
-        with contextlib.ExitStack() as stack:
-            if sink is None:
-                null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-                stack.callback(os.close, null)
-                target: int | Callable[[memoryview], object] = null
-            else:
-                target = sink
-            out = stack.enter_context(
-                HashingWriter(
-                    target,
-                    idle=self._idle,
-                    fork=None if sink is None else False,
-                    checkpoint_interval=self._interval,
-                )
-            )
+        """Stream the layer's tar to `sink`, or only for its digest (None)."""
+        if sink is None:
+            out = self._null_writer()
+            pending = layer.stream(out, progress)
+            out.drain()
+            return pending.result()
+        with HashingWriter(
+            sink, idle=self._idle, fork=False, checkpoint_interval=self._interval
+        ) as out:
             pending = layer.stream(out, progress)
             out.drain()
         return pending.result()
+
+    def _null_writer(self) -> HashingWriter:
+        if self._null is None:
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            self._stack.callback(os.close, null)
+            self._null = self._stack.enter_context(
+                HashingWriter(null, idle=self._idle, checkpoint_interval=self._interval)
+            )
+        return self._null
 
 
 def compression_of(layers: list[StoredLayer]) -> Compression:
