@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError, OperationError
-from ..fastpath import HashingWriter
+from ..fastpath import HashingWriter, Sink
 from ..formats import oci_layout
 from ..formats.compression import (
     ANNOTATION,
@@ -104,7 +104,7 @@ class OciOutput:
     def __init__(
         self,
         kind: str,
-        target: str | int | Callable[[bytes], object],
+        target: str | Sink,
         compression: Compression,
         *,
         kept_blobs: BlobStore | None = None,
@@ -237,9 +237,12 @@ class OciOutput:
         ]
         assert not isinstance(self.target, str)
         try:
-            self.bytes_written = oci_layout.write_archive(
-                self.target, documents, archived, mtime=self.mtime
-            )
+            # Its pipeline hashes the blobs to check while it writes (see fastpath).
+            with HashingWriter(self.target) as out:
+                checked = oci_layout.write_archive(out, documents, archived, mtime=self.mtime)
+                out.drain()
+                oci_layout.check_blobs(checked)
+            self.bytes_written = out.position
         except BlobMismatch as error:
             if self.kept_blobs is None:
                 raise
@@ -338,6 +341,7 @@ class OciWriter:
             key: document[key] for key in ("architecture", "os", "variant") if key in document
         }
         finished = _Finished(manifest_descriptor, [config_descriptor, *layers], platform)
+        self._stack.close()  # the pipeline for digests only stops: the archive may fork its own
         self._output.finished(finished, self._made, repo_tags)  # small blobs: checked anyway
         return config_descriptor.digest
 
@@ -386,7 +390,7 @@ class OciWriter:
             with layer.open_blob() as blob:
                 while chunk := blob.read(1 << 20):
                     digest.update(chunk)
-                    oci_layout._write_all(fd, chunk)
+                    oci_layout.write_all(fd, chunk)
                     size += len(chunk)
             found = SHA256_PREFIX + digest.hexdigest()
             if layer.digest is not None and layer.digest != found:

@@ -17,10 +17,9 @@ as one tar (`oci-archive`), checking each blob's digest as it copies it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,8 @@ from ..model import (
     SHA256_PREFIX,
     Check,
     Image,
+    PendingDigest,
+    TarSink,
     canonical_json,
     is_sha256_digest,
     sha256_digest,
@@ -344,7 +345,7 @@ class BlobStore:
         digest = sha256_digest(data)
         if not self.has(digest, len(data)):
             with self.new_blob() as (fd, temporary):
-                _write_all(fd, data)
+                write_all(fd, data)
                 self.commit(temporary, digest)
         return digest
 
@@ -460,23 +461,11 @@ def _replace_file(path: str, data: bytes) -> None:
         raise
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """All of `data` to `fd`."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def writer_of(out: int | Callable[[bytes], object]) -> Callable[[bytes | memoryview], None]:
-    """A function that writes all it is given to `out`, a descriptor or a function."""
-    if isinstance(out, int):
-        fd = out
-        return lambda data: _write_all(fd, data)
-    function = out
-
-    def call(data: bytes | memoryview) -> None:
-        function(bytes(data))
-
-    return call
 
 
 class BlobMismatch(OperationError):
@@ -499,49 +488,46 @@ class ArchivedBlob:
 
 
 def write_archive(
-    out: int | Callable[[bytes], object],
+    out: TarSink,
     documents: list[tuple[str, bytes]],
     blobs: list[ArchivedBlob],
     *,
     mtime: int,
-) -> int:
+) -> list[tuple[ArchivedBlob, PendingDigest]]:
     """Stream an OCI layout as one tar to `out`: `documents` (name, bytes) first,
-    then `blobs`, each checked against its digest while it is copied unless
-    it says not to (BlobMismatch if it does not match). The bytes written."""
+    then `blobs`. Each blob to check is hashed on the way: once `out` drains,
+    `check_blobs` says whether each is what its name says."""
     encoder = HeaderEncoder(mtime=mtime)
-    write = writer_of(out)
-    written = 0
-
-    def emit(data: bytes | memoryview) -> None:
-        nonlocal written
-        write(data)
-        written += len(data)
-
     for directory in (b"blobs/", b"blobs/sha256/"):
-        emit(encoder.encode(directory, DIRTYPE, 0o755))
+        out.write(encoder.encode(directory, DIRTYPE, 0o755))
     for name, data in documents:
-        emit(encoder.encode(name.encode(), REGTYPE, 0o644, len(data)))
-        emit(data + bytes(padding(len(data))))
+        out.write(encoder.encode(name.encode(), REGTYPE, 0o644, len(data)))
+        out.write(data)
+        out.write_zeros(padding(len(data)))
+    checked = []
     for blob in blobs:
         name = "blobs/sha256/" + blob.digest.removeprefix(SHA256_PREFIX)
-        emit(encoder.encode(name.encode(), REGTYPE, 0o644, blob.size))
-        _copy_checked(blob, emit)
-        emit(bytes(padding(blob.size)))
-    emit(END_OF_ARCHIVE)
-    return written
+        out.write(encoder.encode(name.encode(), REGTYPE, 0o644, blob.size))
+        try:
+            fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise OperationError(f"cannot read blob {blob.path}: {error.strerror}") from None
+        try:
+            if blob.check:
+                checked.append((blob, out.begin_digest()))
+            out.copy_from_fd(fd, blob.size, blob.path)
+            if blob.check:
+                out.end_digest()
+        finally:
+            os.close(fd)
+        out.write_zeros(padding(blob.size))
+    out.write(END_OF_ARCHIVE)
+    return checked
 
 
-def _copy_checked(blob: ArchivedBlob, emit: Any) -> None:
-    digest = hashlib.sha256()
-    copied = 0
-    try:
-        with open(blob.path, "rb") as f:
-            while copied < blob.size and (chunk := f.read(min(_COPY_CHUNK, blob.size - copied))):
-                if blob.check:
-                    digest.update(chunk)
-                emit(chunk)
-                copied += len(chunk)
-    except OSError as error:
-        raise OperationError(f"cannot read blob {blob.path}: {error.strerror}") from None
-    if copied != blob.size or (blob.check and SHA256_PREFIX + digest.hexdigest() != blob.digest):
-        raise BlobMismatch(blob.path, blob.digest)
+def check_blobs(checked: list[tuple[ArchivedBlob, PendingDigest]]) -> None:
+    """BlobMismatch for the first blob write_archive copied that is not what its
+    name says (once the stream it was written to has drained)."""
+    for blob, digest in checked:
+        if digest.result().digest != blob.digest:
+            raise BlobMismatch(blob.path, blob.digest)
