@@ -238,7 +238,7 @@ class OciOutput:
         assert not isinstance(self.target, str)
         try:
             # Its pipeline hashes the blobs to check while it writes (see fastpath).
-            with HashingWriter(self.target) as out:
+            with HashingWriter(self.target, blocks=4) as out:
                 checked = oci_layout.write_archive(out, documents, archived, mtime=self.mtime)
                 out.drain()
                 oci_layout.check_blobs(checked)
@@ -413,7 +413,7 @@ class OciWriter:
             out.drain()
             return pending.result()
         with HashingWriter(
-            sink, idle=self._idle, fork=False, checkpoint_interval=self._interval
+            sink, idle=self._idle, fork=False, blocks=4, checkpoint_interval=self._interval
         ) as out:
             pending = layer.stream(out, progress)
             out.drain()
