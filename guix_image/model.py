@@ -197,6 +197,10 @@ class Image(Generic[LayerT]):
     # reading layers: config digest against its name or descriptor, and so on.
     checks: list[Check] = field(default_factory=list)
     config_digest: str = ""  # of config_bytes; computed if not given
+    # The manifest that lists it, as stored (OCI), and its media type: what a
+    # push sends, byte for byte.
+    manifest: bytes | None = None
+    manifest_media_type: str | None = None
 
     def __post_init__(self) -> None:
         if not self.config_digest:

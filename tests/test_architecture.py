@@ -33,6 +33,7 @@ LAYERS = {
     "guix_image.formats": 4,
     "guix_image.analysis": 5,
     "guix_image.build": 5,
+    "guix_image.registry": 5,
     "guix_image.cli": 6,
     "guix_image.__main__": 7,
 }

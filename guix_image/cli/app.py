@@ -23,6 +23,7 @@ from ..errors import GuixImageError
 from .build import build
 from .completion import SHELLS, completion_script
 from .options import CommandError, common_options, show_traceback
+from .push import push
 from .read import diff_layers, inspect, verify
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -156,5 +157,5 @@ def completion(shell: str) -> None:
     click.echo(completion_script(main, shell), nl=False)
 
 
-for command in (build, inspect, diff_layers, verify):
+for command in (build, inspect, diff_layers, verify, push):
     main.add_command(command)

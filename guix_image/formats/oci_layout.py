@@ -142,6 +142,8 @@ class _Walk:
                 continue
             image = _image(source, self.configs, document, location, self.kind, names)
             image.checks[:0] = checks
+            image.manifest = data
+            image.manifest_media_type = media_type if isinstance(media_type, str) else OCI_MANIFEST
             self.images.append(image)
             self._by_manifest[location] = image
 

@@ -1,0 +1,122 @@
+"""Push an image, as the readers give it, to a registry: blobs, then the manifest.
+
+Each blob is asked for first (HEAD) and uploaded only if the registry lacks
+it, mounted from `mount_from` when that repository has it; blobs go up in
+parallel (`PARALLEL` at a time). The manifest goes last, so a push that
+fails never leaves a tag naming a blob the registry lacks. An OCI image is
+pushed with its own manifest, byte for byte (the same digest as in the
+archive); an image from a Docker archive gets an OCI manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from ..formats.compression import MEDIA_TYPES
+from ..formats.oci_layout import OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_document
+from ..formats.stored_layer import StoredLayer
+from ..model import SHA256_PREFIX, Image, sha256_digest
+from .remote import BlobSource, Repository
+
+PARALLEL = 4
+
+
+@dataclass
+class PushReport:
+    """What a push did: the manifest's digest, and each blob's fate."""
+
+    reference: str
+    digest: str = ""
+    uploaded: list[str] = field(default_factory=list)
+    mounted: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+
+    @property
+    def pinned(self) -> str:
+        """`host/name:tag@sha256:...`, what to pull to get exactly this image."""
+        return f"{self.reference}@{self.digest}"
+
+
+def push_image(
+    image: Image[StoredLayer],
+    repository: Repository,
+    *,
+    mount_from: str | None = None,
+    on_blob: Callable[[str, str], None] | None = None,
+) -> PushReport:
+    """Push `image`; `on_blob(digest, what happened)` hears of each blob."""
+    report = PushReport(str(repository.reference))
+    manifest, media_type = _manifest(image)
+    blobs = [BlobSource(image.config_digest, len(image.config_bytes), data=image.config_bytes)]
+    blobs += [_blob(layer) for layer in image.layers]
+    unique = list({blob.digest: blob for blob in blobs}.values())
+
+    def push_blob(blob: BlobSource) -> None:
+        if repository.blob_exists(blob.digest):
+            fate, kept = "present", report.present
+        elif mount_from and repository.mount(blob.digest, mount_from):
+            fate, kept = "mounted", report.mounted
+        else:
+            repository.upload(blob)
+            fate, kept = "uploaded", report.uploaded
+        kept.append(blob.digest)
+        if on_blob is not None:
+            on_blob(blob.digest, fate)
+
+    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="guix-image-push") as pool:
+        for future in [pool.submit(push_blob, blob) for blob in unique]:
+            future.result()  # the first failure, once the others are done
+    report.digest = sha256_digest(manifest)
+    repository.put_manifest(repository.reference.target, media_type, manifest, report.digest)
+    return report
+
+
+def _manifest(image: Image[StoredLayer]) -> tuple[bytes, str]:
+    """The image's own manifest if it has one (OCI), else one made for it."""
+    if image.manifest is not None and image.manifest_media_type is not None:
+        return image.manifest, image.manifest_media_type
+    config = Descriptor(OCI_CONFIG, image.config_digest, len(image.config_bytes))
+    layers = []
+    for layer in image.layers:
+        blob = _blob(layer)
+        layers.append(Descriptor(MEDIA_TYPES[_compression(layer)], blob.digest, blob.size))
+    return manifest_document(config, layers), OCI_MANIFEST
+
+
+def _compression(layer: StoredLayer) -> str:
+    kind = layer.compression()
+    if kind not in MEDIA_TYPES:
+        raise InputError(
+            f"{layer.description}: a {kind} layer has no OCI media type; rebuild it with "
+            "`guix-image build --format oci-dir`"
+        )
+    return kind
+
+
+def _blob(layer: StoredLayer) -> BlobSource:
+    """Where the layer's blob is, and its digest: as claimed where an archive
+    claims one (the registry checks it against the bytes), else hashed."""
+    extent = layer.source.extent(layer.location)
+    if extent is None:
+        raise InputError(
+            f"{layer.description}: push reads blobs from an archive file or a layout, "
+            "not from a stream (decompress the archive, or give a file)"
+        )
+    path, offset, size = extent
+    digest = layer.digest
+    if digest is None and layer.compression() == "none":
+        digest = layer.diff_id
+    if digest is None:
+        digest = _file_digest(path, offset, size)
+    return BlobSource(digest, size, path=path, offset=offset)
+
+
+def _file_digest(path: str, offset: int, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in BlobSource("", size, path=path, offset=offset).chunks():
+        digest.update(chunk)
+    return SHA256_PREFIX + digest.hexdigest()

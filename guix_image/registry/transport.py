@@ -1,0 +1,214 @@
+"""HTTP to one registry: connections, TLS, authentication challenges, retries.
+
+Kept apart from the protocol (remote.py), as go-containerregistry keeps
+`transport` apart from `remote`. One connection per thread (http.client's
+are not shared). A request is retried, with backoff, on a connection error
+or a 5xx answer, a bounded number of times; its body is a function that
+gives the bytes again for each attempt. A 401 is answered as its
+`WWW-Authenticate` challenge says: Basic with the credentials given, or a
+Bearer token fetched from the realm for the scope asked (anonymous when no
+credentials are given).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import ssl
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import OperationError
+
+ATTEMPTS = 4
+BACKOFF = 0.25  # seconds before the second attempt, doubled each time
+TIMEOUT = 60.0
+MAX_BODY = 16 << 20  # of an answer read into memory (manifests, errors, tokens)
+
+# A request body: a function giving its chunks, afresh for each attempt.
+Body = Callable[[], Iterable[bytes]]
+
+
+class RegistryError(OperationError):
+    """The registry refused, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+
+
+@dataclass
+class Credentials:
+    username: str
+    password: str
+
+
+@dataclass
+class Transport:
+    """Requests to the registry at `host` ("name[:port]")."""
+
+    host: str
+    secure: bool = True  # https; else plain http
+    verify: bool = True  # check the registry's certificate
+    ca_file: str | None = None
+    credentials: Credentials | None = None
+    attempts: int = ATTEMPTS
+    _local: threading.local = field(default_factory=threading.local)
+    _tokens: dict[str, str] = field(default_factory=dict)  # by scope
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    requests: int = 0  # counted, for tests and the report
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        body: Body | None = None,
+        length: int | None = None,
+    ) -> Response:
+        """`method` on `url` (a path, or an absolute URL the registry gave), with
+        the authorisation `scope` needs; retried as the module says."""
+        for attempt in range(self.attempts):
+            try:
+                response = self._once(method, url, scope, headers or {}, body, length)
+            except (OSError, http.client.HTTPException) as error:
+                self._drop_connection()
+                if attempt + 1 == self.attempts:
+                    raise RegistryError(f"{self.host}: {method} failed: {error}") from None
+            else:
+                if response.status == 401 and self._answer_challenge(response, scope):
+                    response = self._once(method, url, scope, headers or {}, body, length)
+                if response.status < 500 or attempt + 1 == self.attempts:
+                    return response
+            time.sleep(BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
+
+    # -- one attempt ----------------------------------------------------------------
+
+    def _once(
+        self,
+        method: str,
+        url: str,
+        scope: str,
+        headers: dict[str, str],
+        body: Body | None,
+        length: int | None,
+    ) -> Response:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.netloc and parsed.netloc != self.host:
+            raise RegistryError(f"{self.host} sent us to another host: {parsed.netloc}")
+        path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+        sent = dict(headers)
+        authorisation = self._tokens.get(scope)
+        if authorisation:
+            sent["Authorization"] = authorisation
+        if body is not None and length is not None:
+            sent["Content-Length"] = str(length)
+        elif body is None and method in ("PUT", "POST", "PATCH"):
+            sent["Content-Length"] = "0"
+        connection = self._connection()
+        with self._lock:
+            self.requests += 1
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in sent.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        if body is not None:
+            for chunk in body():
+                connection.send(chunk)
+        answer = connection.getresponse()
+        data = answer.read(MAX_BODY + 1) if method != "HEAD" else b""
+        if len(data) > MAX_BODY:
+            self._drop_connection()
+            raise RegistryError(f"{self.host}: an answer over {MAX_BODY} bytes")
+        headers_in = {name.lower(): value for name, value in answer.getheaders()}
+        if answer.will_close:
+            self._drop_connection()
+        return Response(answer.status, headers_in, data)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._open(self.secure, self.host)
+            self._local.connection = connection
+        return connection
+
+    def _open(self, secure: bool, netloc: str) -> http.client.HTTPConnection:
+        if not secure:
+            return http.client.HTTPConnection(netloc, timeout=TIMEOUT)
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return http.client.HTTPSConnection(netloc, timeout=TIMEOUT, context=context)
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+    # -- authorisation ------------------------------------------------------------------
+
+    def _answer_challenge(self, response: Response, scope: str) -> bool:
+        """Get what the challenge asks for; whether there is something to try again with."""
+        challenge = response.headers.get("www-authenticate", "")
+        kind, _, rest = challenge.partition(" ")
+        if kind.lower() == "basic":
+            if self.credentials is None:
+                return False
+            pair = f"{self.credentials.username}:{self.credentials.password}".encode()
+            self._tokens[scope] = "Basic " + base64.b64encode(pair).decode()
+            return True
+        if kind.lower() != "bearer":
+            return False
+        parameters = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        realm = parameters.get("realm")
+        if not realm:
+            return False
+        self._tokens[scope] = "Bearer " + self._token(realm, parameters.get("service"), scope)
+        return True
+
+    def _token(self, realm: str, service: str | None, scope: str) -> str:
+        query = {"scope": scope, **({"service": service} if service else {})}
+        url = urllib.parse.urlsplit(realm)
+        connection = self._open(url.scheme == "https", url.netloc)
+        headers = {}
+        if self.credentials is not None:
+            pair = f"{self.credentials.username}:{self.credentials.password}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        path = url.path + "?" + urllib.parse.urlencode(query)
+        try:
+            connection.request("GET", path, headers=headers)
+            answer = connection.getresponse()
+            data = answer.read(MAX_BODY)
+        except (OSError, http.client.HTTPException) as error:
+            raise RegistryError(f"{realm}: cannot get a token: {error}") from None
+        finally:
+            connection.close()
+        if answer.status != 200:
+            raise RegistryError(
+                f"{realm} refused a token for {scope} (HTTP {answer.status})", answer.status
+            )
+        try:
+            document = json.loads(data)
+            token = document.get("token") or document.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"{realm} gave no token for {scope}")
+        return token

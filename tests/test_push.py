@@ -1,0 +1,164 @@
+"""`guix-image push`: into a real registry (Debian's docker-registry, started on a
+loopback port), checked by skopeo and docker; what is uploaded is counted in the
+registry's own access log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guix_image.errors import InputError
+from guix_image.registry.reference import parse_reference
+
+from .support.cli import Cli
+from .support.registry import Registry, free_port, running_registry
+from .support.stores import StoreTree, populate
+from .support.tools import docker_answers, require, run
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    with running_registry(directory) as started:
+        yield started
+
+
+def manifest_digest(archive: Path) -> str:
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        return json.loads(member.read())["manifests"][0]["digest"]  # type: ignore[no-any-return]
+
+
+def skopeo_digest(reference: str) -> str:
+    require("skopeo")
+    shown = run("skopeo", "inspect", "--tls-verify=false", f"docker://{reference}")
+    return json.loads(shown.stdout)["Digest"]  # type: ignore[no-any-return]
+
+
+def test_references_as_users_write_them() -> None:
+    ref = parse_reference("docker://localhost:5000/team/app:1.0")
+    assert (ref.host, ref.repository, ref.tag, ref.loopback) == (
+        "localhost:5000",
+        "team/app",
+        "1.0",
+        True,
+    )
+    digest = "sha256:" + "a" * 64
+    pinned = parse_reference(f"registry.example/app@{digest}")
+    assert (pinned.target, pinned.loopback, str(pinned)) == (
+        digest,
+        False,
+        f"registry.example/app@{digest}",
+    )
+    assert str(parse_reference("127.0.0.1:5000/app")) == "127.0.0.1:5000/app:latest"
+    for bad in [
+        "app:1.0",
+        "localhost:5000/App",
+        "localhost:5000/app:bad tag",
+        "host.x/app@sha256:12",
+    ]:
+        with pytest.raises(InputError):
+            parse_reference(bad)
+
+
+def test_push_then_again_uploads_nothing(registry: Registry, tmp_path: Path, cli: Cli) -> None:
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    ref = f"{registry.host}/guix/example:1"
+    pushed = cli("push", str(archive), ref)
+    assert pushed.exit_code == 0, pushed.output
+    digest = manifest_digest(archive)
+    assert pushed.stdout == f"{ref}@{digest}\n"  # the archive's own manifest, byte for byte
+    assert skopeo_digest(ref) == digest
+    first_uploads = registry.uploads()
+    assert len(first_uploads) == 4  # config and three layers
+    copied = tmp_path / "copied"
+    run("skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{copied}:x")
+    again = cli("push", str(archive), ref, "--json")
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.stdout)
+    assert report["uploaded"] == [] and len(report["present"]) == 4
+    assert registry.uploads() == first_uploads  # the registry saw no new upload
+
+
+def test_a_changed_item_uploads_its_layer_and_the_config(
+    registry: Registry, store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    paths = populate(store)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(store.config([paths[:1], paths[1:]])))
+    ref = f"{registry.host}/guix/items:1"
+    assert cli("push", str(config), ref).exit_code == 0
+    before = set(registry.uploads())
+    (paths[0] / "new-file").write_text("changed\n")
+    pushed = cli("push", str(config), ref, "--json")
+    assert pushed.exit_code == 0, pushed.output
+    report = json.loads(pushed.stdout)
+    new = set(registry.uploads()) - before
+    assert set(report["uploaded"]) == new and len(new) == 2  # the first layer and the config
+    assert len(report["present"]) == 1  # the second layer
+    assert skopeo_digest(ref) == report["digest"]
+
+
+def test_mount_from_another_repository(registry: Registry, tmp_path: Path, cli: Cli) -> None:
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    assert cli("push", str(archive), f"{registry.host}/one/app:1").exit_code == 0
+    uploads = registry.uploads()
+    pushed = cli(
+        "push", str(archive), f"{registry.host}/two/app:1", "--from-repo", "one/app", "--json"
+    )
+    assert pushed.exit_code == 0, pushed.output
+    assert len(json.loads(pushed.stdout)["mounted"]) == 4
+    assert registry.uploads() == uploads
+
+
+def test_a_docker_archive_is_pushed_with_an_oci_manifest(
+    registry: Registry, tmp_path: Path, cli: Cli
+) -> None:
+    archive = tmp_path / "docker.tar"
+    assert cli("build", "--example", "-o", str(archive)).exit_code == 0
+    ref = f"{registry.host}/guix/docker:1"
+    pushed = cli("push", str(archive), ref, "--digest-file", str(tmp_path / "digest"))
+    assert pushed.exit_code == 0, pushed.output
+    digest = (tmp_path / "digest").read_text().strip()
+    assert skopeo_digest(ref) == digest
+    raw = json.loads(
+        run("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}").stdout
+    )
+    assert raw["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_refusals_and_a_registry_that_does_not_answer(tmp_path: Path, cli: Cli) -> None:
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    bad = cli("push", str(archive), "app:1")
+    assert bad.exit_code == 2 and "host[:port]/name[:tag]" in bad.stderr
+    nobody = cli("push", str(archive), f"127.0.0.1:{free_port()}/app:1")
+    assert nobody.exit_code == 1
+    assert "127.0.0.1" in nobody.stderr and "Traceback" not in nobody.output
+
+
+def test_docker_pulls_and_runs_what_was_pushed(
+    registry: Registry, tmp_path: Path, cli: Cli
+) -> None:
+    """Docker treats registries on 127.0.0.0/8 as insecure: no daemon change is needed."""
+    if not docker_answers():
+        pytest.skip("no Docker daemon answers `docker info`")
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    ref = f"{registry.host}/guix/run-{uuid.uuid4().hex[:8]}:1"
+    assert cli("push", str(archive), ref).exit_code == 0
+    try:
+        run("docker", "pull", "-q", ref)
+        assert run("docker", "run", "--rm", "--network", "none", ref).stdout == "Hello, world!\n"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
