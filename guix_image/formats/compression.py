@@ -46,9 +46,10 @@ ANNOTATION = "dev.guix-image.layer.compression"
 
 CHUNK = 1 << 20  # input is compressed in pieces of exactly this size (see above)
 # zstd's jobs: smaller than its default (4 windows, 8 MiB at level 3), which
-# held 66 MiB in two workers' buffers where this holds 23, at the same speed
-# and 0.4 % more bytes (measured on 300 MB of store files).
-ZSTD_JOB = 2 << 20
+# held 66 MiB in two workers' buffers. With 2 MiB jobs a build's peak was 92
+# to 105 MiB, with 1 MiB 79 to 85, 3 % slower and 0.2 % bigger (measured on
+# the large benchmark store; tests/bench/RESULTS.md).
+ZSTD_JOB = 1 << 20
 # No name, mtime 0, no extra flags, OS unknown: the same on every machine.
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
