@@ -4,6 +4,7 @@ registry's own access log."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import tarfile
@@ -162,3 +163,44 @@ def test_docker_pulls_and_runs_what_was_pushed(
         assert run("docker", "run", "--rm", "--network", "none", ref).stdout == "Hello, world!\n"
     finally:
         subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Registry]:
+    """A registry behind TLS (a test CA in registry/ca.crt) with Basic authentication."""
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    with running_registry(directory, users={"guix": "s3cret"}) as started:
+        yield started
+
+
+def test_tls_and_basic_authentication(
+    secured: Registry, tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    ref = f"{secured.host}/guix/secure:1"
+    cert_dir = str(secured.log.parent)
+    # An unknown CA is not fallen back from to plain HTTP: it is an error.
+    untrusted = cli("push", str(archive), ref)
+    assert untrusted.exit_code == 1 and "does not verify" in untrusted.stderr
+    # No credentials: refused, naming the registry and the repository.
+    anonymous = cli("push", str(archive), ref, "--cert-dir", cert_dir)
+    assert anonymous.exit_code == 1
+    assert secured.host in anonymous.stderr and "guix/secure" in anonymous.stderr
+    monkeypatch.setenv("GUIX_IMAGE_PASSWORD", "wrong")
+    wrong = cli("push", str(archive), ref, "--cert-dir", cert_dir, "--username", "guix")
+    assert wrong.exit_code == 1 and "not authorised" in wrong.stderr
+    monkeypatch.setenv("GUIX_IMAGE_PASSWORD", "s3cret")
+    pushed = cli("push", str(archive), ref, "--cert-dir", cert_dir, "--username", "guix")
+    assert pushed.exit_code == 0, pushed.output
+    assert pushed.stdout == f"{ref}@{manifest_digest(archive)}\n"
+    # Credentials as podman login keeps them, and any certificate trusted.
+    monkeypatch.delenv("GUIX_IMAGE_PASSWORD")
+    auth = tmp_path / "auth.json"
+    token = base64.b64encode(b"guix:s3cret").decode()
+    auth.write_text(json.dumps({"auths": {secured.host: {"auth": token}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+    again = cli("push", str(archive), ref, "--tls-verify=false", "--json")
+    assert again.exit_code == 0, again.output
+    assert len(json.loads(again.stdout)["present"]) == 4

@@ -60,7 +60,8 @@ from .options import (
 @click.option(
     "--username",
     metavar="USER",
-    help="Log in as USER; the password is read from $GUIX_IMAGE_PASSWORD, else standard input.",
+    help="Log in as USER; the password is read from $GUIX_IMAGE_PASSWORD, else standard "
+    "input. Without it: the credentials of podman login or docker login, if any.",
 )
 @click.option(
     "--digest-file",
@@ -140,9 +141,10 @@ def push(
 def _transport(
     reference: Any, insecure: bool, tls_verify: bool, cert_dir: str | None, username: str | None
 ) -> Any:
+    from ..registry.credentials import find_credentials
     from ..registry.transport import Credentials, Transport
 
-    credentials = None
+    credentials = None if username is not None else find_credentials(reference.host)
     if username is not None:
         password = os.environ.get("GUIX_IMAGE_PASSWORD")
         if password is None:
@@ -153,7 +155,8 @@ def _transport(
             else:
                 password = sys.stdin.readline().rstrip("\n")
         credentials = Credentials(username, password)
-    secure = not (insecure or reference.loopback)
+    # HTTPS, checked; on this machine (or --insecure), plain HTTP if that is what it speaks.
+    secure = None if insecure or reference.loopback else True
     ca_file = None
     if cert_dir is not None:
         ca_file = os.path.join(cert_dir, "ca.crt")

@@ -60,7 +60,9 @@ class Transport:
     """Requests to the registry at `host` ("name[:port]")."""
 
     host: str
-    secure: bool = True  # https; else plain http
+    # https, or plain http; None: https if the registry speaks it, else http
+    # (for a registry on this machine, as docker does for insecure registries).
+    secure: bool | None = True
     verify: bool = True  # check the registry's certificate
     ca_file: str | None = None
     credentials: Credentials | None = None
@@ -131,7 +133,7 @@ class Transport:
             for chunk in body():
                 connection.send(chunk)
         answer = connection.getresponse()
-        data = answer.read(MAX_BODY + 1) if method != "HEAD" else b""
+        data = answer.read(MAX_BODY + 1)  # nothing for a HEAD, but it ends the answer
         if len(data) > MAX_BODY:
             self._drop_connection()
             raise RegistryError(f"{self.host}: an answer over {MAX_BODY} bytes")
@@ -143,11 +145,34 @@ class Transport:
     def _connection(self) -> http.client.HTTPConnection:
         connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
         if connection is None:
+            with self._lock:
+                if self.secure is None:
+                    self.secure = self._speaks_tls()
             connection = self._open(self.secure, self.host)
             self._local.connection = connection
         return connection
 
-    def _open(self, secure: bool, netloc: str) -> http.client.HTTPConnection:
+    def _speaks_tls(self) -> bool:
+        """Whether the registry answers TLS (a certificate that fails to verify is
+        an error, not a reason to fall back to plain HTTP)."""
+        probe = self._open(True, self.host)
+        try:
+            probe.request("GET", "/v2/")
+            probe.getresponse().read(MAX_BODY)
+        except ssl.SSLCertVerificationError as error:
+            raise RegistryError(
+                f"{self.host}: its TLS certificate does not verify ({error.verify_message}); "
+                "give --cert-dir with its CA, or --tls-verify=false"
+            ) from None
+        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected):
+            return False  # it speaks plain HTTP
+        except OSError as error:
+            raise RegistryError(f"{self.host}: cannot connect: {error}") from None
+        finally:
+            probe.close()
+        return True
+
+    def _open(self, secure: bool | None, netloc: str) -> http.client.HTTPConnection:
         if not secure:
             return http.client.HTTPConnection(netloc, timeout=TIMEOUT)
         context = ssl.create_default_context(cafile=self.ca_file)

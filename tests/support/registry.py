@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,15 @@ storage:
 http:
   addr: 127.0.0.1:{port}
   secret: guix-image-tests
+"""
+TLS = """\
+  tls:
+    certificate: {directory}/server.crt
+    key: {directory}/server.key
+auth:
+  htpasswd:
+    realm: guix-image-tests
+    path: {directory}/htpasswd
 """
 # One access-log line per request: "METHOD /v2/... HTTP/1.1" STATUS
 _ACCESS = re.compile(r'"([A-Z]+) (/v2/\S*) HTTP/1\.1" (\d{3})')
@@ -67,12 +75,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def make_certificates(directory: Path) -> Path:
+    """A test CA (`ca.crt`) and a certificate for 127.0.0.1 signed by it; the CA's path."""
+    require("openssl")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-days", "2", "-subj", "/CN=guix-image test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
+    return directory / "ca.crt"
+
+
 @contextmanager
-def running_registry(directory: Path) -> Iterator[Registry]:
+def running_registry(directory: Path, users: dict[str, str] | None = None) -> Iterator[Registry]:
+    """A registry on a free loopback port; with `users` (name: password), behind TLS
+    (see make_certificates) with htpasswd Basic authentication."""
     require("docker-registry")
     port = free_port()
     config = directory / "config.yml"
-    config.write_text(CONFIG.format(root=directory / "storage", port=port))
+    text = CONFIG.format(root=directory / "storage", port=port)
+    if users is not None:
+        import bcrypt
+
+        make_certificates(directory)
+        lines = [
+            f"{name}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}"
+            for name, password in users.items()
+        ]
+        (directory / "htpasswd").write_text("\n".join(lines) + "\n")
+        text += TLS.format(directory=directory)
+    config.write_text(text)
     log = directory / "registry.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -83,7 +122,7 @@ def running_registry(directory: Path) -> Iterator[Registry]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with urllib.request.urlopen(f"http://{registry.host}/v2/", timeout=2):
+                with socket.create_connection(("127.0.0.1", port), timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
