@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from guix_image.build import engine
+from guix_image.build.store_layer import StoreLayer
 from guix_image.errors import InputError
 from guix_image.registry.reference import parse_reference
 
@@ -204,3 +206,34 @@ def test_tls_and_basic_authentication(
     again = cli("push", str(archive), ref, "--tls-verify=false", "--json")
     assert again.exit_code == 0, again.output
     assert len(json.loads(again.stdout)["present"]) == 4
+
+
+def test_an_unchanged_image_pushes_with_head_requests_only(
+    registry: Registry,
+    store: StoreTree,
+    tmp_path: Path,
+    cli: Cli,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The layer cache predicts every blob: no layer is built, compressed or read."""
+    paths = populate(store)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(store.config([paths[:1], paths[1:]])))
+    ref = f"{registry.host}/guix/again:1"
+    first = cli("push", str(config), ref)
+    assert first.exit_code == 0, first.output
+    seen = len(registry.requests())
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a layer was read")
+
+    monkeypatch.setattr(engine, "build_image", no_reading)
+    monkeypatch.setattr(StoreLayer, "write_tar", no_reading)
+    again = cli("push", str(config), ref, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["digest"] == first.stdout.strip().rpartition("@")[2]
+    methods = {method for method, _, _ in registry.requests()[seen:]}
+    assert methods == {"HEAD", "PUT"}  # blobs asked for, the manifest put
+    assert [p for m, p, _ in registry.requests()[seen:] if m == "PUT"] == [
+        "/v2/guix/again/manifests/1"
+    ]

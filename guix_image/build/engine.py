@@ -378,3 +378,43 @@ def _image_config(config: BuildConfig, plan: Plan, diff_ids: list[str]) -> Image
         diff_ids=diff_ids,
         history=history,
     )
+
+
+@dataclass
+class Prediction:
+    """An image as the layer cache predicts it, without reading a layer: its
+    config and each layer's blob (see predict_image)."""
+
+    config: bytes
+    blobs: list[LayerBlob]
+
+
+def predict_image(
+    config: BuildConfig, cache: LayerCache, label: str, media_type: str, root: str | None = None
+) -> Prediction | None:
+    """The image `config` gives, if the cache knows every layer's digest and the
+    digest of its blob compressed as `label` names (else None): for a push
+    that asks the registry first, and reads nothing the registry has.
+
+    Only an image made of store layers alone is predicted. The cache keys hold
+    each store path's identity (its NAR hash, or inode and times), so a store
+    path replaced since is not predicted; a layer edited in place is caught by
+    builds, which hash every byte, not here.
+    """
+    plan = plan_layers(config, root=root)
+    if len(plan.store_layers) != len(plan.layers):
+        return None
+    caching = _Caching(cache, plan, config.store_dir, root)
+    try:
+        blobs = []
+        diff_ids = []
+        for position, layer in sorted(plan.store_layers.items()):
+            caching.consult(position)
+            known = layer.known_blob(label)
+            if layer.cached is None or known is None:
+                return None
+            diff_ids.append(layer.cached.diff_id)
+            blobs.append(LayerBlob(known[0], known[1], media_type, label))
+    finally:
+        caching.close()
+    return Prediction(_image_config(config, plan, diff_ids).to_bytes(), blobs)

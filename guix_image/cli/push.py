@@ -21,6 +21,7 @@ from .options import (
     note,
     opened,
     output,
+    verbose,
 )
 
 
@@ -112,8 +113,12 @@ def push(
         if chatty:
             click.echo(f"{digest}: {fate}", err=True)
 
-    with _image_of(source, image, platform, compress) as chosen:
-        report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
+    report = None
+    if _is_config(source):
+        report = _push_predicted(source, compress, repository)
+    if report is None:
+        with _image_of(source, image, platform, compress) as chosen:
+            report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
     if digest_file is not None:
         from ..build.output import write_atomically
 
@@ -167,6 +172,38 @@ def _transport(
     )
 
 
+def _push_predicted(source: str, compress: str, repository: Any) -> Any:
+    """Push CONFIG's image without reading a layer, if the layer cache predicts
+    every one and the registry has them all (see build.engine.predict_image);
+    None otherwise, having pushed nothing."""
+    from ..build.cache import LayerCache, default_directory
+    from ..build.engine import predict_image
+    from ..formats.compression import choose
+    from ..registry.push import push_known
+
+    compression = choose(compress)
+    cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
+    config = _read_build_config(source)
+    predicted = predict_image(config, cache, compression.label, compression.media_type)
+    if predicted is None:
+        return None
+    report = push_known(predicted.config, [b.descriptor() for b in predicted.blobs], repository)
+    if report is not None:
+        verbose("every layer predicted by the layer cache and present in the registry")
+    return report
+
+
+def _read_build_config(source: str) -> Any:
+    from ..build.config import parse_config
+    from ..files import read_regular
+
+    try:
+        text = read_regular(source, 64 << 20)
+    except OSError as error:
+        raise CommandError(f"{source}: {error.strerror or error}", 2) from None
+    return parse_config(text, source=source)
+
+
 @contextlib.contextmanager
 def _image_of(source: str, image: str | None, platform: str | None, compress: str) -> Iterator[Any]:
     """The image to push: read from SOURCE, or built from it into a temporary
@@ -178,17 +215,11 @@ def _image_of(source: str, image: str | None, platform: str | None, compress: st
     import tempfile
 
     from ..build.cache import LayerCache, default_directory
-    from ..build.config import parse_config
     from ..build.engine import build_image
     from ..build.oci import OciOutput
-    from ..files import read_regular
     from ..formats.compression import choose
 
-    try:
-        text = read_regular(source, 64 << 20)
-    except OSError as error:
-        raise CommandError(f"{source}: {error.strerror or error}", 2) from None
-    config = parse_config(text, source=source)
+    config = _read_build_config(source)
     cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
     with tempfile.TemporaryDirectory(prefix="guix-image-push-") as directory:
         layout = os.path.join(directory, "layout")
