@@ -134,6 +134,11 @@ class Layer:
     size: int | None = None  # bytes of the blob as stored
     checkpoints: bytes = b""  # of the uncompressed tar, if known (see Measured)
 
+    def predicted(self) -> Measured | None:
+        """What streaming the tar would measure, as an earlier build recorded it
+        (a cache entry), if known."""
+        return None
+
     def known_blob(self, label: str) -> tuple[str, int] | None:
         """The digest and size of the blob an earlier build compressed this layer
         into with the compressor `label` names (see formats/compression.py), if known."""

@@ -109,6 +109,7 @@ class OciOutput:
         *,
         kept_blobs: BlobStore | None = None,
         mtime: int = 0,
+        trust_cache: bool = False,
     ) -> None:
         self.kind = kind
         self.target = target
@@ -117,6 +118,9 @@ class OciOutput:
         # found there by a rebuild), never uncompressed ones.
         self.kept_blobs = kept_blobs if compression.method != "none" else None
         self.mtime = mtime
+        # Take a kept blob's layer as the cache recorded it, without streaming
+        # its tar to confirm its diff_id (for a push: see cli/push.py).
+        self.trust_cache = trust_cache
         self.bytes_written = 0
         self.index_digest: str | None = None  # that of the image index, for several images
         self._store: BlobStore | None = None
@@ -364,8 +368,9 @@ class OciWriter:
 
     def _reuse(self, layer: Layer, progress: Progress) -> tuple[LayerBlob, Measured] | None:
         """The blob an earlier build made of this layer, if it is kept: the tar is
-        still streamed, only to confirm the diff_id. The blob's bytes are checked
-        as an archive copies them; into a layout, before it is linked there."""
+        still streamed, only to confirm the diff_id (unless the cache is trusted).
+        The blob's bytes are checked as an archive copies them; into a layout,
+        before it is linked there (unless trusted: a push, whose registry checks them)."""
         store = self._output.kept_blobs
         known = layer.known_blob(self._compression.label)
         if store is None or known is None:
@@ -373,12 +378,18 @@ class OciWriter:
         digest, size = known
         if not store.has(digest, size):
             return None
-        if self._output.kind == "oci-dir" and _file_digest(store.path(digest)) != digest:
+        trusted = self._output.trust_cache
+        if (
+            self._output.kind == "oci-dir"
+            and not trusted  # a push: the registry checks the bytes of what is uploaded
+            and _file_digest(store.path(digest)) != digest
+        ):
             with contextlib.suppress(OSError):
                 os.unlink(store.path(digest))  # damaged: made again
             return None
         store.touch(digest)  # recently used: trimmed last
-        measured = self._stream(layer, None, progress)
+        predicted = layer.predicted() if trusted else None
+        measured = predicted or self._stream(layer, None, progress)
         compression = self._compression
         return LayerBlob(digest, size, compression.media_type, compression.label), measured
 

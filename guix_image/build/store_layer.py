@@ -174,6 +174,11 @@ class StoreLayer(Layer):
         checkpoints = measured.checkpoints if new_checkpoints else cached.checkpoints
         return CachedLayer(cached.size, cached.diff_id, checkpoints, cached.with_blob(blob))
 
+    def predicted(self) -> Measured | None:
+        if self.cached is None:
+            return None
+        return Measured(self.cached.diff_id, self.cached.size, self.cached.checkpoints)
+
     def known_blob(self, label: str) -> tuple[str, int] | None:
         if self.cached is None:
             return None

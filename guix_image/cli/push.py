@@ -21,7 +21,6 @@ from .options import (
     note,
     opened,
     output,
-    verbose,
 )
 
 
@@ -113,12 +112,8 @@ def push(
         if chatty:
             click.echo(f"{digest}: {fate}", err=True)
 
-    report = None
-    if _is_config(source):
-        report = _push_predicted(source, compress, repository)
-    if report is None:
-        with _image_of(source, image, platform, compress) as chosen:
-            report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
+    with _image_of(source, image, platform, compress) as chosen:
+        report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
     if digest_file is not None:
         from ..build.output import write_atomically
 
@@ -172,27 +167,6 @@ def _transport(
     )
 
 
-def _push_predicted(source: str, compress: str, repository: Any) -> Any:
-    """Push CONFIG's image without reading a layer, if the layer cache predicts
-    every one and the registry has them all (see build.engine.predict_image);
-    None otherwise, having pushed nothing."""
-    from ..build.cache import LayerCache, default_directory
-    from ..build.engine import predict_image
-    from ..formats.compression import choose
-    from ..registry.push import push_known
-
-    compression = choose(compress)
-    cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
-    config = _read_build_config(source)
-    predicted = predict_image(config, cache, compression.label, compression.media_type)
-    if predicted is None:
-        return None
-    report = push_known(predicted.config, [b.descriptor() for b in predicted.blobs], repository)
-    if report is not None:
-        verbose("every layer predicted by the layer cache and present in the registry")
-    return report
-
-
 def _read_build_config(source: str) -> Any:
     from ..build.config import parse_config
     from ..files import read_regular
@@ -207,7 +181,11 @@ def _read_build_config(source: str) -> Any:
 @contextlib.contextmanager
 def _image_of(source: str, image: str | None, platform: str | None, compress: str) -> Iterator[Any]:
     """The image to push: read from SOURCE, or built from it into a temporary
-    layout first (its blobs linked from the layer cache)."""
+    layout first (its blobs linked from the layer cache). That build trusts the
+    cache: a layer whose compressed blob the cache keeps is not read again (the
+    cache key holds each store path's identity, its NAR hash or inode and
+    times), so an unchanged image pushes with HEAD requests only, and one with
+    a changed store item makes that layer alone."""
     if not _is_config(source):
         with opened(source, None, image, platform) as (_, chosen):
             yield chosen
@@ -223,7 +201,9 @@ def _image_of(source: str, image: str | None, platform: str | None, compress: st
     cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
     with tempfile.TemporaryDirectory(prefix="guix-image-push-") as directory:
         layout = os.path.join(directory, "layout")
-        oci = OciOutput("oci-dir", layout, choose(compress), kept_blobs=cache.blobs)
+        oci = OciOutput(
+            "oci-dir", layout, choose(compress), kept_blobs=cache.blobs, trust_cache=True
+        )
         build_image(config, oci, cache=cache)
         with opened(layout, None, None, None) as (_, chosen):
             yield chosen

@@ -75,30 +75,6 @@ def push_image(
     return report
 
 
-def push_known(
-    config: bytes, layers: list[Descriptor], repository: Repository
-) -> PushReport | None:
-    """Push an image whose layer blobs the registry should have already, with
-    HEAD requests only (the config uploaded if it lacks only that); None, having
-    pushed nothing, if it lacks a layer: then its bytes must be made."""
-    report = PushReport(str(repository.reference))
-    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="guix-image-push") as pool:
-        present = list(pool.map(repository.blob_exists, [layer.digest for layer in layers]))
-    if not all(present):
-        return None
-    report.present = [layer.digest for layer in layers]
-    config_descriptor = Descriptor(OCI_CONFIG, sha256_digest(config), len(config))
-    if repository.blob_exists(config_descriptor.digest):
-        report.present.append(config_descriptor.digest)
-    else:
-        repository.upload(BlobSource(config_descriptor.digest, len(config), data=config))
-        report.uploaded.append(config_descriptor.digest)
-    manifest = manifest_document(config_descriptor, layers)
-    report.digest = sha256_digest(manifest)
-    repository.put_manifest(repository.reference.target, OCI_MANIFEST, manifest, report.digest)
-    return report
-
-
 def _manifest(image: Image[StoredLayer]) -> tuple[bytes, str]:
     """The image's own manifest if it has one (OCI), else one made for it."""
     if image.manifest is not None and image.manifest_media_type is not None:
