@@ -18,6 +18,11 @@ each as a ratio to the floor measured in the same run:
     --baseline   another guix-image (say, the code before a change), cold and
                  warm, its readers and its start-up, in the same rounds
 
+With --push, `push CONFIG` into a local docker-registry (started here), against
+the peer route `build CONFIG -o x.tar && skopeo copy docker-archive:x.tar docker://`:
+a first push (cold layer cache, empty registry), a push with nothing changed,
+and a push after one leaf store item changed.
+
 With --oci, the OCI output of the OCI issue, against its own floors:
 
     pigz floor   tar -cf - PATHS | pigz -p 2 -6 | openssl dgst -sha256
@@ -349,6 +354,7 @@ def main() -> None:
     )
     parser.add_argument("--record", type=Path, help="write the table to this Markdown file")
     parser.add_argument("--oci", action="store_true", help="measure the OCI output instead")
+    parser.add_argument("--push", action="store_true", help="measure push instead")
     args = parser.parse_args()
 
     config = make_store(args.work, args.size)
@@ -362,6 +368,9 @@ def main() -> None:
     precompile_guix_image()
     if args.oci:
         bench_oci(args, config, paths, guix_image, summary)
+        return
+    if args.push:
+        bench_push(args, config, guix_image, summary)
         return
     cache_home = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     warm_env = {**os.environ, "XDG_CACHE_HOME": str(cache_home / "warm")}
@@ -557,6 +566,90 @@ def bench_oci(
     ]
     lines += [""] + [
         f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.2f})"
+        for name, value, limit in checks
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        with args.record.open("a") as record:
+            record.write(table + "\n\n")
+
+
+def bench_push(args: argparse.Namespace, config: Path, guix_image: list[str], summary: str) -> None:
+    """The push issue's targets, each run into a registry of its own."""
+    sys.path.insert(0, str(TOP))
+    from tests.support.registry import running_registry
+
+    # One leaf changed, as a rebuild changes it: a new store item in its place
+    # (a store item is never edited), in the last layer, with many others.
+    document = json.loads(config.read_text())
+    leaf = Path(document["store_layers"][-1][-1])
+    changed_leaf = leaf.with_name(leaf.name + "-changed")
+    if not changed_leaf.exists():
+        if leaf.is_dir():
+            shutil.copytree(leaf, changed_leaf, symlinks=True)
+            (changed_leaf / "guix-image-bench-changed").write_text("changed\n")
+        else:
+            changed_leaf.write_bytes(leaf.read_bytes() + b"\n# changed\n")
+    document["store_layers"][-1][-1] = str(changed_leaf)
+    changed_config = config.with_name("config-changed.json")
+    changed_config.write_text(json.dumps(document, indent=1))
+    results = {
+        name: Measurement(name)
+        for name in ("peer route", "first push", "unchanged", "one leaf changed")
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    try:
+        for run in range(args.runs):
+            directory = work / f"registry-{run}"
+            directory.mkdir()
+            with running_registry(directory) as registry:
+                cache = {**os.environ, "XDG_CACHE_HOME": str(work / f"cache-{run}")}
+                peer_cache = {**os.environ, "XDG_CACHE_HOME": str(work / f"peer-cache-{run}")}
+                archive = work / "x.tar"
+                peer = [
+                    ["sh", "-c", f"{' '.join(guix_image)} build -q {config} -o {archive} && "
+                     f"skopeo copy -q --dest-tls-verify=false docker-archive:{archive} "
+                     f"docker://{registry.host}/peer:1"],
+                ]  # fmt: skip
+                ref = f"{registry.host}/ours:1"
+                push = [*guix_image, "push", "-q", str(config), ref]
+                for name, commands, env in [
+                    ("peer route", peer, peer_cache),
+                    ("first push", [push], cache),  # an empty layer cache
+                    ("unchanged", [push], cache),
+                ]:
+                    seconds, rss = run_timed(commands, env)
+                    results[name].seconds.append(seconds)
+                    results[name].rss_kb.append(rss)
+                changed = [*guix_image, "push", "-q", str(changed_config), ref]
+                seconds, rss = run_timed([changed], cache)
+                results["one leaf changed"].seconds.append(seconds)
+                results["one leaf changed"].rss_kb.append(rss)
+            shutil.rmtree(directory, ignore_errors=True)
+            print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    first = results["first push"].median
+    lines = [
+        f"### {args.size}, push: {summary}",
+        "",
+        f"{args.runs} runs, medians; {machine()}.",
+        "",
+        "| command | median s | x first push | peak RSS MiB |",
+        "|---|---|---|---|",
+    ]
+    for m in results.values():
+        lines.append(
+            f"| {m.name} | {m.median:.3f} | {m.median / first:.3f} | {max(m.rss_kb) / 1024:.0f} |"
+        )
+    checks = [
+        ("first push <= 0.5 x peer route", first / results["peer route"].median, 0.5),
+        ("unchanged <= 0.05 x first push", results["unchanged"].median / first, 0.05),
+        ("one leaf changed <= 0.10 x first push", results["one leaf changed"].median / first, 0.10),
+    ]
+    lines += [""] + [
+        f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.3f})"
         for name, value, limit in checks
     ]
     table = "\n".join(lines)
