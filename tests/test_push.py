@@ -20,7 +20,13 @@ from guix_image.formats import compression
 from guix_image.registry.reference import parse_reference
 
 from .support.cli import Cli
-from .support.registry import Registry, free_port, running_registry
+from .support.registry import (
+    FailingProxy,
+    Registry,
+    TokenService,
+    free_port,
+    running_registry,
+)
 from .support.stores import StoreTree, populate
 from .support.tools import docker_answers, require, run
 
@@ -237,3 +243,50 @@ def test_an_unchanged_image_pushes_with_head_requests_only(
     assert [p for m, p, _ in registry.requests()[seen:] if m == "PUT"] == [
         "/v2/guix/again/manifests/1"
     ]
+
+
+def test_a_registry_that_fails_mid_push_leaves_no_tag(
+    registry: Registry, tmp_path: Path, cli: Cli
+) -> None:
+    """Every request fails with 503 from the first blob PUT on: retried a few
+    times, then one clear error (exit 1), and the manifest never put."""
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    proxy = FailingProxy(registry, lambda method, path: method == "PUT" and "/uploads/" in path)
+    try:
+        failed = cli("push", str(archive), f"{proxy.host}/guix/broken:1")
+    finally:
+        proxy.close()
+    assert failed.exit_code == 1
+    assert "HTTP 503" in failed.stderr and "Traceback" not in failed.output
+    closing = [p for m, p in proxy.seen if m == "PUT" and "/uploads/" in p]
+    assert 4 <= len(closing) <= 16  # retried, boundedly (four attempts each)
+    assert not any("/manifests/" in path for _, path in proxy.seen)
+    tag = run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+              f"http://{registry.host}/v2/guix/broken/manifests/1").stdout  # fmt: skip
+    assert tag == "404"
+
+
+def test_bearer_tokens_through_the_challenge(
+    tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry with `auth: token`: the 401's challenge names the realm, which
+    gives a token for the repository's pull,push scope to a known user only."""
+    directory = tmp_path / "registry"
+    directory.mkdir()
+    tokens = TokenService(directory, users={"guix": "t0ken"})
+    try:
+        with running_registry(directory, token_host=tokens.host) as registry:
+            archive = tmp_path / "example.tar"
+            built = cli("build", "--example", "--format", "oci-archive", "-o", str(archive))
+            assert built.exit_code == 0
+            ref = f"{registry.host}/guix/tokens:1"
+            refused = cli("push", str(archive), ref)
+            assert refused.exit_code == 1 and "refused a token" in refused.stderr
+            monkeypatch.setenv("GUIX_IMAGE_PASSWORD", "t0ken")
+            pushed = cli("push", str(archive), ref, "--username", "guix")
+            assert pushed.exit_code == 0, pushed.output
+            assert pushed.stdout == f"{ref}@{manifest_digest(archive)}\n"
+            assert "repository:guix/tokens:pull,push" in tokens.granted
+    finally:
+        tokens.close()

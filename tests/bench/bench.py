@@ -40,6 +40,7 @@ The package's bytecode is compiled first, as `pip install` does.
     python3 tests/bench/bench.py --size small     # about 100 MB, under a minute
     python3 tests/bench/bench.py --baseline /tmp/old/bin/guix-image   # before/after
     python3 tests/bench/bench.py --oci --runs 5   # the OCI formats and compression
+    python3 tests/bench/bench.py --push --runs 5  # push, into a local docker-registry
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +94,12 @@ def make_certificates(directory: Path) -> Path:
 
 
 @contextmanager
-def running_registry(directory: Path, users: dict[str, str] | None = None) -> Iterator[Registry]:
+def running_registry(
+    directory: Path, users: dict[str, str] | None = None, token_host: str | None = None
+) -> Iterator[Registry]:
     """A registry on a free loopback port; with `users` (name: password), behind TLS
-    (see make_certificates) with htpasswd Basic authentication."""
+    (see make_certificates) with htpasswd Basic authentication; with `token_host`,
+    with token authentication by the TokenService there (made in `directory`)."""
     require("docker-registry")
     port = free_port()
     config = directory / "config.yml"
@@ -111,6 +114,8 @@ def running_registry(directory: Path, users: dict[str, str] | None = None) -> It
         ]
         (directory / "htpasswd").write_text("\n".join(lines) + "\n")
         text += TLS.format(directory=directory)
+    if token_host is not None:
+        text += TOKEN_AUTH.format(token_host=token_host, directory=directory)
     config.write_text(text)
     log = directory / "registry.log"
     with open(log, "wb") as out:
@@ -132,3 +137,152 @@ def running_registry(directory: Path, users: dict[str, str] | None = None) -> It
         yield registry
     finally:
         registry.stop()
+
+
+class FailingProxy:
+    """A proxy in front of a registry that forwards every request, until `fail`
+    says one must fail: it then answers 503 to it and all that follow (a
+    registry gone bad mid-push). `seen` lists (method, path) of all requests."""
+
+    def __init__(self, registry: Registry, fail: Callable[[str, str], bool]) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        self.seen: list[tuple[str, str]] = []
+        self.failing = False
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                proxy.seen.append((self.command, self.path))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if proxy.failing or fail(self.command, self.path):
+                    proxy.failing = True
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                upstream = http.client.HTTPConnection(registry.host, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        # As a registry behind a proxy says: where to go next, here.
+                        self.send_header(name, value.replace(registry.host, proxy.host))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+TOKEN_AUTH = """\
+auth:
+  token:
+    realm: http://{token_host}/token
+    service: guix-image-tests
+    issuer: guix-image-test-issuer
+    rootcertbundle: {directory}/signing.crt
+"""
+
+
+class TokenService:
+    """A token service for a registry's `auth: token`: it answers GET /token with
+    a JWT (RS256, signed by `openssl dgst` with a test key whose certificate the
+    registry trusts) granting the scope asked for, to `users` (Basic) only, or to
+    anyone if `users` is None. `granted` lists the scopes it granted."""
+
+    def __init__(self, directory: Path, users: dict[str, str] | None) -> None:
+        import base64
+        import http.server
+        import json
+        import threading
+
+        require("openssl")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "signing.key",
+             "-out", "signing.crt", "-days", "2", "-subj", "/CN=guix-image token signer"],
+            cwd=directory, check=True, capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", "signing.crt", "-outform", "DER"],
+            cwd=directory, check=True, capture_output=True,
+        ).stdout  # fmt: skip
+        self.granted: list[str] = []
+        service = self
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        def token(subject: str, scope: str) -> str:
+            _, name, actions = scope.split(":")
+            now = int(time.time())
+            header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+            claims = {
+                "iss": "guix-image-test-issuer", "sub": subject, "aud": "guix-image-tests",
+                "exp": now + 600, "nbf": now - 10, "iat": now, "jti": f"{now}-{subject}",
+                "access": [{"type": "repository", "name": name, "actions": actions.split(",")}],
+            }  # fmt: skip
+            signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+            signature = subprocess.run(
+                ["openssl", "dgst", "-sha256", "-sign", str(directory / "signing.key")],
+                input=signed.encode(), check=True, capture_output=True,
+            ).stdout  # fmt: skip
+            return f"{signed}.{b64(signature)}"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                import urllib.parse
+
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                scope = query.get("scope", [""])[0]
+                subject = ""
+                if users is not None:
+                    given = self.headers.get("Authorization", "")
+                    pair = base64.b64decode(given.removeprefix("Basic ")).decode() if given else ""
+                    subject, _, password = pair.partition(":")
+                    if users.get(subject) != password:
+                        self.send_response(401)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                service.granted.append(scope)
+                body = json.dumps({"token": token(subject, scope)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
