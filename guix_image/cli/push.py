@@ -148,12 +148,21 @@ def _transport(
     if username is not None:
         password = os.environ.get("GUIX_IMAGE_PASSWORD")
         if password is None:
-            if sys.stdin.isatty():
-                import getpass
+            try:
+                if sys.stdin.isatty():
+                    import getpass
 
-                password = getpass.getpass(f"Password for {username}@{reference.host}: ")
-            else:
-                password = sys.stdin.readline().rstrip("\n")
+                    password = getpass.getpass(f"Password for {username}@{reference.host}: ")
+                else:
+                    password = sys.stdin.readline().rstrip("\n")
+            except (EOFError, OSError):
+                password = ""
+            if not password:
+                raise CommandError(
+                    f"--username {username}: no password in $GUIX_IMAGE_PASSWORD "
+                    "or on standard input",
+                    2,
+                )
         credentials = Credentials(username, password)
     # HTTPS, checked; on this machine (or --insecure), plain HTTP if that is what it speaks.
     secure = None if insecure or reference.loopback else True
@@ -199,7 +208,12 @@ def _image_of(source: str, image: str | None, platform: str | None, compress: st
 
     config = _read_build_config(source)
     cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
-    with tempfile.TemporaryDirectory(prefix="guix-image-push-") as directory:
+    # Beside the kept blobs, so that the layout links them instead of copying.
+    beside = cache.directory.parent
+    with contextlib.suppress(OSError):
+        beside.mkdir(parents=True, exist_ok=True)
+    near = str(beside) if os.access(beside, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=".push-", dir=near) as directory:
         layout = os.path.join(directory, "layout")
         oci = OciOutput(
             "oci-dir", layout, choose(compress), kept_blobs=cache.blobs, trust_cache=True

@@ -110,6 +110,8 @@ def _from_helper(document: dict[str, object], host: str) -> Credentials | None:
         secret = json.loads(answer.stdout)
     except ValueError:
         return None
+    if not isinstance(secret, dict):
+        return None
     username, password = secret.get("Username"), secret.get("Secret")
     if isinstance(username, str) and isinstance(password, str):
         return Credentials(username, password)

@@ -38,6 +38,8 @@ class PushReport:
     @property
     def pinned(self) -> str:
         """`host/name:tag@sha256:...`, what to pull to get exactly this image."""
+        if self.reference.endswith(self.digest):
+            return self.reference  # pushed by digest
         return f"{self.reference}@{self.digest}"
 
 
@@ -51,6 +53,12 @@ def push_image(
     """Push `image`; `on_blob(digest, what happened)` hears of each blob."""
     report = PushReport(str(repository.reference))
     manifest, media_type = _manifest(image)
+    report.digest = sha256_digest(manifest)
+    wanted = repository.reference.digest
+    if wanted is not None and wanted != report.digest:
+        raise InputError(
+            f"{repository.reference}: the image's manifest is {report.digest}, not that digest"
+        )
     blobs = [BlobSource(image.config_digest, len(image.config_bytes), data=image.config_bytes)]
     blobs += [_blob(layer) for layer in image.layers]
     unique = list({blob.digest: blob for blob in blobs}.values())
@@ -67,10 +75,17 @@ def push_image(
         if on_blob is not None:
             on_blob(blob.digest, fate)
 
-    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="guix-image-push") as pool:
+    pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="guix-image-push")
+    try:
         for future in [pool.submit(push_blob, blob) for blob in unique]:
-            future.result()  # the first failure, once the others are done
-    report.digest = sha256_digest(manifest)
+            future.result()
+    except BaseException:
+        # The first failure (or Ctrl-C) ends the push: the uploads under way
+        # stop at their next chunk, those not begun never begin.
+        repository.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     repository.put_manifest(repository.reference.target, media_type, manifest, report.digest)
     return report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import urllib.parse
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -43,8 +44,7 @@ class Reference:
     @property
     def loopback(self) -> bool:
         """Whether the registry is on this machine (plain HTTP is then allowed)."""
-        host = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host
-        host = host.strip("[]")
+        host = urllib.parse.urlsplit(f"//{self.host}").hostname or ""
         if host == "localhost":
             return True
         try:
@@ -53,14 +53,23 @@ class Reference:
             return False
 
 
+def _port_ok(host: str) -> bool:
+    try:
+        port = urllib.parse.urlsplit(f"//{host}").port
+    except ValueError:
+        return False
+    return port is None or port > 0
+
+
 def parse_reference(text: str) -> Reference:
     """`[docker://]host[:port]/name[:tag|@digest]`; InputError naming what is wrong."""
     rest = text.removeprefix("docker://")
     host, slash, path = rest.partition("/")
+    host = host.lower()  # host names are read without case
     # As docker reads names: the first component is a registry only if it has
     # a dot or a port, or is localhost; there is no default registry here.
     registry = "." in host or ":" in host or host == "localhost"
-    if not slash or not _HOST.fullmatch(host) or not registry:
+    if not slash or not _HOST.fullmatch(host) or not registry or not _port_ok(host):
         raise InputError(
             f"{text!r}: give the registry and the name, as host[:port]/name[:tag]"
             " (for example localhost:5000/app:1.0)"

@@ -9,13 +9,14 @@ the same digest; a manifest is PUT last, with its media type.
 
 from __future__ import annotations
 
-import os
+import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .reference import Reference
-from .transport import RegistryError, Response, Transport
+from .transport import ATTEMPTS, BACKOFF, RegistryError, Response, Transport
 
 CHUNK = 1 << 20  # bytes read from a blob's file at a time
 
@@ -30,7 +31,8 @@ class BlobSource:
     offset: int = 0
     data: bytes | None = None  # or the bytes themselves
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self, stop: threading.Event | None = None) -> Iterator[bytes]:
+        """Its bytes; RegistryError if `stop` is set on the way (a push given up)."""
         if self.data is not None:
             yield self.data
             return
@@ -39,6 +41,8 @@ class BlobSource:
             f.seek(self.offset)
             left = self.size
             while left:
+                if stop is not None and stop.is_set():
+                    raise RegistryError("push stopped")
                 chunk = f.read(min(CHUNK, left))
                 if not chunk:
                     raise RegistryError(f"{self.path}: shorter than the blob {self.digest}")
@@ -54,6 +58,7 @@ class Repository:
         self.reference = reference
         self.name = reference.repository
         self._push = f"repository:{self.name}:pull,push"
+        self.stop = threading.Event()  # set: uploads under way give up
 
     def blob_exists(self, digest: str) -> bool:
         response = self._request("HEAD", f"/v2/{self.name}/blobs/{digest}")
@@ -75,34 +80,55 @@ class Repository:
         raise self._refused(response, f"mount of {digest} from {source}")
 
     def upload(self, blob: BlobSource) -> None:
-        """Upload the blob: POST, one PATCH of all its bytes, PUT with its digest."""
-        opened = self._request("POST", f"/v2/{self.name}/blobs/uploads/")
+        """Upload the blob: POST, one PATCH of all its bytes, PUT with its digest.
+
+        A session is not sent its bytes twice (a registry appends them): on a
+        connection error or a 5xx, the whole upload starts again, unless the
+        blob is there by then (a PUT whose answer was lost).
+        """
+        for attempt in range(ATTEMPTS):
+            try:
+                self._upload_once(blob)
+                return
+            except RegistryError as error:
+                retriable = error.status is None or error.status >= 500
+                if not retriable or self.stop.is_set() or attempt + 1 == ATTEMPTS:
+                    raise
+            time.sleep(BACKOFF * 2**attempt)
+            if self.blob_exists(blob.digest):
+                return
+
+    def _upload_once(self, blob: BlobSource) -> None:
+        start = f"/v2/{self.name}/blobs/uploads/"
+        opened = self._request("POST", start)
         if opened.status != 202:
             raise self._refused(opened, "opening an upload")
-        location = self._location(opened)
+        location = self._location(opened, start)
         patched = self.transport.request(
             "PATCH",
             location,
             scope=self._push,
             headers={"Content-Type": "application/octet-stream"},
-            body=blob.chunks,
+            body=lambda: blob.chunks(self.stop),
             length=blob.size,
+            retry=False,
         )
         if patched.status != 202:
             raise self._refused(patched, f"upload of {blob.digest}")
-        location = self._location(patched)
+        location = self._location(patched, location)
         separator = "&" if "?" in location else "?"
         closed = self.transport.request(
             "PUT",
             f"{location}{separator}{urllib.parse.urlencode({'digest': blob.digest})}",
             scope=self._push,
+            retry=False,
         )
         if closed.status != 201:
             raise self._refused(closed, f"upload of {blob.digest}")
         reported = closed.headers.get("docker-content-digest")
         if reported is not None and reported != blob.digest:
             raise RegistryError(
-                f"{self.reference.host} stored blob {blob.digest} as {reported}; not retried"
+                f"{self.reference.host} stored blob {blob.digest} as {reported}; not retried", 400
             )
 
     def put_manifest(self, target: str, media_type: str, data: bytes, digest: str) -> None:
@@ -128,13 +154,15 @@ class Repository:
     def _cancel(self, response: Response) -> None:
         location = response.headers.get("location")
         if location:
-            self.transport.request("DELETE", location, scope=self._push)
+            base = f"/v2/{self.name}/blobs/uploads/"
+            self.transport.request("DELETE", urllib.parse.urljoin(base, location), scope=self._push)
 
-    def _location(self, response: Response) -> str:
+    def _location(self, response: Response, base: str) -> str:
+        """Where the upload goes on: the Location header, read relative to `base`."""
         location = response.headers.get("location")
         if not location:
             raise RegistryError(f"{self.reference.host} gave no upload location")
-        return location
+        return urllib.parse.urljoin(base, location)
 
     def _refused(self, response: Response, what: str) -> RegistryError:
         where = f"{self.reference.host}, repository {self.name}"
@@ -160,7 +188,3 @@ def _error_message(body: bytes) -> str:
         return "; ".join(str(e.get("message") or e.get("code")) for e in errors)[:300]
     except (ValueError, AttributeError):
         return ""
-
-
-def file_size(path: str) -> int:
-    return os.stat(path).st_size

@@ -81,20 +81,29 @@ class Transport:
         headers: dict[str, str] | None = None,
         body: Body | None = None,
         length: int | None = None,
+        retry: bool = True,
     ) -> Response:
-        """`method` on `url` (a path, or an absolute URL the registry gave), with
-        the authorisation `scope` needs; retried as the module says."""
-        for attempt in range(self.attempts):
+        """`method` on `url` (a path, or a URL the registry gave), with the
+        authorisation `scope` needs; retried as the module says, unless `retry`
+        is False (a request that must not be sent twice: its caller retries)."""
+        attempts = self.attempts if retry else 1
+        for attempt in range(attempts):
             try:
                 response = self._once(method, url, scope, headers or {}, body, length)
-            except (OSError, http.client.HTTPException) as error:
-                self._drop_connection()
-                if attempt + 1 == self.attempts:
-                    raise RegistryError(f"{self.host}: {method} failed: {error}") from None
-            else:
                 if response.status == 401 and self._answer_challenge(response, scope):
                     response = self._once(method, url, scope, headers or {}, body, length)
-                if response.status < 500 or attempt + 1 == self.attempts:
+            except (OSError, http.client.HTTPException) as error:
+                self._drop_connection()
+                if isinstance(error, ssl.SSLCertVerificationError):
+                    raise RegistryError(
+                        f"{self.host}: its TLS certificate does not verify "
+                        f"({error.verify_message}); give --cert-dir with its CA, "
+                        "or --tls-verify=false"
+                    ) from None
+                if attempt + 1 == attempts:
+                    raise RegistryError(f"{self.host}: {method} failed: {error}") from None
+            else:
+                if response.status < 500 or attempt + 1 == attempts:
                     return response
             time.sleep(BACKOFF * 2**attempt)
         raise AssertionError("unreachable")
@@ -111,7 +120,8 @@ class Transport:
         length: int | None,
     ) -> Response:
         parsed = urllib.parse.urlsplit(url)
-        if parsed.netloc and parsed.netloc != self.host:
+        if parsed.netloc and not _same_host(parsed, self.host, bool(self.secure)):
+            # Our credentials go to this registry only.
             raise RegistryError(f"{self.host} sent us to another host: {parsed.netloc}")
         path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
         sent = dict(headers)
@@ -175,7 +185,9 @@ class Transport:
     def _open(self, secure: bool | None, netloc: str) -> http.client.HTTPConnection:
         if not secure:
             return http.client.HTTPConnection(netloc, timeout=TIMEOUT)
-        context = ssl.create_default_context(cafile=self.ca_file)
+        context = ssl.create_default_context()  # the system's CAs, and --cert-dir's
+        if self.ca_file is not None:
+            context.load_verify_locations(self.ca_file)
         if not self.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -205,18 +217,31 @@ class Transport:
         realm = parameters.get("realm")
         if not realm:
             return False
-        self._tokens[scope] = "Bearer " + self._token(realm, parameters.get("service"), scope)
+        # The challenge's scopes: those asked, and perhaps more (a mount's source).
+        scopes = parameters.get("scope", scope).split() or [scope]
+        token = self._token(realm, parameters.get("service"), scopes)
+        self._tokens[scope] = "Bearer " + token
         return True
 
-    def _token(self, realm: str, service: str | None, scope: str) -> str:
-        query = {"scope": scope, **({"service": service} if service else {})}
+    def _token(self, realm: str, service: str | None, scopes: list[str]) -> str:
         url = urllib.parse.urlsplit(realm)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise RegistryError(f"{self.host}: its token realm {realm!r} is not a URL")
+        if url.scheme == "http" and self.secure and self.credentials is not None:
+            raise RegistryError(
+                f"{self.host}: its token realm {realm} is plain HTTP; "
+                "refusing to send the password there"
+            )
+        query = urllib.parse.parse_qsl(url.query) + [("scope", s) for s in scopes]
+        if service:
+            query.append(("service", service))
+        scope = " ".join(scopes)
         connection = self._open(url.scheme == "https", url.netloc)
         headers = {}
         if self.credentials is not None:
             pair = f"{self.credentials.username}:{self.credentials.password}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        path = url.path + "?" + urllib.parse.urlencode(query)
+        path = (url.path or "/") + "?" + urllib.parse.urlencode(query)
         try:
             connection.request("GET", path, headers=headers)
             answer = connection.getresponse()
@@ -237,3 +262,13 @@ class Transport:
         if not isinstance(token, str) or not token:
             raise RegistryError(f"{realm} gave no token for {scope}")
         return token
+
+
+def _same_host(url: urllib.parse.SplitResult, host: str, secure: bool) -> bool:
+    """Whether `url` names the registry at `host` (case and default ports aside)."""
+    default = 443 if (url.scheme or ("https" if secure else "http")) == "https" else 80
+    ours = urllib.parse.urlsplit(f"//{host}")
+    try:
+        return (url.hostname, url.port or default) == (ours.hostname, ours.port or default)
+    except ValueError:
+        return False

@@ -235,14 +235,17 @@ class TokenService:
         def b64(data: bytes) -> str:
             return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-        def token(subject: str, scope: str) -> str:
-            _, name, actions = scope.split(":")
+        def token(subject: str, scopes: list[str]) -> str:
+            access = []
+            for scope in scopes:
+                _, name, actions = scope.split(":")
+                access.append({"type": "repository", "name": name, "actions": actions.split(",")})
             now = int(time.time())
             header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
             claims = {
                 "iss": "guix-image-test-issuer", "sub": subject, "aud": "guix-image-tests",
                 "exp": now + 600, "nbf": now - 10, "iat": now, "jti": f"{now}-{subject}",
-                "access": [{"type": "repository", "name": name, "actions": actions.split(",")}],
+                "access": access,
             }  # fmt: skip
             signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
             signature = subprocess.run(
@@ -259,7 +262,7 @@ class TokenService:
                 import urllib.parse
 
                 query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-                scope = query.get("scope", [""])[0]
+                scopes = query.get("scope", [])
                 subject = ""
                 if users is not None:
                     given = self.headers.get("Authorization", "")
@@ -270,8 +273,8 @@ class TokenService:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                service.granted.append(scope)
-                body = json.dumps({"token": token(subject, scope)}).encode()
+                service.granted.extend(scopes)
+                body = json.dumps({"token": token(subject, scopes)}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
