@@ -19,7 +19,7 @@ from guix_image.errors import InputError
 from guix_image.formats import compression
 from guix_image.registry.reference import parse_reference
 
-from .support.cli import Cli
+from .support.cli import Cli, inspect_json
 from .support.registry import (
     FailingProxy,
     Registry,
@@ -299,3 +299,25 @@ def test_bearer_tokens_through_the_challenge(
             assert "repository:guix/tokens:pull" in tokens.granted
     finally:
         tokens.close()
+
+
+def test_the_readers_read_from_a_registry(registry: Registry, tmp_path: Path, cli: Cli) -> None:
+    """inspect, verify (and --against) and diff-layers take docker://REF: the
+    manifest and config fetched, layers streamed, every digest checked."""
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    ref = f"{registry.host}/guix/read:1"
+    assert cli("push", str(archive), ref).exit_code == 0
+    remote = f"docker://{ref}"
+    shown = inspect_json(cli, remote)
+    assert shown["format"] == "registry" and shown["repo_tags"] == [ref]
+    assert [layer["digest"] for layer in shown["layers"]] == [
+        layer["digest"] for layer in inspect_json(cli, archive)["layers"]
+    ]
+    verified = cli("verify", remote, "--json")
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"] is True
+    assert cli("verify", str(archive), "--against", remote).exit_code == 0
+    same = cli("diff-layers", str(archive), remote)
+    assert same.exit_code == 0 and "Identical." in same.stdout
+    missing = cli("inspect", f"docker://{registry.host}/guix/read:2")
+    assert missing.exit_code == 2 and "no manifest 2" in missing.stderr

@@ -131,6 +131,12 @@ def opened(
     from ..formats.images import read_images, select_image
     from ..formats.sources import open_source, parse_reference
 
+    if given.startswith("docker://"):
+        with _registry_source(given) as source:
+            image = select_image(read_images(source), choice, given, platform)
+            verbose(f"{given}: {image.format}, {len(image.layers)} layers")
+            yield source, image
+        return
     path, named = parse_reference(given)
     if named is not None and choice is not None and named != choice:
         raise CommandError(f"{given} names image {named!r}, and --image {choice!r}", 2)
@@ -144,6 +150,18 @@ def opened(
         verbose(f"{path}: {image.format}, {len(image.layers)} layers")
         yield source, image
     verbose(f"{path}: read in {time.monotonic() - started:.2f} s")
+
+
+@contextlib.contextmanager
+def _registry_source(given: str) -> Iterator[Any]:
+    """An image in a registry, read as the readers read a layout (registry/source.py)."""
+    from ..registry.reference import parse_reference as parse_registry_reference
+    from ..registry.source import RegistrySource
+    from ..registry.transport import connect
+
+    reference = parse_registry_reference(given)
+    with RegistrySource(connect(reference), reference) as source:
+        yield source
 
 
 def output() -> Any:

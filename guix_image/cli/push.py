@@ -141,10 +141,10 @@ def push(
 def _transport(
     reference: Any, insecure: bool, tls_verify: bool, cert_dir: str | None, username: str | None
 ) -> Any:
-    from ..registry.credentials import find_credentials
-    from ..registry.transport import Credentials, Transport
+    from ..registry.credentials import Credentials
+    from ..registry.transport import connect
 
-    credentials = None if username is not None else find_credentials(reference.host)
+    credentials = None
     if username is not None:
         password = os.environ.get("GUIX_IMAGE_PASSWORD")
         if password is None:
@@ -164,15 +164,13 @@ def _transport(
                     2,
                 )
         credentials = Credentials(username, password)
-    # HTTPS, checked; on this machine (or --insecure), plain HTTP if that is what it speaks.
-    secure = None if insecure or reference.loopback else True
     ca_file = None
     if cert_dir is not None:
         ca_file = os.path.join(cert_dir, "ca.crt")
         if not os.path.isfile(ca_file):
             raise CommandError(f"--cert-dir {cert_dir}: there is no ca.crt in it", 2)
-    return Transport(
-        reference.host, secure=secure, verify=tls_verify, ca_file=ca_file, credentials=credentials
+    return connect(
+        reference, insecure=insecure, verify=tls_verify, ca_file=ca_file, credentials=credentials
     )
 
 

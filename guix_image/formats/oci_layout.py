@@ -76,8 +76,8 @@ def blob_location(descriptor: dict[str, Any], where: str) -> str:
 
 def read_layout(source: Source) -> list[Image[StoredLayer]]:
     """Every image the layout's index.json leads to."""
-    kind = "oci-layout" if source.kind == "directory" else "oci-archive"
-    layout_checks = _check_layout_file(source)
+    kind = {"directory": "oci-layout", "registry": "registry"}.get(source.kind, "oci-archive")
+    layout_checks = [] if source.kind == "registry" else _check_layout_file(source)
     index = source.read_json("index.json", MAX_MANIFEST_SIZE, "index.json")
     walk = _Walk(source, kind, ConfigReader(source))
     walk.index(index, "index.json", [], depth=0)

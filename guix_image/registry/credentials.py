@@ -16,13 +16,19 @@ import os
 import shutil
 import subprocess
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import strict_json
 from ..errors import InputError
-from .transport import Credentials
 
 MAX_FILE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
 
 
 def auth_files() -> list[Path]:

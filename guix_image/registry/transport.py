@@ -22,8 +22,10 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import OperationError
+from .credentials import Credentials, find_credentials
 
 ATTEMPTS = 4
 BACKOFF = 0.25  # seconds before the second attempt, doubled each time
@@ -47,12 +49,6 @@ class Response:
     status: int
     headers: dict[str, str]  # lower-case names
     body: bytes
-
-
-@dataclass
-class Credentials:
-    username: str
-    password: str
 
 
 @dataclass
@@ -106,6 +102,36 @@ class Transport:
                 if response.status < 500 or attempt + 1 == attempts:
                     return response
             time.sleep(BACKOFF * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def open_stream(self, url: str, *, scope: str) -> http.client.HTTPResponse:
+        """GET `url` on a connection of its own, its answer left unread (the
+        caller reads and closes it). Credentials go to this registry only: a
+        URL on another host (storage a registry redirects to) gets none."""
+        self._connection()  # decides http or https first
+        parsed = urllib.parse.urlsplit(url)
+        ours = not parsed.netloc or _same_host(parsed, self.host, bool(self.secure))
+        secure = self.secure if ours else parsed.scheme == "https"
+        path = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+        for attempt in range(2):
+            headers = {}
+            if ours and scope in self._tokens:
+                headers["Authorization"] = self._tokens[scope]
+            connection = self._open(secure, self.host if ours else parsed.netloc)
+            try:
+                connection.request("GET", path, headers=headers)
+                answer = connection.getresponse()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                raise RegistryError(f"{self.host}: GET failed: {error}") from None
+            with self._lock:
+                self.requests += 1
+            if answer.status == 401 and ours and attempt == 0:
+                response = Response(401, {k.lower(): v for k, v in answer.getheaders()}, b"")
+                answer.close()
+                if self._answer_challenge(response, scope):
+                    continue
+            return answer
         raise AssertionError("unreachable")
 
     # -- one attempt ----------------------------------------------------------------
@@ -262,6 +288,25 @@ class Transport:
         if not isinstance(token, str) or not token:
             raise RegistryError(f"{realm} gave no token for {scope}")
         return token
+
+
+def connect(
+    reference: Any,
+    *,
+    insecure: bool = False,
+    verify: bool = True,
+    ca_file: str | None = None,
+    credentials: Credentials | None = None,
+) -> Transport:
+    """A transport to `reference`'s registry: HTTPS, checked; on this machine (or
+    `insecure`), plain HTTP if that is all it speaks. Without `credentials`,
+    those podman login or docker login kept, if any (see credentials.py)."""
+    if credentials is None:
+        credentials = find_credentials(reference.host)
+    secure = None if insecure or reference.loopback else True
+    return Transport(
+        reference.host, secure=secure, verify=verify, ca_file=ca_file, credentials=credentials
+    )
 
 
 def _same_host(url: urllib.parse.SplitResult, host: str, secure: bool) -> bool:
