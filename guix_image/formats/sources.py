@@ -82,8 +82,10 @@ class Source:
         self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
     ) -> LayerContents:
         """What is inside layer `index` (from 1), the blob at `location` of `size` bytes;
-        its rows spill to `scratch`."""
-        raise NotImplementedError
+        its rows spill to `scratch`. (Read from `open_blob`, unless a source knows better.)"""
+        name = layer_name(self.name, index, location)
+        with self.open_blob(location) as blob:
+            return read_layer(blob, name, options, blob_size=size, scratch=scratch)
 
     def open_blob(self, location: str) -> BinaryIO:
         """A stream of a member's bytes (not for stream sources)."""
@@ -216,13 +218,6 @@ class DirectorySource(Source):
     def extent(self, location: str) -> tuple[str, int, int] | None:
         path = self._path(location, "member")
         return path, 0, os.stat(path).st_size
-
-    def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
-    ) -> LayerContents:
-        name = layer_name(self.name, index, location)
-        with self.open_blob(location) as blob:
-            return read_layer(blob, name, options, blob_size=size, scratch=scratch)
 
 
 class StreamSource(Source):

@@ -17,12 +17,10 @@ import urllib.parse
 from typing import Any, BinaryIO, cast
 
 from ..errors import ArchiveError
-from ..formats.layer_tar import LayerContents, ReadOptions, read_layer
 from ..formats.limits import MAX_MANIFEST_SIZE
 from ..formats.oci_layout import INDEX_TYPES, MANIFEST_TYPES, REF_NAME
-from ..formats.sources import Source, layer_name
+from ..formats.sources import Source
 from ..model import SHA256_PREFIX, canonical_json, sha256_digest
-from ..spill import Scratch
 from .reference import Reference
 from .transport import RegistryError, Transport
 
@@ -84,13 +82,6 @@ class RegistrySource(Source):
 
     def open_blob(self, location: str) -> BinaryIO:
         return cast(BinaryIO, self._stream(self._digest(location)))
-
-    def read_layer(
-        self, location: str, index: int, size: int, options: ReadOptions, scratch: Scratch | None
-    ) -> LayerContents:
-        name = layer_name(self.name, index, location)
-        with self.open_blob(location) as blob:
-            return read_layer(blob, name, options, blob_size=size, scratch=scratch)
 
     # -- the registry -------------------------------------------------------------------
 

@@ -565,15 +565,7 @@ def bench_oci(
             100,
         ),
     ]
-    lines += [""] + [
-        f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.2f})"
-        for name, value, limit in checks
-    ]
-    table = "\n".join(lines)
-    print(table)
-    if args.record:
-        with args.record.open("a") as record:
-            record.write(table + "\n\n")
+    report(lines, checks, args.record)
 
 
 def bench_push(args: argparse.Namespace, config: Path, guix_image: list[str], summary: str) -> None:
@@ -649,15 +641,26 @@ def bench_push(args: argparse.Namespace, config: Path, guix_image: list[str], su
         ("unchanged <= 0.05 x first push", results["unchanged"].median / first, 0.05),
         ("one leaf changed <= 0.10 x first push", results["one leaf changed"].median / first, 0.10),
     ]
-    lines += [""] + [
-        f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.3f})"
-        for name, value, limit in checks
-    ]
+    report(lines, checks, args.record, digits=3)
+
+
+def report(
+    lines: list[str], checks: list[tuple[str, float, float]], record: Path | None, digits: int = 2
+) -> None:
+    """Print the table `lines` and each check, PASS or FAIL; append them to `record`."""
+    lines = (
+        lines
+        + [""]
+        + [
+            f"- {'PASS' if value <= limit else 'FAIL'}: {name} (measured {value:.{digits}f})"
+            for name, value, limit in checks
+        ]
+    )
     table = "\n".join(lines)
     print(table)
-    if args.record:
-        with args.record.open("a") as record:
-            record.write(table + "\n\n")
+    if record:
+        with record.open("a") as out:
+            out.write(table + "\n\n")
 
 
 def compressed_size(commands: list[list[str]]) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .tools import require
 
@@ -139,6 +140,21 @@ def running_registry(
         registry.stop()
 
 
+def serve(handler: type[Any]) -> tuple[Any, str]:
+    """An HTTP server of `handler` on a free loopback port, in a thread; and its host."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"127.0.0.1:{server.server_address[1]}"
+
+
+def stop(server: Any) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 class FailingProxy:
     """A proxy in front of a registry that forwards every request, until `fail`
     says one must fail: it then answers 503 to it and all that follow (a
@@ -147,7 +163,6 @@ class FailingProxy:
     def __init__(self, registry: Registry, fail: Callable[[str, str], bool]) -> None:
         import http.client
         import http.server
-        import threading
 
         self.seen: list[tuple[str, str]] = []
         self.failing = False
@@ -187,14 +202,10 @@ class FailingProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.host = serve(Handler)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop(self.server)
 
 
 TOKEN_AUTH = """\
@@ -217,7 +228,6 @@ class TokenService:
         import base64
         import http.server
         import json
-        import threading
 
         require("openssl")
         subprocess.run(
@@ -281,11 +291,7 @@ class TokenService:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.host = serve(Handler)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop(self.server)
