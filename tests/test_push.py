@@ -20,6 +20,7 @@ from guix_image.formats import compression
 from guix_image.registry.reference import parse_reference
 
 from .support.cli import Cli, inspect_json
+from .support.nar import nar_hash
 from .support.registry import (
     FailingProxy,
     Registry,
@@ -27,7 +28,7 @@ from .support.registry import (
     free_port,
     running_registry,
 )
-from .support.stores import StoreTree, populate
+from .support.stores import StoreTree, busybox_store, make_database, populate
 from .support.tools import docker_answers, require, run
 
 
@@ -321,3 +322,27 @@ def test_the_readers_read_from_a_registry(registry: Registry, tmp_path: Path, cl
     assert same.exit_code == 0 and "Identical." in same.stdout
     missing = cli("inspect", f"docker://{registry.host}/guix/read:2")
     assert missing.exit_code == 2 and "no manifest 2" in missing.stderr
+
+
+def test_store_items_with_builds_options(
+    registry: Registry, store: StoreTree, tmp_path: Path, cli: Cli
+) -> None:
+    """push STORE_ITEM... REF takes build's options; pushed again, nothing is uploaded."""
+    busybox = busybox_store(store)
+    database = make_database(tmp_path / "db.sqlite", {busybox: nar_hash(busybox)}, {})
+    ref = f"{registry.host}/guix/busybox:1"
+    flags = ["--db", str(database), "-S", "/bin=bin", "--entrypoint", "/bin/busybox"]
+    pushed = cli("push", str(busybox), *flags, ref, "--json")
+    assert pushed.exit_code == 0, pushed.output
+    assert len(json.loads(pushed.stdout)["uploaded"]) == 3  # the item, the links, the config
+    config = json.loads(
+        run("skopeo", "inspect", "--config", "--tls-verify=false", f"docker://{ref}").stdout
+    )
+    assert config["config"]["Entrypoint"] == ["/bin/busybox"]
+    uploads = registry.uploads()
+    again = cli("push", str(busybox), *flags, ref, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["digest"] == json.loads(pushed.stdout)["digest"]
+    assert registry.uploads() == uploads
+    out_of_place = cli("push", str(tmp_path / "db.sqlite"), "--entrypoint", "x", ref)
+    assert out_of_place.exit_code == 2 and "goes with STORE_ITEMs" in out_of_place.stderr

@@ -16,9 +16,9 @@ from .completion import complete_config
 from .options import CommandError, common_options, flag, no_color, note, verbose
 
 
-def optgroup_items(function: Any) -> Any:
-    """The options of `build STORE_ITEM...` (refused with a CONFIG)."""
-    options = [
+def _image_options() -> list[Any]:
+    """The options that shape an image of store items (build and push take them)."""
+    return [
         click.option(
             "--store-dir", metavar="DIR", help="The store directory (by default the items')."
         ),
@@ -72,6 +72,33 @@ def optgroup_items(function: Any) -> Any:
             "--from-image", type=click.Path(exists=True), help="A base image archive or layout."
         ),
         click.option(
+            "-S",
+            "--symlink",
+            metavar="LINK=TARGET",
+            multiple=True,
+            help="A link in the image into the first item, as /bin=bin (repeatable).",
+        ),
+        click.option(
+            "--add",
+            metavar="SRC:DEST",
+            multiple=True,
+            help="A host file or directory copied to DEST in the image (repeatable).",
+        ),
+    ]
+
+
+def items_options(function: Any) -> Any:
+    """The options of `push STORE_ITEM... REF` (refused with a CONFIG)."""
+    for option in reversed(_image_options()):
+        function = option(function)
+    return function
+
+
+def optgroup_items(function: Any) -> Any:
+    """The options of `build STORE_ITEM...` (refused with a CONFIG)."""
+    shaping = _image_options()
+    dry_run = [
+        click.option(
             "--print-layers",
             is_flag=True,
             help="Print the planned layers and stop (--json for JSON).",
@@ -87,21 +114,8 @@ def optgroup_items(function: Any) -> Any:
             type=click.Path(dir_okay=False),
             help="Write a CycloneDX 1.5 SBOM of the store items to FILE.",
         ),
-        click.option(
-            "-S",
-            "--symlink",
-            metavar="LINK=TARGET",
-            multiple=True,
-            help="A link in the image into the first item, as /bin=bin (repeatable).",
-        ),
-        click.option(
-            "--add",
-            metavar="SRC:DEST",
-            multiple=True,
-            help="A host file or directory copied to DEST in the image (repeatable).",
-        ),
     ]
-    for option in reversed(options):
+    for option in reversed(shaping[:-2] + dry_run + shaping[-2:]):  # the order of --help
         function = option(function)
     return function
 
@@ -344,7 +358,7 @@ def _customisation_directory(options: dict[str, Any]) -> Iterator[str | None]:
     names it), else a temporary directory, removed after the build."""
     if not (options["symlink"] or options["add"]):
         yield None
-    elif options["emit_config"]:
+    elif options.get("emit_config"):
         yield os.path.abspath(options["emit_config"]) + ".customisation"
     else:
         import tempfile
@@ -474,13 +488,13 @@ def _plan_items(
         root=root,
         customisation=customisation,
     )
-    if options["emit_config"]:
+    if options.get("emit_config"):
         import json
 
         from ..build.output import write_atomically
 
         write_atomically(options["emit_config"], json.dumps(plan.document, indent=2) + "\n")
-    if options["print_layers"]:
+    if options.get("print_layers"):
         _print_layers(plan, options["json"])
     return plan
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .build import items_options
 from .completion import complete_archive
 from .options import (
     IMAGE_OPTION,
@@ -25,7 +26,9 @@ from .options import (
 
 
 @click.command()
-@click.argument("source", metavar="SOURCE", shell_complete=complete_archive)
+@click.argument(
+    "sources", metavar="SOURCE | STORE_ITEM...", nargs=-1, shell_complete=complete_archive
+)
 @click.argument("ref", metavar="REF")
 @IMAGE_OPTION
 @PLATFORM_OPTION
@@ -68,10 +71,16 @@ from .options import (
     type=click.Path(dir_okay=False),
     help="Write the pushed manifest's digest to FILE (as skopeo's).",
 )
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, exists=True),
+    help="Read store paths under DIR, as for a chroot store (as build's).",
+)
+@items_options
 @JSON_OPTION
 @common_options
 def push(
-    source: str,
+    sources: tuple[str, ...],
     ref: str,
     image: str | None,
     platform: str | None,
@@ -83,18 +92,22 @@ def push(
     username: str | None,
     digest_file: str | None,
     as_json: bool,
+    root: str | None,
+    **items: Any,
 ) -> None:
     """Push an image to a registry, uploading only the blobs it lacks.
 
-    SOURCE is a build CONFIG (built first, with the layer cache, its layers
-    compressed), or any archive or layout the readers take (docker-archive,
-    oci-archive, oci:DIR[:TAG], ...). REF is [docker://]HOST[:PORT]/NAME[:TAG]
+    SOURCE is a build CONFIG, or STORE_ITEMs with build's options (built
+    first, trusting the layer cache: layers it keeps compressed are neither
+    read nor compressed again), or any archive or layout the readers take
+    (docker-archive, oci-archive, oci:DIR[:TAG], docker://...). REF is [docker://]HOST[:PORT]/NAME[:TAG]
     or ...@sha256:DIGEST. Blobs the registry has are skipped; the manifest
     goes last, so a push that fails leaves no tag. Prints REF@sha256:...
 
     \b
     Examples:
       guix-image push image.json localhost:5000/app:1.0
+      guix-image push $(guix build hello) -S /bin=bin localhost:5000/hello:2.12
       guix-image push app.tar registry.example/team/app:1.0 --username me
       guix-image push oci:layout:app:1.0 localhost:5000/app:1.0 --from-repo base
     """
@@ -102,17 +115,21 @@ def push(
     from ..registry.reference import parse_reference
     from ..registry.remote import Repository
 
+    if not sources:
+        raise click.UsageError("give SOURCE (a CONFIG, STORE_ITEMs or an archive) and REF")
     reference = parse_reference(ref)
     transport = _transport(reference, insecure, tls_verify, cert_dir, username)
     repository = Repository(transport, reference)
 
-    chatty = flag("verbose") and not flag("quiet")  # read here: blobs go up on other threads
+    from .units import human_size
 
-    def on_blob(digest: str, fate: str) -> None:
-        if chatty:
-            click.echo(f"{digest}: {fate}", err=True)
+    quiet = flag("quiet")  # read here: blobs go up on other threads
 
-    with _image_of(source, image, platform, compress) as chosen:
+    def on_blob(digest: str, size: int, fate: str) -> None:
+        if not quiet:  # one line per blob as it is done, as docker push shows them
+            click.echo(f"{fate:>8} {digest} ({human_size(size)})", err=True)
+
+    with _image_of(sources, image, platform, compress, root, items, reference) as chosen:
         report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
     if digest_file is not None:
         from ..build.output import write_atomically
@@ -186,17 +203,48 @@ def _read_build_config(source: str) -> Any:
 
 
 @contextlib.contextmanager
-def _image_of(source: str, image: str | None, platform: str | None, compress: str) -> Iterator[Any]:
-    """The image to push: read from SOURCE, or built from it into a temporary
-    layout first (its blobs linked from the layer cache). That build trusts the
-    cache: a layer whose compressed blob the cache keeps is not read again (the
-    cache key holds each store path's identity, its NAR hash or inode and
-    times), so an unchanged image pushes with HEAD requests only, and one with
-    a changed store item makes that layer alone."""
-    if not _is_config(source):
-        with opened(source, None, image, platform) as (_, chosen):
+def _image_of(
+    sources: tuple[str, ...],
+    image: str | None,
+    platform: str | None,
+    compress: str,
+    root: str | None,
+    items: dict[str, Any],
+    reference: Any,
+) -> Iterator[Any]:
+    """The image to push: read from SOURCE, or built from a CONFIG or STORE_ITEMs."""
+    from .build import _customisation_directory, _plan_items, _refuse_items_options, _store_items
+
+    store_items = _store_items(sources, items["store_dir"])
+    _refuse_items_options(items, store_items is not None)
+    if store_items is None and len(sources) > 1:
+        raise click.UsageError(f"{sources[1]!r}: one SOURCE, or store items only")
+    if store_items is not None:
+        from ..build.config import validate_config
+
+        with _customisation_directory(items) as customisation:
+            tag = f"{reference.repository}:{reference.tag or 'latest'}"
+            plan = _plan_items(store_items, tag, root, customisation, items)
+            config = validate_config(plan.document, source="store items", repo_tag=tag)
+            with _built(config, compress, root) as chosen:
+                yield chosen
+        return
+    if _is_config(sources[0]):
+        with _built(_read_build_config(sources[0]), compress, root) as chosen:
             yield chosen
         return
+    with opened(sources[0], None, image, platform) as (_, chosen):
+        yield chosen
+
+
+@contextlib.contextmanager
+def _built(config: Any, compress: str, root: str | None) -> Iterator[Any]:
+    """The image `config` gives, built into a temporary layout (its blobs linked
+    from the layer cache), trusting the cache: a layer whose compressed blob the
+    cache keeps is not read again (the cache key holds each store path's
+    identity, its NAR hash or inode and times), so an unchanged image pushes
+    with HEAD requests only, and one with a changed store item makes that
+    layer alone."""
     import tempfile
 
     from ..build.cache import LayerCache, default_directory
@@ -204,7 +252,8 @@ def _image_of(source: str, image: str | None, platform: str | None, compress: st
     from ..build.oci import OciOutput
     from ..formats.compression import choose
 
-    config = _read_build_config(source)
+    for warning in config.warnings:
+        note(f"warning: {warning}")
     cache = LayerCache(default_directory(), lambda message: note(f"warning: {message}"))
     # Beside the kept blobs, so that the layout links them instead of copying.
     beside = cache.directory.parent
@@ -216,7 +265,7 @@ def _image_of(source: str, image: str | None, platform: str | None, compress: st
         oci = OciOutput(
             "oci-dir", layout, choose(compress), kept_blobs=cache.blobs, trust_cache=True
         )
-        build_image(config, oci, cache=cache)
+        build_image(config, oci, cache=cache, root=root)
         with opened(layout, None, None, None) as (_, chosen):
             yield chosen
 

@@ -48,9 +48,10 @@ def push_image(
     repository: Repository,
     *,
     mount_from: str | None = None,
-    on_blob: Callable[[str, str], None] | None = None,
+    on_blob: Callable[[str, int, str], None] | None = None,
 ) -> PushReport:
-    """Push `image`; `on_blob(digest, what happened)` hears of each blob."""
+    """Push `image`; `on_blob(digest, size, what happened)` hears of each blob
+    as it is done (from the uploading threads)."""
     report = PushReport(str(repository.reference))
     manifest, media_type = _manifest(image)
     report.digest = sha256_digest(manifest)
@@ -73,7 +74,7 @@ def push_image(
             fate, kept = "uploaded", report.uploaded
         kept.append(blob.digest)
         if on_blob is not None:
-            on_blob(blob.digest, fate)
+            on_blob(blob.digest, blob.size, fate)
 
     pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="guix-image-push")
     try:
