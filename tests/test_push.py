@@ -346,3 +346,45 @@ def test_store_items_with_builds_options(
     assert registry.uploads() == uploads
     out_of_place = cli("push", str(tmp_path / "db.sqlite"), "--entrypoint", "x", ref)
     assert out_of_place.exit_code == 2 and "goes with STORE_ITEMs" in out_of_place.stderr
+
+
+def test_a_push_to_another_repository_mounts_what_earlier_pushes_put(
+    registry: Registry, tmp_path: Path, cli: Cli
+) -> None:
+    """Without --from-repo: the blobs are mounted from where the last push put
+    them (remembered beside the layer cache), not uploaded again."""
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+    assert cli("push", str(archive), f"{registry.host}/first/app:1").exit_code == 0
+    uploads = registry.uploads()
+    second = cli("push", str(archive), f"{registry.host}/second/app:1", "--json")
+    assert second.exit_code == 0, second.output
+    assert len(json.loads(second.stdout)["mounted"]) == 4
+    assert registry.uploads() == uploads
+    mounts = [p for m, p, s in registry.requests() if m == "POST" and "mount=" in p and s == 201]
+    assert len(mounts) == 4 and all("from=first%2Fapp" in p for p in mounts)
+
+
+def test_a_registry_stopped_mid_push_leaves_no_tag(
+    registry: Registry, tmp_path: Path, cli: Cli
+) -> None:
+    """The registry process is stopped as the first blob's bytes arrive: one
+    clear error after bounded retries (exit 1), and no tag in its storage."""
+    archive = tmp_path / "example.tar"
+    assert cli("build", "--example", "--format", "oci-archive", "-o", str(archive)).exit_code == 0
+
+    def stop_on_patch(method: str, path: str) -> bool:
+        if method == "PATCH":
+            registry.stop()
+        return False  # forwarded, to a registry that is gone
+
+    proxy = FailingProxy(registry, stop_on_patch)
+    try:
+        failed = cli("push", str(archive), f"{proxy.host}/guix/stopped:1")
+    finally:
+        proxy.close()
+    assert failed.exit_code == 1, failed.output
+    last = failed.stderr.splitlines()[-1]
+    assert last.startswith(f"Error: {proxy.host}: ") and "Traceback" not in failed.output
+    tags = registry.log.parent / "storage/docker/registry/v2/repositories/guix/stopped/_manifests"
+    assert not tags.exists()

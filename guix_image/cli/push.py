@@ -42,7 +42,8 @@ from .options import (
 @click.option(
     "--from-repo",
     metavar="NAME",
-    help="Mount blobs the registry has in repository NAME instead of uploading them.",
+    help="Mount blobs the registry has in repository NAME instead of uploading them "
+    "(without it: from where earlier pushes put them).",
 )
 @click.option(
     "--insecure", is_flag=True, help="Plain HTTP to a registry that is not on this machine."
@@ -130,7 +131,9 @@ def push(
             click.echo(f"{fate:>8} {digest} ({human_size(size)})", err=True)
 
     with _image_of(sources, image, platform, compress, root, items, reference) as chosen:
-        report = push_image(chosen, repository, mount_from=from_repo, on_blob=on_blob)
+        report = push_image(
+            chosen, repository, mount_from=from_repo, memory=_memory(), on_blob=on_blob
+        )
     if digest_file is not None:
         from ..build.output import write_atomically
 
@@ -153,6 +156,14 @@ def push(
         )
     else:
         click.echo(report.pinned)
+
+
+def _memory() -> Any:
+    """Where earlier pushes went (beside the layer cache), for mounts."""
+    from ..build.cache import default_directory
+    from ..registry.push import PushMemory
+
+    return PushMemory(str(default_directory() / "pushed"))
 
 
 def _transport(

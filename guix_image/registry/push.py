@@ -10,7 +10,11 @@ archive); an image from a Docker archive gets an OCI manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,10 +52,13 @@ def push_image(
     repository: Repository,
     *,
     mount_from: str | None = None,
+    memory: PushMemory | None = None,
     on_blob: Callable[[str, int, str], None] | None = None,
 ) -> PushReport:
     """Push `image`; `on_blob(digest, size, what happened)` hears of each blob
-    as it is done (from the uploading threads)."""
+    as it is done (from the uploading threads). A blob the registry lacks is
+    mounted from `mount_from`, else from where `memory` says it was pushed
+    before, if the registry still has it there."""
     report = PushReport(str(repository.reference))
     manifest, media_type = _manifest(image)
     report.digest = sha256_digest(manifest)
@@ -64,10 +71,14 @@ def push_image(
     blobs += [_blob(layer) for layer in image.layers]
     unique = list({blob.digest: blob for blob in blobs}.values())
 
+    host, name = repository.reference.host, repository.name
+    remembered = memory.sources(host, name) if memory is not None else {}
+
     def push_blob(blob: BlobSource) -> None:
+        source = mount_from or remembered.get(blob.digest)
         if repository.blob_exists(blob.digest):
             fate, kept = "present", report.present
-        elif mount_from and repository.mount(blob.digest, mount_from):
+        elif source and repository.mount(blob.digest, source):
             fate, kept = "mounted", report.mounted
         else:
             repository.upload(blob)
@@ -88,7 +99,54 @@ def push_image(
         raise
     pool.shutdown()
     repository.put_manifest(repository.reference.target, media_type, manifest, report.digest)
+    if memory is not None:
+        memory.remember(host, name, [blob.digest for blob in unique])
     return report
+
+
+class PushMemory:
+    """Where blobs were pushed before, by registry: a JSON file of digest to
+    repository (the last one each went to), so that a push to another
+    repository of the same registry mounts them instead of uploading them.
+    Housekeeping, never a reason to fail: an unreadable file is no memory."""
+
+    LIMIT = 20_000  # digests remembered per registry, the latest kept
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, host: str) -> str:
+        return os.path.join(self.directory, host.replace(":", "_").replace("/", "_") + ".json")
+
+    def sources(self, host: str, repository: str) -> dict[str, str]:
+        """Digest to another repository of `host` that had it, for mounts."""
+        with contextlib.suppress(OSError, ValueError), open(self._path(host)) as f:
+            known = json.load(f)
+            if isinstance(known, dict):
+                return {
+                    digest: where
+                    for digest, where in known.items()
+                    if isinstance(where, str) and where != repository
+                }
+        return {}
+
+    def remember(self, host: str, repository: str, digests: list[str]) -> None:
+        known = self.sources(host, "")
+        for digest in digests:
+            known.pop(digest, None)
+            known[digest] = repository  # the latest last
+        kept = dict(list(known.items())[-self.LIMIT :])
+        with contextlib.suppress(OSError):
+            os.makedirs(self.directory, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(prefix=".pushed-", dir=self.directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(kept, f)
+                os.replace(temporary, self._path(host))
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
 
 
 def _manifest(image: Image[StoredLayer]) -> tuple[bytes, str]:
