@@ -572,3 +572,33 @@ def test_kept_blobs_are_trimmed_least_recently_used_first_but_not_a_builds_own(
         (new.manifest_digest or "").removeprefix("sha256:"),
     }
     assert left == used
+
+
+def test_builds_into_one_layout_at_once_keep_each_others_images(
+    store: StoreTree, tmp_path: Path
+) -> None:
+    """Eight processes, each adding an image under its own tag: all eight listed."""
+    paths = populate(store)
+    layout = tmp_path / "shared"
+    configs = []
+    for n in range(8):
+        config = tmp_path / f"c{n}.json"
+        config.write_text(json.dumps(store.config([paths], repo_tag=f"app:{n}")))
+        configs.append(config)
+    import sys
+
+    command = [sys.executable, "-m", "guix_image", "build", "--format", "oci-dir", "-q"]
+    processes = [
+        subprocess.Popen(
+            [*command, str(c), "-o", str(layout), "--no-cache"], stderr=subprocess.PIPE
+        )
+        for c in configs
+    ]
+    for process in processes:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors
+    index = json.loads((layout / "index.json").read_text())
+    names = sorted(
+        m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]
+    )
+    assert names == [f"app:{n}" for n in range(8)]

@@ -166,7 +166,7 @@ class OciOutput:
         created = False
         if self.kind == "oci-dir":
             assert isinstance(self.target, str)
-            created = not os.path.exists(self.target) or not os.listdir(self.target)
+            created = oci_layout.is_empty(self.target)
             self._layout = LayoutWriter(self.target)
         try:
             with contextlib.ExitStack() as stack:
@@ -188,7 +188,12 @@ class OciOutput:
                     self._store.create()
                 yield
         except BaseException:
-            if self._layout is not None and created:
+            # Only a layout no build has listed an image in yet (another may be
+            # writing into the same new directory, and will list its own).
+            listed = self._layout is not None and os.path.exists(
+                os.path.join(self._layout.root, "index.json")
+            )
+            if self._layout is not None and created and not listed:
                 shutil.rmtree(self._layout.root, ignore_errors=True)
             raise
         finally:

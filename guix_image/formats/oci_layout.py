@@ -373,7 +373,7 @@ class LayoutWriter(BlobStore):
         super().__init__(root)
         if os.path.exists(root) and not os.path.isdir(root):
             raise InputError(f"output {root} exists and is not a directory")
-        if os.path.isdir(root) and os.listdir(root) and not _is_layout(root):
+        if not is_empty(root) and not _is_layout(root):
             raise InputError(
                 f"output {root} is a directory that is not an OCI layout; refusing to write in it"
             )
@@ -381,21 +381,35 @@ class LayoutWriter(BlobStore):
         if not os.path.isdir(parent):
             raise InputError(f"output {root}: directory {parent} does not exist")
         _existing_manifests(os.path.join(root, "index.json"))  # refused now, not at the end
-        self.create()
+        # oci-layout first: another build into the same new directory sees a layout.
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(root)
         layout = os.path.join(root, "oci-layout")
         if not os.path.exists(layout):
             _replace_file(layout, LAYOUT_FILE)
+        self.create()
 
     def add_image(self, manifest: Descriptor, names: list[str]) -> None:
         """List the image in index.json, under each of `names` (or none), keeping
-        the other images, those that had these names excepted."""
+        the other images, those that had these names excepted.
+
+        Builds into one layout at once take turns (a lock file beside the
+        index): neither loses the other's image.
+        """
+        import fcntl
+
         path = os.path.join(self.root, "index.json")
-        kept = [
-            entry
-            for entry in _existing_manifests(path)
-            if not _replaced(entry, manifest.digest, names)
-        ]
-        _replace_file(path, index_document(manifest, names, kept))
+        lock = os.open(os.path.join(self.root, ".index.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = [
+                entry
+                for entry in _existing_manifests(path)
+                if not _replaced(entry, manifest.digest, names)
+            ]
+            _replace_file(path, index_document(manifest, names, kept))
+        finally:
+            os.close(lock)
 
 
 def index_document(
@@ -412,6 +426,17 @@ def index_document(
         "manifests": [*(kept or []), *(d.to_json() for d in added)],
     }
     return canonical_json(index)
+
+
+def is_empty(root: str) -> bool:
+    """Whether `root` is missing, or a directory of nothing but dot-files (the
+    temporary files of another build just starting there)."""
+    try:
+        return all(name.startswith(".") for name in os.listdir(root))
+    except FileNotFoundError:
+        return True
+    except NotADirectoryError:
+        return False
 
 
 def _is_layout(root: str) -> bool:
