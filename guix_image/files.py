@@ -57,3 +57,10 @@ def _kind(mode: int) -> str:
         stat.S_IFDIR: "a directory",
     }
     return kinds.get(stat.S_IFMT(mode), "not a file")
+
+
+def write_all(fd: int, view: memoryview) -> None:
+    """All of `view` to `fd` (os.write may take less at a time)."""
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

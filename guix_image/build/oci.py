@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import InputError, OperationError
 from ..fastpath import HashingWriter, Sink
+from ..files import write_all
 from ..formats import oci_layout
 from ..formats.compression import (
     ANNOTATION,
@@ -53,10 +54,10 @@ from ..formats.oci_layout import (
     LayoutWriter,
 )
 from ..formats.stored_layer import StoredLayer
+from ..formats.streams import SliceReader
 from ..model import SHA256_PREFIX, Layer, Measured, PendingDigest, Progress, canonical_json
 from .store_layer import StaleCacheEntry
 
-OCI_FORMATS = ("oci-archive", "oci-dir")
 _KEPT_COMPRESSIONS = ("gzip", "zstd")  # a base image's blobs kept as they are
 
 
@@ -359,13 +360,15 @@ class OciWriter:
     def _compress(self, layer: Layer, progress: Progress) -> tuple[LayerBlob, Measured]:
         compression = self._compression
         with self._store.new_blob() as (fd, temporary):
-            if self._compressors is None and compression.method != "none":
-                self._compressors = compression.compressors()
-            writer = BlobWriter(fd, compression, self._compressors)
-            measured = self._stream(layer, writer, progress)
-            blob = writer.finish()
-            if compression.method == "none":
-                blob = Measured(measured.digest, measured.size)  # the tar is the blob
+            if compression.method == "none":  # the tar is the blob: one digest for both
+                measured = self._stream(layer, fd, progress)
+                blob = measured
+            else:
+                if self._compressors is None:
+                    self._compressors = compression.compressors()
+                writer = BlobWriter(fd, compression, self._compressors)
+                measured = self._stream(layer, writer, progress)
+                blob = writer.finish()
             self._store.commit(temporary, blob.digest)
         self._made.add(blob.digest)
         made = LayerBlob(blob.digest, blob.size, compression.media_type, compression.label)
@@ -387,7 +390,7 @@ class OciWriter:
         if (
             self._output.kind == "oci-dir"
             and not trusted  # a push: the registry checks the bytes of what is uploaded
-            and _file_digest(store.path(digest)) != digest
+            and _file_digest(store.path(digest), size) != digest
         ):
             with contextlib.suppress(OSError):
                 os.unlink(store.path(digest))  # damaged: made again
@@ -406,7 +409,7 @@ class OciWriter:
             with layer.open_blob() as blob:
                 while chunk := blob.read(1 << 20):
                     digest.update(chunk)
-                    oci_layout.write_all(fd, chunk)
+                    write_all(fd, memoryview(chunk))
                     size += len(chunk)
             found = SHA256_PREFIX + digest.hexdigest()
             if layer.digest is not None and layer.digest != found:
@@ -419,9 +422,7 @@ class OciWriter:
         media_type = MEDIA_TYPES[layer.compression()]
         return LayerBlob(found, size, media_type, layer.compressed_by), measured
 
-    def _stream(
-        self, layer: Layer, sink: Callable[[memoryview], object] | None, progress: Progress
-    ) -> Measured:
+    def _stream(self, layer: Layer, sink: Sink | None, progress: Progress) -> Measured:
         """Stream the layer's tar to `sink`, or only for its digest (None)."""
         if sink is None:
             out = self._null_writer()
@@ -457,12 +458,10 @@ def compression_of(layers: list[StoredLayer]) -> Compression:
     return choose(method)
 
 
-def _file_digest(path: str) -> str | None:
-    digest = hashlib.sha256()
+def _file_digest(path: str, size: int) -> str | None:
+    """The digest of the `size` bytes of the file at `path`; None if unreadable."""
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        with SliceReader(open(path, "rb"), 0, size) as blob:
+            return blob.digest()[0]
     except OSError:
         return None
-    return SHA256_PREFIX + digest.hexdigest()

@@ -204,13 +204,10 @@ def _transport(
 
 def _read_build_config(source: str) -> Any:
     from ..build.config import parse_config
-    from ..files import read_regular
+    from .build import _read_config
 
-    try:
-        text = read_regular(source, 64 << 20)
-    except OSError as error:
-        raise CommandError(f"{source}: {error.strerror or error}", 2) from None
-    return parse_config(text, source=source)
+    text, name = _read_config(source)
+    return parse_config(text, source=name)
 
 
 @contextlib.contextmanager

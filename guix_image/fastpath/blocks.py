@@ -28,12 +28,6 @@ class Block:
         self.spans: list[Span] = []
 
 
-def write_all(fd: int, view: memoryview) -> None:
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 def lower_priority(step: int = 5) -> None:
     """Make the calling thread yield the CPU to the others (Linux: a thread's nice value)."""
     try:

@@ -33,8 +33,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import OperationError
+from ..files import write_all
 from . import sha256
-from .blocks import Block, lower_priority, require_only_thread, write_all
+from .blocks import Block, lower_priority, require_only_thread
 from .digest import Chain, Digest
 from .sha256 import STATE_SIZE, Sha256
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import queue
 import threading
 
-from .blocks import Block, Sink, lower_priority, write_all
+from ..files import write_all
+from .blocks import Block, Sink, lower_priority
 
 
 class ThreadedPipeline:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
+from ..files import write_all
 from ..model import SHA256_PREFIX, Measured
 
 METHODS = ("none", "gzip", "zstd")
@@ -163,7 +164,8 @@ def _crc32() -> Any:
 
 class BlobWriter:
     """A sink that compresses what it is given and writes the blob to `fd`,
-    hashing the blob on the way (the tar's own digest is the caller's).
+    hashing the blob on the way (the tar's own digest is the caller's; an
+    uncompressed blob is the tar itself, and needs no BlobWriter).
 
     Call it with each piece of the tar, in order, then `finish`.
     """
@@ -181,16 +183,12 @@ class BlobWriter:
         self._crc = 0
         self._crc32 = _crc32()
         self._input = 0
-        self._compressor = None
-        if compression.method != "none":
-            self._compressor = (compressor or compression.compressors())()
+        assert compression.method != "none", "an uncompressed blob is the tar itself"
+        self._compressor = (compressor or compression.compressors())()
         if self._gzip:
             self._emit(GZIP_HEADER)
 
     def __call__(self, data: memoryview | bytes) -> None:
-        if self._compressor is None:
-            self._emit(data)
-            return
         view = memoryview(data)
         if self._carry:
             take = min(CHUNK - len(self._carry), len(view))
@@ -207,16 +205,14 @@ class BlobWriter:
 
     def finish(self) -> Measured:
         """Compress what is left, end the stream: the blob's digest and size."""
-        if self._compressor is not None:
-            if self._carry:
-                self._compress(self._carry)
-            self._emit(self._compressor.flush())
-            if self._gzip:
-                self._emit(struct.pack("<II", self._crc, self._input & 0xFFFFFFFF))
+        if self._carry:
+            self._compress(self._carry)
+        self._emit(self._compressor.flush())
+        if self._gzip:
+            self._emit(struct.pack("<II", self._crc, self._input & 0xFFFFFFFF))
         return Measured(SHA256_PREFIX + self._hash.hexdigest(), self._size)
 
     def _compress(self, piece: memoryview | bytearray) -> None:
-        assert self._compressor is not None
         if self._gzip:
             self._crc = self._crc32(piece, self._crc)
             self._input += len(piece)
@@ -227,6 +223,4 @@ class BlobWriter:
             return
         self._hash.update(data)
         self._size += len(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        write_all(self._fd, memoryview(data))

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import strict_json
 from ..errors import ArchiveError, InputError, OperationError
+from ..files import read_regular, write_all
 from ..model import (
     SHA256_PREFIX,
     Check,
@@ -347,7 +348,7 @@ class BlobStore:
         digest = sha256_digest(data)
         if not self.has(digest, len(data)):
             with self.new_blob() as (fd, temporary):
-                write_all(fd, data)
+                write_all(fd, memoryview(data))
                 self.commit(temporary, digest)
         return digest
 
@@ -386,7 +387,7 @@ class LayoutWriter(BlobStore):
             os.mkdir(root)
         layout = os.path.join(root, "oci-layout")
         if not os.path.exists(layout):
-            _replace_file(layout, LAYOUT_FILE)
+            replace_file(layout, LAYOUT_FILE)
         self.create()
 
     def add_image(self, manifest: Descriptor, names: list[str]) -> None:
@@ -407,7 +408,7 @@ class LayoutWriter(BlobStore):
                 for entry in _existing_manifests(path)
                 if not _replaced(entry, manifest.digest, names)
             ]
-            _replace_file(path, index_document(manifest, names, kept))
+            replace_file(path, index_document(manifest, names, kept))
         finally:
             os.close(lock)
 
@@ -445,8 +446,7 @@ def _is_layout(root: str) -> bool:
 
 def _existing_manifests(path: str) -> list[dict[str, Any]]:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_SIZE + 1)
+        data = read_regular(path, MAX_MANIFEST_SIZE)
     except FileNotFoundError:
         return []
     except OSError as error:
@@ -469,8 +469,9 @@ def _replaced(entry: dict[str, Any], digest: str, names: list[str]) -> bool:
     return name in names if name is not None else entry.get("digest") == digest
 
 
-def _replace_file(path: str, data: bytes) -> None:
-    """`path` holds `data`, whole, or what it held before."""
+def replace_file(path: str, data: bytes) -> None:
+    """`path` holds `data`, whole, or what it held before (written beside it,
+    synced, renamed into place)."""
     import tempfile
 
     directory = os.path.dirname(os.path.abspath(path))
@@ -486,13 +487,6 @@ def _replace_file(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """All of `data` to `fd`."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class BlobMismatch(OperationError):

@@ -30,6 +30,12 @@ class Credentials:
     username: str
     password: str
 
+    @property
+    def basic(self) -> str:
+        """The Authorization header's value for Basic authentication."""
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
 
 def auth_files() -> list[Path]:
     files = []

@@ -11,19 +11,24 @@ archive); an image from a Docker archive gets an OCI manifest.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..formats.compression import MEDIA_TYPES
-from ..formats.oci_layout import OCI_CONFIG, OCI_MANIFEST, Descriptor, manifest_document
+from ..formats.oci_layout import (
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    manifest_document,
+    replace_file,
+)
 from ..formats.stored_layer import StoredLayer
-from ..model import SHA256_PREFIX, Image, sha256_digest
+from ..formats.streams import SliceReader
+from ..model import Image, sha256_digest
 from .remote import BlobSource, Repository
 
 PARALLEL = 4
@@ -138,15 +143,7 @@ class PushMemory:
         kept = dict(list(known.items())[-self.LIMIT :])
         with contextlib.suppress(OSError):
             os.makedirs(self.directory, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=".pushed-", dir=self.directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(kept, f)
-                os.replace(temporary, self._path(host))
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
+            replace_file(self._path(host), json.dumps(kept).encode())
 
 
 def _manifest(image: Image[StoredLayer]) -> tuple[bytes, str]:
@@ -185,12 +182,6 @@ def _blob(layer: StoredLayer) -> BlobSource:
     if digest is None and layer.compression() == "none":
         digest = layer.diff_id
     if digest is None:
-        digest = _file_digest(path, offset, size)
+        with SliceReader(open(path, "rb"), offset, size) as blob:
+            digest, _ = blob.digest()
     return BlobSource(digest, size, path=path, offset=offset)
-
-
-def _file_digest(path: str, offset: int, size: int) -> str:
-    digest = hashlib.sha256()
-    for chunk in BlobSource("", size, path=path, offset=offset).chunks():
-        digest.update(chunk)
-    return SHA256_PREFIX + digest.hexdigest()

@@ -12,7 +12,6 @@ credentials are given).
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import re
@@ -91,11 +90,7 @@ class Transport:
             except (OSError, http.client.HTTPException) as error:
                 self._drop_connection()
                 if isinstance(error, ssl.SSLCertVerificationError):
-                    raise RegistryError(
-                        f"{self.host}: its TLS certificate does not verify "
-                        f"({error.verify_message}); give --cert-dir with its CA, "
-                        "or --tls-verify=false"
-                    ) from None
+                    raise self._unverified(error) from None
                 if attempt + 1 == attempts:
                     raise RegistryError(f"{self.host}: {method} failed: {error}") from None
             else:
@@ -188,6 +183,12 @@ class Transport:
             self._local.connection = connection
         return connection
 
+    def _unverified(self, error: ssl.SSLCertVerificationError) -> RegistryError:
+        return RegistryError(
+            f"{self.host}: its TLS certificate does not verify ({error.verify_message}); "
+            "give --cert-dir with its CA, or --tls-verify=false"
+        )
+
     def _speaks_tls(self) -> bool:
         """Whether the registry answers TLS (a certificate that fails to verify is
         an error, not a reason to fall back to plain HTTP)."""
@@ -196,10 +197,7 @@ class Transport:
             probe.request("GET", "/v2/")
             probe.getresponse().read(MAX_BODY)
         except ssl.SSLCertVerificationError as error:
-            raise RegistryError(
-                f"{self.host}: its TLS certificate does not verify ({error.verify_message}); "
-                "give --cert-dir with its CA, or --tls-verify=false"
-            ) from None
+            raise self._unverified(error) from None
         except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected):
             return False  # it speaks plain HTTP
         except OSError as error:
@@ -234,8 +232,7 @@ class Transport:
         if kind.lower() == "basic":
             if self.credentials is None:
                 return False
-            pair = f"{self.credentials.username}:{self.credentials.password}".encode()
-            self._tokens[scope] = "Basic " + base64.b64encode(pair).decode()
+            self._tokens[scope] = self.credentials.basic
             return True
         if kind.lower() != "bearer":
             return False
@@ -265,8 +262,7 @@ class Transport:
         connection = self._open(url.scheme == "https", url.netloc)
         headers = {}
         if self.credentials is not None:
-            pair = f"{self.credentials.username}:{self.credentials.password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["Authorization"] = self.credentials.basic
         path = (url.path or "/") + "?" + urllib.parse.urlencode(query)
         try:
             connection.request("GET", path, headers=headers)
