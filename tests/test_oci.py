@@ -44,8 +44,9 @@ from .support.tools import docker_answers, podman, require, run, unpack
 
 def compress(data: bytes, method: str, level: int | None, pieces: list[int]) -> bytes:
     """`data` through a BlobWriter, handed over in pieces of the given sizes."""
-    with tempfile.TemporaryFile() as f:
-        writer = BlobWriter(f.fileno(), choose(method, level))
+    compression = choose(method, level)
+    with tempfile.TemporaryFile() as f, compression.compressors() as compressors:
+        writer = BlobWriter(f.fileno(), compression, compressors)
         position = 0
         for size in pieces:
             writer(memoryview(data)[position : position + size])
@@ -82,16 +83,43 @@ def test_a_blob_does_not_depend_on_how_its_tar_arrives(method: str, level: int) 
         assert whole[:10] == GZIP_HEADER  # no name, mtime 0, OS 255
         assert gzip.decompress(whole) == data
     else:
-        import zstandard
+        assert unzstd(whole) == data
 
-        assert zstandard.ZstdDecompressor().decompressobj().decompress(whole) == data
+
+def test_a_zstd_blob_is_a_frame_per_2_mib_piece_of_its_tar() -> None:
+    """Each frame inflates alone (a worker made it alone), to its piece of the tar."""
+    import zstandard
+
+    data = sample(5 << 20)
+    rest = compress(data, "zstd", 3, [1 << 20])
+    pieces = []
+    while rest:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        pieces.append(frame.decompress(rest))
+        assert frame.eof
+        rest = frame.unused_data
+    assert [len(piece) for piece in pieces] == [2 << 20, 2 << 20, 1 << 20]
+    assert b"".join(pieces) == data
+    assert unzstd(compress(b"", "zstd", 3, [])) == b""  # one empty frame
+
+
+@pytest.mark.parametrize(("method", "piece"), [("gzip", 1 << 20), ("zstd", 2 << 20)])
+def test_a_piece_compresses_alike_wherever_it_is_in_the_tar(method: str, piece: int) -> None:
+    """Pieces are compressed apart (what lets workers share them out): a piece's
+    bytes in the blob are those of the piece compressed alone."""
+    first, second = sample(2 * piece)[:piece], sample(3 * piece)[2 * piece :]
+    alone = compress(second, method, None, [])
+    together = compress(first + second, method, None, [])
+    if method == "gzip":  # without the header, the final block and the trailer
+        alone, together = alone[10:-10], together[:-10]
+    assert together.endswith(alone) and len(together) > len(alone)
 
 
 def test_zstd_blobs_do_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
     data = sample(9 << 20)
     blobs = set()
     for workers in (1, 2, 4):
-        monkeypatch.setattr(compression_module, "_zstd_workers", lambda w=workers: w)
+        monkeypatch.setattr(compression_module, "_worker_count", lambda w=workers: w)
         blobs.add(compress(data, "zstd", 3, [3 << 20]))
     assert len(blobs) == 1
 
@@ -183,9 +211,11 @@ def test_an_oci_archive_is_a_layout_whose_digests_hold(store: StoreTree, tmp_pat
 
 
 def unzstd(data: bytes) -> bytes:
+    """All of a zstd stream's frames, inflated."""
     import zstandard
 
-    return zstandard.ZstdDecompressor().decompressobj().decompress(data)  # type: ignore[no-any-return]
+    inflate = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    return inflate.decompress(data)  # type: ignore[no-any-return]
 
 
 def test_builds_are_byte_identical_cold_warm_and_across_thread_counts(
@@ -197,10 +227,10 @@ def test_builds_are_byte_identical_cold_warm_and_across_thread_counts(
     document = store.config([paths[:1], [*paths[1:], store.path("big")]])
     for method in ("gzip", "zstd"):
         cache = LayerCache(tmp_path / f"cache-{method}", warn)
-        monkeypatch.setattr(compression_module, "_zstd_workers", lambda: 1)
+        monkeypatch.setattr(compression_module, "_worker_count", lambda: 1)
         cold = tmp_path / f"cold-{method}.tar"
         oci_build(document, cold, method=method, cache=cache)
-        monkeypatch.setattr(compression_module, "_zstd_workers", lambda: 3)
+        monkeypatch.setattr(compression_module, "_worker_count", lambda: 3)
         uncached = tmp_path / f"uncached-{method}.tar"
         oci_build(document, uncached, method=method)
 
@@ -217,7 +247,7 @@ def test_builds_are_byte_identical_cold_warm_and_across_thread_counts(
 def test_system_gzip_and_zstd_inflate_the_layers_to_the_uncompressed_tars(
     store: StoreTree, tmp_path: Path
 ) -> None:
-    paths = populate(store)
+    paths = [*populate(store), store.item("big", {"data": sample(5 << 20)})]  # zstd: 3 frames
     document = store.config([paths[:1], paths[1:]])
     tars = {}
     for method in ("none", "gzip", "zstd"):
@@ -375,8 +405,9 @@ def test_oci_output_for_store_items_through_the_cli(
 @pytest.fixture
 def built(store: StoreTree, tmp_path: Path, cli: Cli) -> dict[str, Any]:
     """One config built as a docker-archive, a zstd oci-archive, a gzip oci-dir
-    (Debian's umoci reads no zstd, nor does a docker-archive hold it)."""
-    paths = populate(store)
+    (Debian's umoci reads no zstd, nor does a docker-archive hold it). A big
+    file makes a blob of several zstd frames."""
+    paths = [*populate(store), store.item("big", {"data": sample(5 << 20)})]
     config = tmp_path / "c.json"
     config.write_text(json.dumps(store.config([paths[:1], paths[1:]], repo_tag="test/oci:1")))
     outputs = {

@@ -29,10 +29,9 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import InputError, OperationError
-from ..fastpath import HashingWriter, Sink
+from ..fastpath import HashingWriter, Sink, share_heap_arenas
 from ..files import write_all
 from ..formats import oci_layout
 from ..formats.compression import (
@@ -40,6 +39,7 @@ from ..formats.compression import (
     MEDIA_TYPES,
     BlobWriter,
     Compression,
+    PieceWorkers,
     choose,
     parse_label,
 )
@@ -297,7 +297,7 @@ class OciWriter:
         self._output = output
         self._compression = output.compression
         # Made at the first layer compressed (a rebuild may compress none).
-        self._compressors: Callable[[], Any] | None = None
+        self._compressors: PieceWorkers | None = None
         self._store = store
         self._idle = idle
         self._interval = checkpoint_interval
@@ -340,7 +340,6 @@ class OciWriter:
     def finish(self, config: bytes, repo_tags: list[str]) -> str:
         """Store the config and the manifest, and hand the image to the output;
         the image id."""
-        self._compressors = None  # zstd's workers stop
         config_descriptor = Descriptor(OCI_CONFIG, self._store.put(config), len(config))
         layers = [blob.descriptor() for blob in self.blobs]
         manifest = oci_layout.manifest_document(config_descriptor, layers)
@@ -364,8 +363,9 @@ class OciWriter:
                 measured = self._stream(layer, fd, progress)
                 blob = measured
             else:
-                if self._compressors is None:
-                    self._compressors = compression.compressors()
+                if self._compressors is None:  # zstd's workers stop with the writer
+                    share_heap_arenas()  # before they start: see there
+                    self._compressors = self._stack.enter_context(compression.compressors())
                 writer = BlobWriter(fd, compression, self._compressors)
                 measured = self._stream(layer, writer, progress)
                 blob = writer.finish()

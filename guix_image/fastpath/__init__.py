@@ -34,17 +34,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .blocks import Sink, can_fork, only_thread
+    from .blocks import Sink, can_fork, only_thread, share_heap_arenas
     from .forkmap import forked_map
     from .writer import HashingWriter
 
-__all__ = ["HashingWriter", "Sink", "can_fork", "forked_map", "only_thread"]
+__all__ = ["HashingWriter", "Sink", "can_fork", "forked_map", "only_thread", "share_heap_arenas"]
 
 _HOMES = {
     "HashingWriter": "writer",
     "Sink": "blocks",
     "can_fork": "blocks",
     "only_thread": "blocks",
+    "share_heap_arenas": "blocks",
     "forked_map": "forkmap",
 }
 

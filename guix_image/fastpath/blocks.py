@@ -37,6 +37,26 @@ def lower_priority(step: int = 5) -> None:
         pass  # not supported here: only slower
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def share_heap_arenas(count: int = 2) -> None:
+    """Let threads started from now on share `count` of the C allocator's arenas.
+
+    glibc gives each thread that allocates its own arena, up to 8 per core,
+    and an arena keeps what is freed into it: with compressing workers
+    allocating and other threads freeing big buffers, a build's peak rose by
+    10 MiB or more (measured). Only the allocator's bookkeeping changes; a
+    C library other than glibc is left as it is.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, count)
+    except (OSError, AttributeError):
+        pass  # not glibc: only more memory
+
+
 def only_thread() -> bool:
     """Whether this process runs one thread: the condition for forking (see __init__.py)."""
     try:  # also sees threads started without the threading module

@@ -4,18 +4,23 @@ Reading compressed blobs is streams.py's; this is the writing side. The
 same tar always gives the same blob for a given method, level and library
 version, whatever the machine, the thread count or how the tar arrives:
 
-- Input is fed to the compressor in fixed CHUNK-sized pieces: ISA-L's
-  output depends on how its input is split (measured), so the split must
-  not depend on how the tar was produced.
+- The tar is cut into fixed pieces (`PIECE`), and each piece is compressed
+  on its own, by whichever of a build's workers is free (libzstd, ISA-L and
+  zlib release the GIL); the outputs are written in order. A piece's output
+  depends only on its bytes, the method and the level, so neither the
+  thread count nor how the tar arrives ever shows.
 - gzip: the header is written here, the same for every library: no name,
-  mtime 0, no extra flags, OS byte 255 ("unknown"); the body is raw
-  deflate. Levels 1 to 3 use ISA-L's igzip, the fastest deflate measured
-  here (about 500 MB/s at a ratio within 12 % of `gzip -6`'s; see
+  mtime 0, no extra flags, OS byte 255 ("unknown"). Each piece is raw
+  deflate ended by a sync flush (byte-aligned, not final), so the pieces
+  join into one deflate stream, closed by an empty final block, as pigz
+  does. Levels 1 to 3 use ISA-L's igzip, the fastest deflate measured here
+  (about 500 MB/s at a ratio within 12 % of `gzip -6`'s; see
   tests/bench/RESULTS.md); levels 4 to 9 use zlib, as `gzip -4` to `-9`.
-- zstd: libzstd's streaming multi-threaded mode, whose frames do not depend
-  on the number of workers as long as there is one (tested): workers are
-  always at least one, and the job size is fixed, so the thread count
-  never shows.
+- zstd: each piece is a frame of its own (a stream of frames is one zstd
+  stream to every decoder). libzstd's own multi-threaded mode was measured
+  slower: its workers stood idle a third of the time with jobs small
+  enough for the memory target (1 MiB), and each job re-read 256 KiB of
+  the one before.
 
 Which library and version made a blob is recorded in a layer annotation
 (`label`), so that `verify` can say why a compressed digest differs.
@@ -23,11 +28,15 @@ Which library and version made a blob is recorded in a layer annotation
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
+import threading
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +54,11 @@ MEDIA_TYPES = {"none": OCI_LAYER, "gzip": OCI_LAYER + "+gzip", "zstd": OCI_LAYER
 # The layer annotation that names the compressor of a blob built here.
 ANNOTATION = "dev.guix-image.layer.compression"
 
-CHUNK = 1 << 20  # input is compressed in pieces of exactly this size (see above)
-# zstd's jobs: smaller than its default (4 windows, 8 MiB at level 3), which
-# held 66 MiB in two workers' buffers. With 2 MiB jobs a build's peak was 92
-# to 105 MiB, with 1 MiB 79 to 85, 3 % slower and 0.2 % bigger (measured on
-# the large benchmark store; tests/bench/RESULTS.md).
-ZSTD_JOB = 1 << 20
+# Input is compressed in pieces of exactly these sizes (see above). zstd in
+# frames of 2 MiB gave 0.5 % fewer bytes than `zstd -3` on the large
+# benchmark store, 1 MiB frames 0.6 % more; a build holds (workers + 1)
+# pieces, 6 MiB with two workers, and its peak was 85 MiB (tests/bench).
+PIECE = {"gzip": 1 << 20, "zstd": 2 << 20}
 # No name, mtime 0, no extra flags, OS unknown: the same on every machine.
 GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 
@@ -73,31 +81,16 @@ class Compression:
             return "none"
         return f"{self.method} level {self.level} ({_library(self.method, self.level)})"
 
-    def compressors(self) -> Callable[[], Any]:
-        """A function giving a new stream compressor (with compress(bytes) -> bytes
-        and flush() -> bytes) each time it is called, for one blob after another.
-
-        zstd's streams share one context, its workers and buffers: a context
-        per blob left its freed buffers scattered over the heap (about 30 MiB
-        more at the peak, measured). Its workers stop once the function is gone.
-        """
-        assert self.level is not None
-        if self.method == "zstd":
-            import zstandard
-
-            parameters = zstandard.ZstdCompressionParameters.from_level(
-                self.level, threads=_zstd_workers(), job_size=ZSTD_JOB, write_checksum=1
-            )
-            return zstandard.ZstdCompressor(compression_params=parameters).compressobj
-        return self._deflater
-
-    def _deflater(self) -> Any:
-        assert self.level is not None
-        if self.level in _ISAL_LEVELS:
-            from isal import isal_zlib
-
-            return isal_zlib.compressobj(self.level, isal_zlib.DEFLATED, -15)
-        return zlib.compressobj(self.level, zlib.DEFLATED, -15)
+    @contextlib.contextmanager
+    def compressors(self) -> Iterator[PieceWorkers]:
+        """The workers that compress a build's blobs, one blob after another;
+        they stop when this ends."""
+        assert self.method != "none", "an uncompressed blob is the tar itself"
+        workers = PieceWorkers(_piece_compressor(self), PIECE[self.method], _worker_count())
+        try:
+            yield workers
+        finally:
+            workers.close()
 
 
 NONE = Compression("none")
@@ -131,27 +124,120 @@ def parse_label(label: str) -> Compression | None:
 
 
 def _library(method: str, level: int | None) -> str:
+    pieces = f"independent {PIECE[method] >> 20} MiB {'frames' if method == 'zstd' else 'pieces'}"
     if method == "zstd":
         import zstandard
 
         version = ".".join(map(str, zstandard.ZSTD_VERSION))
-        jobs = f"{ZSTD_JOB >> 20} MiB jobs"
-        return f"libzstd {version}, python-zstandard {zstandard.__version__}, {jobs}"
+        return f"libzstd {version}, python-zstandard {zstandard.__version__}, {pieces}"
     if level in _ISAL_LEVELS:
         import isal
 
-        pieces = f"{CHUNK >> 20} MiB pieces"
         return f"ISA-L igzip {isal.ISAL_VERSION}, python-isal {isal.__version__}, {pieces}"
-    return f"zlib {zlib.ZLIB_RUNTIME_VERSION}"
+    return f"zlib {zlib.ZLIB_RUNTIME_VERSION}, {pieces}"
 
 
-def _zstd_workers() -> int:
-    """Both cores (or more), and never zero: see the module's docstring."""
+def _worker_count() -> int:
+    """Every core, up to 4 (the machines measured had 2), and never zero."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(cores, 4))
+
+
+def _piece_compressor(compression: Compression) -> Callable[[memoryview], bytes]:
+    """What a worker does with one piece (see the module's docstring)."""
+    level = compression.level
+    assert level is not None
+    if compression.method == "zstd":
+        import zstandard
+
+        local = threading.local()  # a worker's own context, reused
+
+        def frame(piece: memoryview) -> bytes:
+            compressor = getattr(local, "compressor", None)
+            if compressor is None:
+                compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+                local.compressor = compressor
+            return bytes(compressor.compress(piece))
+
+        return frame
+    library: Any = zlib
+    if level in _ISAL_LEVELS:
+        from isal import isal_zlib
+
+        library = isal_zlib
+
+    def deflate(piece: memoryview) -> bytes:
+        compressor = library.compressobj(level, library.DEFLATED, -15)
+        return bytes(compressor.compress(piece) + compressor.flush(library.Z_SYNC_FLUSH))
+
+    return deflate
+
+
+class PieceWorkers:
+    """A build's compressing threads: each piece handed to a stream is compressed
+    on its own by whichever worker is free, and comes out in order.
+
+    Pieces are copied into buffers allocated once and reused: a new buffer
+    per piece, freed by another thread, fragmented the heap (12 MiB more at a
+    build's peak, measured).
+    """
+
+    def __init__(
+        self, compress: Callable[[memoryview], bytes], piece_size: int, workers: int
+    ) -> None:
+        self.piece_size = piece_size
+        self._compress = compress
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="guix-image-compress")
+        # Pieces in flight per stream: one waiting for each worker to take next.
+        self.depth = workers + 1
+        self._buffers = [bytearray(piece_size) for _ in range(self.depth)]
+
+    def stream(self) -> PieceStream:
+        """The compressor of one blob."""
+        return PieceStream(self)
+
+    def submit(self, piece: memoryview | bytearray) -> tuple[Future[bytes], bytearray]:
+        """Compress a copy of `piece` (the caller reuses its own buffer); give the
+        copy's buffer back with `done` once its output is taken."""
+        buffer = self._buffers.pop()
+        buffer[: len(piece)] = piece
+        return self._pool.submit(self._compress, memoryview(buffer)[: len(piece)]), buffer
+
+    def done(self, buffer: bytearray) -> None:
+        self._buffers.append(buffer)
+
+    def close(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+
+class PieceStream:
+    """One blob's pieces: `compress` hands a piece to the workers and returns the
+    outputs finished so far, in order; `flush` waits for the rest."""
+
+    def __init__(self, workers: PieceWorkers) -> None:
+        self._workers = workers
+        self._pending: deque[tuple[Future[bytes], bytearray]] = deque()
+
+    def compress(self, piece: memoryview | bytearray) -> bytes:
+        pending = self._pending
+        done = []
+        while pending and (len(pending) >= self._workers.depth or pending[0][0].done()):
+            done.append(self._take())
+        pending.append(self._workers.submit(piece))
+        return b"".join(done)
+
+    def flush(self) -> bytes:
+        return b"".join([self._take() for _ in range(len(self._pending))])
+
+    def _take(self) -> bytes:
+        future, buffer = self._pending.popleft()
+        try:
+            return future.result()
+        finally:
+            self._workers.done(buffer)
 
 
 def _crc32() -> Any:
@@ -170,53 +256,51 @@ class BlobWriter:
     Call it with each piece of the tar, in order, then `finish`.
     """
 
-    def __init__(
-        self, fd: int, compression: Compression, compressor: Callable[[], Any] | None = None
-    ) -> None:
-        """`compressor`: from `compression.compressors()`, when blobs follow each other."""
+    def __init__(self, fd: int, compression: Compression, workers: PieceWorkers) -> None:
+        """`workers`: from `compression.compressors()`, shared by the blobs of a build."""
         self._fd = fd
-        self._compression = compression
         self._hash = hashlib.sha256()
         self._size = 0
-        self._carry = bytearray()  # input short of a whole CHUNK
+        self._piece = workers.piece_size
+        self._carry = bytearray()  # input short of a whole piece
         self._gzip = compression.method == "gzip"
         self._crc = 0
         self._crc32 = _crc32()
         self._input = 0
-        assert compression.method != "none", "an uncompressed blob is the tar itself"
-        self._compressor = (compressor or compression.compressors())()
+        self._stream = workers.stream()
         if self._gzip:
             self._emit(GZIP_HEADER)
 
     def __call__(self, data: memoryview | bytes) -> None:
         view = memoryview(data)
         if self._carry:
-            take = min(CHUNK - len(self._carry), len(view))
+            take = min(self._piece - len(self._carry), len(view))
             self._carry += view[:take]
             view = view[take:]
-            if len(self._carry) < CHUNK:
+            if len(self._carry) < self._piece:
                 return
             self._compress(self._carry)
             self._carry = bytearray()
-        whole = len(view) - len(view) % CHUNK
-        for start in range(0, whole, CHUNK):
-            self._compress(view[start : start + CHUNK])
+        piece = self._piece
+        whole = len(view) - len(view) % piece
+        for start in range(0, whole, piece):
+            self._compress(view[start : start + piece])
         self._carry += view[whole:]
 
     def finish(self) -> Measured:
         """Compress what is left, end the stream: the blob's digest and size."""
-        if self._carry:
+        if self._carry or not self._input:  # an empty blob: one empty piece (a zstd frame)
             self._compress(self._carry)
-        self._emit(self._compressor.flush())
-        if self._gzip:
-            self._emit(struct.pack("<II", self._crc, self._input & 0xFFFFFFFF))
+        self._emit(self._stream.flush())
+        if self._gzip:  # an empty final block ends the deflate stream; then its check
+            self._emit(b"\x03\x00" + struct.pack("<II", self._crc, self._input & 0xFFFFFFFF))
         return Measured(SHA256_PREFIX + self._hash.hexdigest(), self._size)
 
     def _compress(self, piece: memoryview | bytearray) -> None:
         if self._gzip:
             self._crc = self._crc32(piece, self._crc)
-            self._input += len(piece)
-        self._emit(self._compressor.compress(piece))
+        self._input += len(piece)
+        self._emit(self._stream.compress(piece))
 
     def _emit(self, data: memoryview | bytes) -> None:
         if not data:
