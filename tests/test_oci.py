@@ -12,9 +12,10 @@ import random
 import subprocess
 import tarfile
 import tempfile
+import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -23,9 +24,16 @@ from guix_image.build.config import validate_config
 from guix_image.build.engine import BuildResult, build_image
 from guix_image.build.oci import OciOutput
 from guix_image.build.store_layer import StaleCacheEntry
-from guix_image.errors import InputError
+from guix_image.errors import InputError, OperationError
+from guix_image.fastpath import only_thread
 from guix_image.formats import compression as compression_module
-from guix_image.formats.compression import ANNOTATION, GZIP_HEADER, BlobWriter, choose
+from guix_image.formats.compression import (
+    ANNOTATION,
+    GZIP_HEADER,
+    BlobWriter,
+    Compression,
+    choose,
+)
 
 from .support.cli import Cli, inspect_json
 from .support.nar import nar_hash
@@ -100,7 +108,9 @@ def test_a_zstd_blob_is_a_frame_per_2_mib_piece_of_its_tar() -> None:
         rest = frame.unused_data
     assert [len(piece) for piece in pieces] == [2 << 20, 2 << 20, 1 << 20]
     assert b"".join(pieces) == data
-    assert unzstd(compress(b"", "zstd", 3, [])) == b""  # one empty frame
+    empty = zstandard.ZstdDecompressor().decompressobj()
+    assert empty.decompress(compress(b"", "zstd", 3, [])) == b""
+    assert empty.eof and not empty.unused_data  # one empty frame, which `zstd -d` takes
 
 
 @pytest.mark.parametrize(("method", "piece"), [("gzip", 1 << 20), ("zstd", 2 << 20)])
@@ -113,6 +123,32 @@ def test_a_piece_compresses_alike_wherever_it_is_in_the_tar(method: str, piece: 
     if method == "gzip":  # without the header, the final block and the trailer
         alone, together = alone[10:-10], together[:-10]
     assert together.endswith(alone) and len(together) > len(alone)
+
+
+def test_the_workers_run_at_the_builds_priority_not_the_writing_threads() -> None:
+    """The pipelines' writing thread hands the pieces over at a lower priority
+    (fastpath); the workers, which do most of a compressed build's work, must
+    not inherit it."""
+    from guix_image.fastpath.blocks import lower_priority
+
+    def priority(thread_id: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, thread_id)
+
+    with choose("zstd").compressors() as workers:
+
+        def hand_over() -> None:
+            lower_priority()
+            stream = workers.stream()
+            stream.compress(sample(1000))
+            stream.flush()
+
+        writer = threading.Thread(target=hand_over)
+        writer.start()
+        writer.join()
+        names = ("guix-image-compress",)
+        ids = [cast(int, t.native_id) for t in threading.enumerate() if t.name.startswith(names)]
+        assert len(ids) == workers.depth - 1  # one per worker
+        assert {priority(i) for i in ids} == {priority(threading.get_native_id())}
 
 
 def test_zstd_blobs_do_not_depend_on_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,6 +252,37 @@ def unzstd(data: bytes) -> bytes:
 
     inflate = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
     return inflate.decompress(data)  # type: ignore[no-any-return]
+
+
+def test_a_compressor_failure_fails_the_build_cleanly(
+    store: StoreTree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One clear error, nothing written, and no worker left behind (a thread
+    alive would keep the next pipeline from forking)."""
+    paths = [*populate(store), store.item("big", {"data": sample(3 << 20)})]
+    document = store.config([paths])
+    make = compression_module._piece_compressor
+
+    def failing(compression: Compression) -> Any:
+        compress = make(compression)
+        pieces = iter(range(1000))
+
+        def piece(data: memoryview) -> bytes:
+            if next(pieces) == 1:
+                raise MemoryError("out of memory")
+            return compress(data)
+
+        return piece
+
+    monkeypatch.setattr(compression_module, "_piece_compressor", failing)
+    target = tmp_path / "o.tar"
+    with pytest.raises(OperationError, match="cannot compress a layer: out of memory"):
+        oci_build(document, target, method="zstd")
+    assert target.stat().st_size == 0
+    assert only_thread()
+    monkeypatch.setattr(compression_module, "_piece_compressor", make)
+    oci_build(document, target, method="gzip")
+    assert only_thread()  # the workers stop once the layers are made
 
 
 def test_builds_are_byte_identical_cold_warm_and_across_thread_counts(

@@ -363,7 +363,7 @@ class OciWriter:
                 measured = self._stream(layer, fd, progress)
                 blob = measured
             else:
-                if self._compressors is None:  # zstd's workers stop with the writer
+                if self._compressors is None:  # the workers stop with the writer
                     share_heap_arenas()  # before they start: see there
                     self._compressors = self._stack.enter_context(compression.compressors())
                 writer = BlobWriter(fd, compression, self._compressors)

@@ -46,8 +46,9 @@ def share_heap_arenas(count: int = 2) -> None:
     glibc gives each thread that allocates its own arena, up to 8 per core,
     and an arena keeps what is freed into it: with compressing workers
     allocating and other threads freeing big buffers, a build's peak rose by
-    10 MiB or more (measured). Only the allocator's bookkeeping changes; a
-    C library other than glibc is left as it is.
+    10 MiB or more (measured). It is for the whole process and for good, and
+    only the allocator's bookkeeping changes; a C library other than glibc
+    is left as it is.
     """
     try:
         import ctypes

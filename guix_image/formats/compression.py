@@ -31,16 +31,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, OperationError
 from ..files import write_all
 from ..model import SHA256_PREFIX, Measured
 
@@ -182,7 +183,8 @@ class PieceWorkers:
 
     Pieces are copied into buffers allocated once and reused: a new buffer
     per piece, freed by another thread, fragmented the heap (12 MiB more at a
-    build's peak, measured).
+    build's peak, measured). After a failure the workers are closed, not
+    reused: a failed stream keeps its buffers.
     """
 
     def __init__(
@@ -190,10 +192,20 @@ class PieceWorkers:
     ) -> None:
         self.piece_size = piece_size
         self._compress = compress
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="guix-image-compress")
-        # Pieces in flight per stream: one waiting for each worker to take next.
+        # Pieces in flight: one for each worker, and one queued to take next.
         self.depth = workers + 1
         self._buffers = [bytearray(piece_size) for _ in range(self.depth)]
+        self._tasks: queue.SimpleQueue[tuple[memoryview, Future[bytes]] | None]
+        self._tasks = queue.SimpleQueue()
+        # Started now, by the caller: a thread inherits its creator's scheduling
+        # priority, and the pipelines' writing thread, which hands the pieces
+        # over, runs at a lower one (fastpath/threaded.py).
+        self._threads = [
+            threading.Thread(target=self._work, name=f"guix-image-compress-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stream(self) -> PieceStream:
         """The compressor of one blob."""
@@ -204,13 +216,29 @@ class PieceWorkers:
         copy's buffer back with `done` once its output is taken."""
         buffer = self._buffers.pop()
         buffer[: len(piece)] = piece
-        return self._pool.submit(self._compress, memoryview(buffer)[: len(piece)]), buffer
+        future: Future[bytes] = Future()
+        self._tasks.put((memoryview(buffer)[: len(piece)], future))
+        return future, buffer
 
     def done(self, buffer: bytearray) -> None:
         self._buffers.append(buffer)
 
     def close(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
+        """Stop the workers once they have done what was handed to them."""
+        for _ in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            piece, future = task
+            try:
+                future.set_result(self._compress(piece))
+            except Exception as error:  # handed to the stream, which raises it
+                failure = OperationError(f"cannot compress a layer: {error}")
+                failure.__cause__ = error
+                future.set_exception(failure)
 
 
 class PieceStream:
@@ -234,10 +262,9 @@ class PieceStream:
 
     def _take(self) -> bytes:
         future, buffer = self._pending.popleft()
-        try:
-            return future.result()
-        finally:
-            self._workers.done(buffer)
+        output = future.result()
+        self._workers.done(buffer)  # only now is its worker done with it
+        return output
 
 
 def _crc32() -> Any:
