@@ -265,6 +265,53 @@ def test_both_pipelines_write_and_hash_the_same(file_sink: FileSink, fork: bool)
     assert file_sink.data() == b"".join(b"---" + p for p in parts) + b"tail"
 
 
+@pytest.mark.parametrize("fork", [True, False])
+def test_unhashed_copies_go_straight_to_the_descriptor_in_order(
+    tmp_path: Path, file_sink: FileSink, fork: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy no digest covers is the kernel's (sendfile), once what precedes
+    it is written: the stream and the digests are as a copy through the blocks
+    gives them."""
+    sent = []
+    sendfile = os.sendfile
+
+    def counting(out: int, source: int, offset: int | None, count: int) -> int:
+        sent.append(count)
+        return sendfile(out, source, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    rng = random.Random(5)
+    blob = tmp_path / "blob"
+    blob.write_bytes(rng.randbytes((3 << 20) + 11))
+    before = rng.randbytes((2 << 20) + 3)  # a block and more, still in the pipeline
+    with HashingWriter(file_sink.fd, block_size=1 << 20, blocks=3, fork=fork) as writer:
+        digest = writer.begin_digest()
+        writer.write(before)
+        writer.end_digest()
+        with blob.open("rb") as source:
+            writer.copy_from_fd(source.fileno(), (3 << 20) + 11, str(blob))
+        writer.write(b"after")
+        writer.drain()
+        assert digest.result().digest == digest_of(before)
+        assert writer.position == len(before) + (3 << 20) + 11 + 5
+    assert sent  # the kernel copied it
+    assert file_sink.data() == before + blob.read_bytes() + b"after"
+
+
+@pytest.mark.parametrize(("actual", "message"), [((2 << 20) + 1, "grew"), (1 << 20, "shrank")])
+def test_size_changes_are_caught_in_unhashed_copies(
+    tmp_path: Path, file_sink: FileSink, actual: int, message: str
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(bytes(actual))
+    with (
+        pytest.raises(FileChanged, match=message),
+        HashingWriter(file_sink.fd, block_size=1 << 20, blocks=2) as writer,
+        blob.open("rb") as source,
+    ):
+        writer.copy_from_fd(source.fileno(), 2 << 20, str(blob))
+
+
 def test_the_forked_pipeline_copies_files(tmp_path: Path, file_sink: FileSink) -> None:
     _, digest, expected = write_files(
         tmp_path, SIZES, block_size=1 << 20, blocks=2, fork=True, sink=file_sink.fd

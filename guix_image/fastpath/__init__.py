@@ -10,6 +10,8 @@ nothing else in the package depends on how:
   into them) while a pipeline hashes and writes full ones on the other
   cores: a forked child (forked.py) where it can, else two threads
   (threaded.py). Its digests (digest.py) are final once it is drained.
+  A big copy that no digest covers (an archive's blobs made by the same
+  build) goes to a descriptor by the kernel's sendfile.
 - SHA-256 resumed from checkpoints (sha256.py): a rebuild checks the digest
   of cached bytes on several cores.
 - `forked_map` (forkmap.py): the readers parse layers on two cores.

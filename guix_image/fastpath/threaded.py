@@ -51,7 +51,9 @@ class ThreadedPipeline:
         self._to_hash.put(block)
 
     def drain(self) -> None:
+        """Until every block submitted is hashed and written."""
         self._to_hash.join()
+        self._to_write.join()
 
     def close(self) -> None:
         self._to_hash.put(None)
@@ -100,3 +102,4 @@ class ThreadedPipeline:
                 self._fail(error)
             finally:
                 self._free.put(block)
+                self._to_write.task_done()

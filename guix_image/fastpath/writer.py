@@ -14,6 +14,7 @@ rejected: a file truncated while mapped kills the process with SIGBUS.)
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -35,6 +36,20 @@ _open, _fstat, _readv, _close = os.open, os.fstat, os.readv, os.close  # the hot
 # Never follow a symlink that replaced a file since the scan, nor wait for a
 # fifo's writer.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+# sendfile for copies of at least this much (below it, a drain of the pipeline
+# costs more than the copy), unless the kernel cannot for these descriptors.
+_SENDFILE_AT_LEAST = 1 << 20
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def _read_one(fd: int, name: str) -> bool:
+    """Whether `fd` has a byte more to read."""
+    try:
+        return bool(os.read(fd, 1))
+    except OSError as error:
+        raise SourceError(name, error) from None
 
 
 def _is_regular(fd: int) -> bool:
@@ -218,7 +233,18 @@ class HashingWriter:
         Raises SourceError, naming `name`, if it cannot be read, FileChanged
         if the file is shorter, or (when `at_eof`: the file should end there)
         longer.
+
+        Bytes that nothing hashes (no digest span is open), going to a file
+        descriptor, are handed to the kernel to copy (sendfile): an archive's
+        blobs made by the same build, which the copy through the blocks and
+        the pipeline cost about 1 s of CPU per GB (measured).
         """
+        if size >= _SENDFILE_AT_LEAST and self._digest is None and isinstance(self._sink, int):
+            size = self._send_file(fd, size, name)
+            if size == 0:
+                if at_eof and _read_one(fd, name):
+                    raise FileChanged(f"{name}: file grew while it was being read")
+                return
         remaining = size
         slack = 1 if at_eof else 0
         readv = os.readv
@@ -243,8 +269,36 @@ class HashingWriter:
             if remaining == 0 and (want > got or not at_eof):
                 return  # a short read of a regular file means EOF
 
+    def _send_file(self, fd: int, size: int, name: str) -> int:
+        """Copy up to `size` bytes of `fd` straight to the sink, once everything
+        before them is written; what is left to copy otherwise (all of it where
+        the kernel cannot: the caller copies it through the blocks)."""
+        assert isinstance(self._sink, int)
+        self._submit()
+        self._block = self._get_free()
+        self._call(self._pipeline.drain)  # all before is written: the order holds
+        self._finalise()
+        remaining = size
+        while remaining:
+            try:
+                sent = os.sendfile(self._sink, fd, None, remaining)
+            except OSError as error:
+                if remaining == size and error.errno in _NO_SENDFILE:
+                    return size
+                if isinstance(error, BrokenPipeError):
+                    raise
+                raise OperationError(
+                    f"cannot write the output ({name}): {error.strerror}"
+                ) from None
+            if sent == 0:
+                raise FileChanged(f"{name}: file shrank while it was being read")
+            remaining -= sent
+            self._submitted += sent
+        return 0
+
     def drain(self) -> None:
-        """Wait until everything written so far is hashed (digests become final)."""
+        """Wait until everything written so far is hashed (digests become final)
+        and written."""
         self._submit()
         self._block = self._get_free()
         self._call(self._pipeline.drain)
