@@ -44,14 +44,6 @@ _SENDFILE_AT_LEAST = 1 << 20
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV}
 
 
-def _read_one(fd: int, name: str) -> bool:
-    """Whether `fd` has a byte more to read."""
-    try:
-        return bool(os.read(fd, 1))
-    except OSError as error:
-        raise SourceError(name, error) from None
-
-
 def _is_regular(fd: int) -> bool:
     try:
         return stat.S_ISREG(os.fstat(fd).st_mode)
@@ -240,11 +232,7 @@ class HashingWriter:
         the pipeline cost about 1 s of CPU per GB (measured).
         """
         if size >= _SENDFILE_AT_LEAST and self._digest is None and isinstance(self._sink, int):
-            size = self._send_file(fd, size, name)
-            if size == 0:
-                if at_eof and _read_one(fd, name):
-                    raise FileChanged(f"{name}: file grew while it was being read")
-                return
+            size = self._send_file(fd, size, name)  # what is left: the loop checks for growth
         remaining = size
         slack = 1 if at_eof else 0
         readv = os.readv
